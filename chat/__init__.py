@@ -1,0 +1,18 @@
+"""The chat tier: a websocket message server for team chat.
+
+::
+
+    client ─ws─> server.py ─> session.py ─> handlers/ ─> journal.py ─> storage/ (PG | SQLite)
+       ^                                                     │ commit, then publish
+       └──── fanout.py (Hub: frame once, write to each) <── bus/ (local | Redis)
+
+- ``wire.py``: every frame (pydantic); ``errors.py``: error and close codes.
+- ``session.py``: per-connection protocol state machine, no I/O.
+- ``handlers/``: what each request means, and who may do it (``access.py``).
+- ``journal.py``: per-workspace ordered, batched transactions; numbers events (``seq``).
+- ``bus/``: carries numbered events to every node; ``fanout.py``: local delivery.
+- ``live.py``: presence and typing (ephemeral).
+- ``server.py``: websockets I/O, HTTP probes, graceful shutdown; ``__main__.py``: the CLI.
+"""
+
+__version__ = "0.1.0"

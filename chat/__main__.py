@@ -1,0 +1,151 @@
+"""Command line: ``chat serve`` runs a node; ``chat admin ...`` administers the store.
+
+Settings come from ``CHAT_*`` environment variables (see :mod:`chat.config`); flags override
+the listen address. Admin commands print JSON on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from chat import logs, loop
+from chat.admin import Admin
+from chat.config import Settings
+from chat.errors import ChatError
+from chat.storage import migrate, open_database
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="chat", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run a chat node")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+
+    admin = sub.add_parser("admin", help="administer workspaces, users, channels, tokens")
+    a = admin.add_subparsers(dest="action", required=True)
+    a.add_parser("migrate", help="apply pending schema migrations")
+    ws = a.add_parser("create-workspace")
+    ws.add_argument("name")
+    u = a.add_parser("create-user")
+    u.add_argument("--workspace", required=True)
+    u.add_argument("--handle", required=True)
+    u.add_argument("--display-name")
+    u.add_argument("--real-name", default="")
+    u.add_argument("--role", choices=["owner", "admin", "member", "guest"], default="member")
+    u.add_argument("--password", help="enables login with this password (argon2id-hashed)")
+    c = a.add_parser("create-channel")
+    c.add_argument("--workspace", required=True)
+    c.add_argument("--name", required=True)
+    c.add_argument("--creator", required=True, help="creator's handle")
+    c.add_argument("--members", default="", help="comma-separated handles")
+    c.add_argument("--private", action="store_true")
+    t = a.add_parser("token", help="issue a token for a user")
+    t.add_argument("--workspace", required=True)
+    t.add_argument("--handle", required=True)
+    s = a.add_parser("seed", help="a synthetic workspace for load tests")
+    s.add_argument("--workspace", required=True)
+    s.add_argument("--users", type=int, default=100)
+    s.add_argument("--channels", type=int, default=5)
+    s.add_argument("--seed", type=int, default=1)
+    s.add_argument("--no-tokens", action="store_true")
+    return p
+
+
+async def _admin(settings: Settings, args: argparse.Namespace) -> Any:
+    if args.action == "migrate":
+        db = await open_database(settings.database_url, settings.sqlite_path)
+        try:
+            return {"applied": await migrate(db)}
+        finally:
+            await db.close()
+    admin = await Admin.open(settings)
+    try:
+        action: Callable[[], Awaitable[Any]] = {
+            "create-workspace": lambda: _create_workspace(admin, args),
+            "create-user": lambda: _create_user(admin, args),
+            "create-channel": lambda: _create_channel(admin, args),
+            "token": lambda: _token(admin, args),
+            "seed": lambda: admin.seed(
+                args.workspace, args.users, args.channels, seed=args.seed, tokens=not args.no_tokens
+            ),
+        }[args.action]
+        return await action()
+    finally:
+        await admin.close()
+
+
+async def _create_workspace(admin: Admin, args: argparse.Namespace) -> Any:
+    return {"workspace_id": await admin.create_workspace(args.name), "name": args.name}
+
+
+async def _user_id(admin: Admin, wid: int, handle: str) -> int:
+    from chat.storage import queries
+
+    async with admin.db.connection() as conn:
+        ids = await queries.user_ids_by_handles(conn, wid, [handle])
+    if handle not in ids:
+        raise SystemExit(f"no active user {handle!r}")
+    return ids[handle]
+
+
+async def _create_user(admin: Admin, args: argparse.Namespace) -> Any:
+    wid = await admin.workspace_id(args.workspace)
+    spec = {
+        "handle": args.handle,
+        "display_name": args.display_name or args.handle,
+        "real_name": args.real_name,
+        "role": args.role,
+        "password": args.password,
+    }
+    (user,) = await admin.create_users(wid, [spec])
+    return {"user": user.model_dump(), "token": await admin.issue_token(user.id)}
+
+
+async def _create_channel(admin: Admin, args: argparse.Namespace) -> Any:
+    wid = await admin.workspace_id(args.workspace)
+    creator = await _user_id(admin, wid, args.creator)
+    members = [await _user_id(admin, wid, h) for h in args.members.split(",") if h]
+    channel = await admin.create_channel(wid, args.name, creator, members, args.private)
+    return {"channel": channel.model_dump()}
+
+
+async def _token(admin: Admin, args: argparse.Namespace) -> Any:
+    wid = await admin.workspace_id(args.workspace)
+    return {"token": await admin.issue_token(await _user_id(admin, wid, args.handle))}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    overrides = {
+        k: v
+        for k, v in (("host", getattr(args, "host", None)), ("port", getattr(args, "port", None)))
+        if v is not None
+    }
+    settings = Settings(**overrides)
+    logs.setup(settings.log_level, settings.log_format)
+    if args.command == "serve":
+        from chat.server import run
+
+        with contextlib.suppress(KeyboardInterrupt):
+            loop.run(run(settings))
+        return 0
+    try:
+        result = asyncio.run(_admin(settings, args))
+    except ChatError as exc:
+        print(json.dumps({"error": exc.code.value, "message": exc.message}), file=sys.stderr)
+        return 1
+    json.dump(result, sys.stdout, default=str)
+    sys.stdout.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""Settings, from ``CHAT_*`` environment variables or a ``.env``-style settings file.
+
+Every limit the server enforces lives here, so an operator can see and change it in one place.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+_DEV_SECRET = "dev-only-" + secrets.token_hex(16)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="CHAT_",
+        env_file=os.environ.get("CHAT_SETTINGS_FILE"),
+        extra="ignore",
+    )
+
+    host: str = "127.0.0.1"
+    port: int = 8765
+    # Empty: the embedded SQLite store at sqlite_path with in-process fan-out.
+    database_url: str = ""
+    sqlite_path: str = "chat.sqlite3"
+    redis_url: str = ""
+    node_id: str = Field(default_factory=lambda: f"node-{os.getpid()}")
+
+    # Tokens are HMAC-signed with this secret. Set it in production: the default changes at
+    # every start, so tokens only outlive a restart when it is set.
+    secret_key: str = _DEV_SECRET
+    token_ttl_s: int = 30 * 24 * 3600
+
+    # Limits.
+    max_frame_bytes: int = 16 * 1024
+    rate_limit_per_10s: int = 50
+    rate_limit_disconnect_after: int = 20  # refused frames within 10 s before closing
+    max_inflight_requests: int = 32
+    auth_timeout_s: float = 5.0
+    handshake_timeout_s: float = 10.0
+    ping_interval_s: float = 20.0
+    ping_timeout_s: float = 20.0
+    heartbeat_interval_ms: int = 30_000
+    typing_interval_s: float = 3.0
+    # Browsers must send an allowed Origin; clients that send none (apps, scripts) are accepted.
+    allowed_origins: list[str] = []
+    # Slow consumers: past the soft mark, typing/presence are dropped; past the hard mark,
+    # the connection is closed (1013) rather than letting its buffer grow without bound.
+    send_buffer_soft_bytes: int = 256 * 1024
+    send_buffer_hard_bytes: int = 2 * 1024 * 1024
+    listen_backlog: int = 4096
+
+    shutdown_grace_s: float = 5.0
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["json", "text"] = "json"

@@ -1,0 +1,33 @@
+"""What every handler gets: the services of the node and the caller's identity."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from chat.config import Settings
+from chat.journal import Journal
+from chat.storage import Database
+
+if TYPE_CHECKING:
+    from chat.fanout import Hub, Peer
+    from chat.live import Live
+
+
+@dataclass(slots=True)
+class Services:
+    settings: Settings
+    db: Database
+    journal: Journal
+    hub: Hub
+    live: Live
+
+
+@dataclass(slots=True)
+class Caller:
+    """The authenticated session a request comes from."""
+
+    user_id: int
+    workspace_id: int
+    session_id: str
+    peer: Peer

@@ -1,0 +1,424 @@
+"""The websocket I/O of a node: feeds sessions, carries out their verdicts, serves HTTP probes.
+
+::
+
+    socket ──text──> Session.receive ──Dispatch──> handlers ──> journal ──> DB ──> bus
+       ^                                                                          │
+       └──────── transport.write(frame bytes, built once per event) <── Hub <─────┘
+
+Events are written straight to each connection's transport as pre-built websocket frames
+(server frames are unmasked, so the bytes are the same for every recipient); replies take the
+same path, so a connection's frames leave in the order they were produced. A connection whose
+write buffer passes the soft mark loses droppable frames (typing, presence); past the hard mark
+it is closed with 1013 instead of slowing anyone else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import http
+import logging
+import signal
+import struct
+import time
+from collections.abc import Awaitable
+from dataclasses import dataclass
+
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+from websockets.protocol import State as WsState
+from websockets.typing import Origin
+
+from chat import __version__, metrics, wire
+from chat.auth import issue_token, new_session_id, verify_password, verify_token
+from chat.bus import Bus, LocalBus
+from chat.config import Settings
+from chat.errors import ChatError, CloseCode, ErrorCode, ProtocolViolation
+from chat.fanout import Hub
+from chat.handlers import Caller, Services, handle
+from chat.journal import Journal, now_ms
+from chat.live import Live
+from chat.session import Authenticate, Close, Dispatch, Send, Session
+from chat.storage import Database, open_database, queries
+
+log = logging.getLogger(__name__)
+
+
+def text_frame(payload: bytes) -> bytes:
+    """A complete unmasked websocket text frame (FIN set) carrying ``payload``."""
+    n = len(payload)
+    if n < 126:
+        return bytes((0x81, n)) + payload
+    if n < 65536:
+        return struct.pack("!BBH", 0x81, 126, n) + payload
+    return struct.pack("!BBQ", 0x81, 127, n) + payload
+
+
+class Peer:
+    """One websocket connection, as the hub sees it once authenticated."""
+
+    __slots__ = ("_node", "closing", "session_id", "user_id", "workspace_id", "ws")
+
+    def __init__(self, node: Node, ws: ServerConnection) -> None:
+        self._node = node
+        self.ws = ws
+        self.user_id = 0
+        self.workspace_id = 0
+        self.session_id = ""
+        self.closing = False
+
+    def send(self, frame: bytes, droppable: bool) -> None:
+        if self.closing or self.ws.protocol.state is not WsState.OPEN:
+            return
+        transport = self.ws.transport
+        buffered = transport.get_write_buffer_size()
+        settings = self._node.settings
+        if buffered > settings.send_buffer_soft_bytes:
+            if droppable:
+                metrics.TALLY.dropped += 1
+                return
+            if buffered > settings.send_buffer_hard_bytes:
+                log.warning("slow consumer cut off", extra={"user_id": self.user_id})
+                self.close(CloseCode.TRY_AGAIN_LATER, "slow_consumer")
+                return
+        transport.write(frame)
+        metrics.TALLY.frames_out += 1
+
+    def revoke(self) -> None:
+        self.close(CloseCode.POLICY_VIOLATION, ErrorCode.TOKEN_REVOKED.value)
+
+    def close(self, code: CloseCode, reason: str) -> None:
+        if self.closing:
+            return
+        self.closing = True
+        metrics.CLOSES.labels(code=str(int(code))).inc()
+        self._node.spawn(self.ws.close(code, reason))
+
+
+@dataclass(slots=True)
+class Identity:
+    user: wire.User
+    workspace_name: str
+    session_id: str
+    token: str | None
+
+
+class Node:
+    """One chat node: storage, bus, journal, hub and the websocket server."""
+
+    def __init__(
+        self, settings: Settings, *, db: Database | None = None, bus: Bus | None = None
+    ) -> None:
+        self.settings = settings
+        self._db = db
+        self._bus = bus
+        self._server: Server | None = None
+        self._tasks: set[asyncio.Task[object]] = set()
+        self._draining = False
+        self.services: Services
+        self.port = 0
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        s = self.settings
+        db = self._db or await open_database(s.database_url, s.sqlite_path)
+        bus = self._bus or LocalBus()
+        hub = Hub(framer=text_frame)
+        hub.on_first_peer = lambda wid: bus.subscribe(wid, hub.deliver)
+        hub.on_last_peer = lambda wid: bus.unsubscribe(wid, hub.deliver)
+        journal = Journal(db, bus, on_commit=metrics.observe_commit)
+        live = Live(bus, s.typing_interval_s)
+        self.services = Services(settings=s, db=db, journal=journal, hub=hub, live=live)
+        self._bus = bus
+        self._server = await serve(
+            self._connection,
+            s.host,
+            s.port,
+            process_request=self._process_request,
+            compression=None,
+            max_size=s.max_frame_bytes,
+            max_queue=16,
+            open_timeout=s.handshake_timeout_s,
+            ping_interval=s.ping_interval_s,
+            ping_timeout=s.ping_timeout_s,
+            close_timeout=2,
+            origins=self._origins(),
+            backlog=s.listen_backlog,
+            server_header=f"chat/{__version__}",
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+        log.info("listening", extra={"host": s.host, "port": self.port, "store": db.dialect})
+
+    def _origins(self) -> list[Origin | None] | None:
+        if "*" in self.settings.allowed_origins:
+            return None
+        return [None, *(Origin(o) for o in self.settings.allowed_origins)]
+
+    async def stop(self) -> None:
+        """Graceful: stop accepting, finish in-flight writes, close sockets with 1012."""
+        if self._server is None:
+            return
+        self._draining = True
+        grace = self.settings.shutdown_grace_s
+        self._server.close(close_connections=False)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.services.journal.close(), grace / 2)
+        goodbye = text_frame(
+            wire.dump(wire.Goodbye(reason="service_restart", reconnect_after_ms=1000))
+        )
+        closing = []
+        for ws in list(self._server.connections):
+            with contextlib.suppress(Exception):
+                if ws.protocol.state is WsState.OPEN:
+                    ws.transport.write(goodbye)
+            closing.append(ws.close(CloseCode.SERVICE_RESTART, "service_restart"))
+        if closing:
+            await asyncio.wait(
+                [asyncio.ensure_future(c) for c in closing], timeout=max(grace / 2, 0.1)
+            )
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._server.wait_closed(), 1)
+        assert self._bus is not None
+        await self._bus.close()
+        await self.services.db.close()
+        self._server = None
+        log.info("stopped")
+
+    def spawn(self, coro: Awaitable[object]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ------------------------------------------------------------------ HTTP probes
+
+    async def _process_request(self, ws: ServerConnection, request: Request) -> Response | None:
+        path = request.path.split("?", 1)[0]
+        if path == "/healthz":
+            return ws.respond(http.HTTPStatus.OK, "ok\n")
+        if path == "/readyz":
+            try:
+                await asyncio.wait_for(self.services.db.ping(), 2)
+            except Exception:
+                return ws.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, "database unavailable\n")
+            if self._draining:
+                return ws.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, "draining\n")
+            return ws.respond(http.HTTPStatus.OK, "ready\n")
+        if path == "/metrics":
+            body = metrics.render()
+            headers = Headers(
+                [
+                    ("Content-Type", "text/plain; version=0.0.4; charset=utf-8"),
+                    ("Content-Length", str(len(body))),
+                ]
+            )
+            return Response(200, "OK", headers, body)
+        return None
+
+    # ------------------------------------------------------------------ connections
+
+    async def _connection(self, ws: ServerConnection) -> None:
+        metrics.CONNECTIONS.inc()
+        peer = Peer(self, ws)
+        s = self.settings
+        loop = asyncio.get_running_loop()
+        session = Session(
+            now=loop.time(),
+            requests_per_10s=s.rate_limit_per_10s,
+            disconnect_after=s.rate_limit_disconnect_after,
+        )
+        try:
+            ws.transport.write(text_frame(wire.dump(self._hello())))
+            try:
+                async with asyncio.timeout(s.auth_timeout_s):
+                    first = await ws.recv()
+            except TimeoutError:
+                peer.close(CloseCode.POLICY_VIOLATION, "auth_timeout")
+                return
+            metrics.TALLY.frames_in += 1
+            verdict = session.receive(first, loop.time())
+            if isinstance(verdict, Send | Close):
+                await self._apply(peer, verdict)
+                return
+            if not isinstance(verdict, Authenticate):  # never: no dispatch before auth
+                raise AssertionError(verdict)
+            if not await self._authenticate(peer, session, verdict.request):
+                return
+            await self._serve(peer, session)
+        except ConnectionClosed:
+            pass
+        finally:
+            metrics.CONNECTIONS.dec()
+            if session.state is not None and peer.workspace_id:
+                self.services.hub.detach(peer.workspace_id, peer)
+                metrics.SESSIONS.dec()
+                await self.services.live.disconnected(peer.workspace_id, peer.user_id)
+
+    def _hello(self) -> wire.Hello:
+        s = self.settings
+        return wire.Hello(
+            server_version=__version__,
+            heartbeat_interval_ms=s.heartbeat_interval_ms,
+            limits=wire.Limits(
+                max_frame_bytes=s.max_frame_bytes,
+                max_text_chars=wire.MAX_TEXT_CHARS,
+                requests_per_10s=s.rate_limit_per_10s,
+                auth_timeout_ms=int(s.auth_timeout_s * 1000),
+            ),
+        )
+
+    async def _apply(self, peer: Peer, verdict: Send | Close) -> None:
+        if isinstance(verdict, Send):
+            metrics.count_error(verdict.frame)
+            peer.send(text_frame(verdict.frame), False)
+            return
+        if verdict.frame is not None:
+            metrics.count_error(verdict.frame)
+            peer.send(text_frame(verdict.frame), False)
+        peer.close(verdict.code, verdict.reason)
+
+    async def _authenticate(
+        self, peer: Peer, session: Session, request: wire.Auth | wire.Login
+    ) -> bool:
+        try:
+            identity = await self._identify(request)
+        except ChatError as exc:
+            await self._apply(
+                peer,
+                session.fail(
+                    request.id, ProtocolViolation(exc.code, CloseCode.POLICY_VIOLATION, exc.message)
+                ),
+            )
+            return False
+        except Exception as exc:
+            await self._apply(peer, session.fail(request.id, exc))
+            peer.close(CloseCode.INTERNAL_ERROR, "internal_error")
+            return False
+        user = identity.user
+        peer.user_id, peer.workspace_id, peer.session_id = (
+            user.id,
+            user.workspace_id,
+            identity.session_id,
+        )
+        hub = self.services.hub
+        hub.attach(user.workspace_id, peer)
+        metrics.SESSIONS.inc()
+        async with self.services.db.connection() as conn:
+            as_of, channel_ids = await queries.membership_snapshot(conn, user.workspace_id, user.id)
+        session.authenticated()
+        reply = session.reply(
+            request.id,
+            wire.SessionInfo(
+                user=user,
+                workspace_id=user.workspace_id,
+                workspace_name=identity.workspace_name,
+                session_id=identity.session_id,
+                seq=as_of,
+                token=identity.token,
+            ),
+        )
+        if not hub.ready(user.workspace_id, peer, channel_ids, as_of, first=text_frame(reply)):
+            peer.close(CloseCode.TRY_AGAIN_LATER, "sync_overflow")
+            return False
+        await self.services.live.connected(user.workspace_id, user.id)
+        log.debug("authenticated", extra={"user_id": user.id, "session_id": peer.session_id})
+        return True
+
+    async def _identify(self, request: wire.Auth | wire.Login) -> Identity:
+        s = self.settings
+        db = self.services.db
+        if isinstance(request, wire.Auth):
+            claims = verify_token(s.secret_key, request.token)
+            async with db.connection() as conn:
+                row = await queries.get_session(conn, claims.session_id)
+                user = await queries.get_user(conn, claims.user_id)
+                ws = await queries.get_workspace(conn, claims.workspace_id)
+            if row is None or row["user_id"] != claims.user_id or user is None or ws is None:
+                raise ChatError(ErrorCode.INVALID_AUTH)
+            if row["revoked_at"] is not None:
+                raise ChatError(ErrorCode.TOKEN_REVOKED)
+            if user.deactivated:
+                raise ChatError(ErrorCode.ACCOUNT_INACTIVE)
+            return Identity(user, ws["name"], claims.session_id, None)
+        async with db.connection() as conn:
+            ws = await queries.get_workspace_by_name(conn, request.workspace)
+            login = await queries.get_login(conn, ws["id"], request.handle) if ws else None
+        # argon2 takes tens of milliseconds of CPU: keep it off the event loop.
+        ok = await asyncio.to_thread(
+            verify_password, login["password_hash"] if login else None, request.password
+        )
+        if not ok or login is None or ws is None:
+            raise ChatError(ErrorCode.INVALID_AUTH, "unknown workspace, handle or password")
+        if login["deactivated"]:
+            raise ChatError(ErrorCode.ACCOUNT_INACTIVE)
+        session_id = new_session_id()
+        token, claims = issue_token(s.secret_key, login["id"], ws["id"], session_id, s.token_ttl_s)
+        async with db.transaction() as conn:
+            await queries.create_session(
+                conn, session_id, login["id"], now_ms(), claims.expires_at * 1000
+            )
+            user = await queries.get_user(conn, login["id"])
+        assert user is not None
+        return Identity(user, ws["name"], session_id, token)
+
+    async def _serve(self, peer: Peer, session: Session) -> None:
+        s = self.settings
+        loop = asyncio.get_running_loop()
+        caller = Caller(peer.user_id, peer.workspace_id, peer.session_id, peer)
+        slots = asyncio.Semaphore(s.max_inflight_requests)
+        async for message in peer.ws:
+            metrics.TALLY.frames_in += 1
+            verdict = session.receive(message, loop.time())
+            if isinstance(verdict, Dispatch):
+                # Bounded concurrency per connection: past the limit we stop reading, and
+                # TCP pushes back on the client.
+                await slots.acquire()
+                self.spawn(self._request(peer, session, caller, verdict.request, slots))
+            elif isinstance(verdict, Send | Close):
+                await self._apply(peer, verdict)
+                if isinstance(verdict, Close):
+                    return
+            if peer.closing:
+                return
+
+    async def _request(
+        self,
+        peer: Peer,
+        session: Session,
+        caller: Caller,
+        request: wire.Request,
+        slots: asyncio.Semaphore,
+    ) -> None:
+        started = time.perf_counter()
+        try:
+            data = await handle(self.services, caller, request)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            await self._apply(peer, session.fail(request.id, exc))
+        else:
+            peer.send(text_frame(session.reply(request.id, data)), False)
+        finally:
+            slots.release()
+            metrics.REQUESTS.labels(type=request.type).observe(  # type: ignore[attr-defined]
+                time.perf_counter() - started
+            )
+
+
+async def run(settings: Settings) -> None:
+    """Serve until SIGINT/SIGTERM, then shut down gracefully."""
+    node = Node(settings)
+    await node.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down")
+    await node.stop()

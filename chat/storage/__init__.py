@@ -1,0 +1,37 @@
+"""Storage: the only package that speaks SQL.
+
+``base.py`` is the interface (Database, Connection, errors); ``postgres.py`` and ``sqlite.py``
+implement it; ``queries.py`` holds every query as a named function; ``migrate.py`` applies
+``migrations/<dialect>/*.sql``. Handlers call query functions, never SQL.
+"""
+
+from __future__ import annotations
+
+from chat.storage.base import Connection, Database, Record, StorageError, UniqueViolation
+from chat.storage.migrate import migrate
+
+
+async def open_database(database_url: str, sqlite_path: str) -> Database:
+    """PostgreSQL when a URL is configured, else the embedded SQLite file; migrated."""
+    db: Database
+    if database_url:
+        from chat.storage.postgres import PostgresDatabase
+
+        db = await PostgresDatabase.connect(database_url)
+    else:
+        from chat.storage.sqlite import SqliteDatabase
+
+        db = await SqliteDatabase.connect(sqlite_path)
+    await migrate(db)
+    return db
+
+
+__all__ = [
+    "Connection",
+    "Database",
+    "Record",
+    "StorageError",
+    "UniqueViolation",
+    "migrate",
+    "open_database",
+]

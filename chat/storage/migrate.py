@@ -1,0 +1,55 @@
+"""Versioned schema migrations: ``migrations/<dialect>/NNNN_name.sql``, applied in order, once.
+
+Each file runs in its own transaction and is recorded in ``schema_migrations``. On PostgreSQL an
+advisory lock makes concurrent starts (several nodes) apply each file exactly once.
+"""
+
+from __future__ import annotations
+
+import time
+from importlib import resources
+
+from chat.storage.base import Database
+
+_LOCK_ID = 7_300_417_001  # any constant; identifies "chat schema migration" among advisory locks
+
+
+def migration_files(dialect: str) -> list[tuple[str, str]]:
+    """(version, sql) pairs for the dialect, in order."""
+    folder = resources.files("chat.storage") / "migrations" / dialect
+    files = sorted((f for f in folder.iterdir() if f.name.endswith(".sql")), key=lambda f: f.name)
+    return [(f.name.removesuffix(".sql"), f.read_text(encoding="utf-8")) for f in files]
+
+
+def split_statements(sql: str) -> list[str]:
+    """Statements of a migration file. Our files keep ';' out of strings and comments."""
+    lines = [line for line in sql.splitlines() if not line.lstrip().startswith("--")]
+    return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]
+
+
+async def migrate(db: Database) -> list[str]:
+    """Apply pending migrations; returns the versions applied now."""
+    async with db.transaction() as conn:
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations ("
+            " version TEXT PRIMARY KEY, applied_at BIGINT NOT NULL)"
+        )
+    applied: list[str] = []
+    for version, sql in migration_files(db.dialect):
+        async with db.transaction() as conn:
+            if db.dialect == "postgres":
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", _LOCK_ID)
+            done = await conn.fetchval(
+                "SELECT 1 FROM schema_migrations WHERE version = $1", version
+            )
+            if done:
+                continue
+            for statement in split_statements(sql):
+                await conn.execute(statement)
+            await conn.execute(
+                "INSERT INTO schema_migrations (version, applied_at) VALUES ($1, $2)",
+                version,
+                int(time.time() * 1000),
+            )
+            applied.append(version)
+    return applied

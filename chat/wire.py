@@ -1,0 +1,878 @@
+"""Every frame on the wire, as pydantic models: the one contract shared by chat, flannel, clients.
+
+Client frames form the discriminated union :data:`ClientFrame` and are parsed once at the edge
+with :func:`parse_client_frame`. Server frames are the union :data:`ServerFrame`. Each request
+type maps to the model of its reply's ``data`` in :data:`REPLIES`, so documentation, clients and
+handlers agree on shapes. ``docs/protocol.md`` is generated from this module
+(``python -m chat.docgen``) and a test fails when they drift.
+
+Event numbering: every durable event carries ``seq``, the workspace's event position, assigned
+in the database in commit order. Every node (and the edge cache) serializes an event once and
+sends the same bytes to every recipient; a client resumes from the last ``seq`` it saw.
+Ephemeral events (``typing``, ``presence``) carry no ``seq`` and are never replayed.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, ClassVar, Literal, get_args
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+MAX_TEXT_CHARS = 4000
+MAX_GROUP_DM = 8
+
+RequestId = Annotated[str, Field(min_length=1, max_length=64)]
+Id = Annotated[int, Field(ge=1, le=2**63 - 1)]
+Role = Literal["owner", "admin", "member", "guest"]
+ChannelKind = Literal["public", "private", "dm", "group_dm"]
+
+
+class Frame(BaseModel):
+    """Base of every frame: unknown fields are refused, so typos fail loudly."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    examples: ClassVar[list[dict[str, Any]]] = []
+
+
+class Obj(BaseModel):
+    """Base of objects carried inside frames."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --------------------------------------------------------------------------- objects
+
+
+class User(Obj):
+    id: int
+    workspace_id: int
+    handle: str
+    display_name: str
+    real_name: str = ""
+    avatar_url: str = ""
+    tz: str = "UTC"
+    role: Role
+    deactivated: bool = False
+
+
+class Channel(Obj):
+    id: int
+    workspace_id: int
+    kind: ChannelKind
+    name: str
+    topic: str = ""
+    purpose: str = ""
+    archived: bool = False
+    created_by: int
+    created_at: int
+    last_seq: int = 0
+    member_count: int = 0
+
+
+class ReactionCount(Obj):
+    emoji: str
+    count: int
+    user_ids: list[int]
+
+
+class Message(Obj):
+    id: int
+    channel_id: int
+    seq: int
+    user_id: int
+    client_msg_id: str
+    text: str
+    ts: int
+    thread_root_id: int | None = None
+    reply_count: int = 0
+    latest_reply_ts: int | None = None
+    edited_ts: int | None = None
+    deleted: bool = False
+    mentions: list[int] = []
+    mention_channel: bool = False
+    mention_here: bool = False
+    reactions: list[ReactionCount] = []
+
+
+class ChannelCounts(Obj):
+    channel_id: int
+    last_read_seq: int
+    unread: int
+    mentions: int
+
+
+class Limits(Obj):
+    max_frame_bytes: int
+    max_text_chars: int
+    requests_per_10s: int
+    auth_timeout_ms: int
+
+
+# --------------------------------------------------------------------------- client frames
+
+
+class Request(Frame):
+    """A client request: the server answers with ``reply`` or ``error`` naming ``id``."""
+
+    id: RequestId
+
+
+class Auth(Request):
+    """First frame on a connection: authenticate with a token (never in the URL)."""
+
+    type: Literal["auth"]
+    token: Annotated[str, Field(max_length=4096)]
+    examples = [{"type": "auth", "id": "1", "token": "eyJhbGciOiJIUzI1NiJ9.e30.sig"}]
+
+
+class Login(Request):
+    """Alternative first frame: handle + password; the reply carries a fresh token."""
+
+    type: Literal["login"]
+    workspace: Annotated[str, Field(min_length=1, max_length=80)]
+    handle: Annotated[str, Field(min_length=1, max_length=80)]
+    password: Annotated[str, Field(min_length=1, max_length=1024)]
+    examples = [
+        {"type": "login", "id": "1", "workspace": "acme", "handle": "ada", "password": "pw"}
+    ]
+
+
+class Ping(Request):
+    type: Literal["ping"]
+    examples = [{"type": "ping", "id": "7"}]
+
+
+class Page(Request):
+    cursor: Annotated[int, Field(ge=0)] = 0
+    limit: Annotated[int, Field(ge=1, le=1000)] = 100
+
+
+class UsersList(Page):
+    type: Literal["users.list"]
+    examples = [{"type": "users.list", "id": "2", "cursor": 0, "limit": 100}]
+
+
+class UsersInfo(Request):
+    type: Literal["users.info"]
+    user_ids: Annotated[list[Id], Field(min_length=1, max_length=1000)]
+    examples = [{"type": "users.info", "id": "3", "user_ids": [2, 3]}]
+
+
+class UsersUpdateProfile(Request):
+    type: Literal["users.update_profile"]
+    display_name: Annotated[str, Field(min_length=1, max_length=80)] | None = None
+    real_name: Annotated[str, Field(max_length=120)] | None = None
+    avatar_url: Annotated[str, Field(max_length=500)] | None = None
+    tz: Annotated[str, Field(max_length=64)] | None = None
+    examples = [{"type": "users.update_profile", "id": "4", "display_name": "Ada L."}]
+
+
+class UsersSetRole(Request):
+    type: Literal["users.set_role"]
+    user_id: Id
+    role: Role
+    examples = [{"type": "users.set_role", "id": "5", "user_id": 3, "role": "admin"}]
+
+
+class UsersDeactivate(Request):
+    type: Literal["users.deactivate"]
+    user_id: Id
+    examples = [{"type": "users.deactivate", "id": "6", "user_id": 3}]
+
+
+class SessionsRevoke(Request):
+    """Revoke tokens: your own current session (``all=false``) or all of a user's."""
+
+    type: Literal["sessions.revoke"]
+    user_id: Id | None = None
+    all: bool = False
+    examples = [{"type": "sessions.revoke", "id": "8"}]
+
+
+class ChannelsCreate(Request):
+    type: Literal["channels.create"]
+    name: Annotated[str, Field(min_length=1, max_length=80)]
+    private: bool = False
+    topic: Annotated[str, Field(max_length=250)] = ""
+    purpose: Annotated[str, Field(max_length=250)] = ""
+    examples = [{"type": "channels.create", "id": "9", "name": "general", "private": False}]
+
+
+class ChannelsUpdate(Request):
+    """Rename (creator or admin) and/or set topic/purpose (any member)."""
+
+    type: Literal["channels.update"]
+    channel_id: Id
+    name: Annotated[str, Field(min_length=1, max_length=80)] | None = None
+    topic: Annotated[str, Field(max_length=250)] | None = None
+    purpose: Annotated[str, Field(max_length=250)] | None = None
+    examples = [{"type": "channels.update", "id": "10", "channel_id": 4, "topic": "Launch"}]
+
+
+class ChannelsArchive(Request):
+    type: Literal["channels.archive"]
+    channel_id: Id
+    examples = [{"type": "channels.archive", "id": "11", "channel_id": 4}]
+
+
+class ChannelsUnarchive(Request):
+    type: Literal["channels.unarchive"]
+    channel_id: Id
+    examples = [{"type": "channels.unarchive", "id": "12", "channel_id": 4}]
+
+
+class ChannelsJoin(Request):
+    type: Literal["channels.join"]
+    channel_id: Id
+    examples = [{"type": "channels.join", "id": "13", "channel_id": 4}]
+
+
+class ChannelsLeave(Request):
+    type: Literal["channels.leave"]
+    channel_id: Id
+    examples = [{"type": "channels.leave", "id": "14", "channel_id": 4}]
+
+
+class ChannelsInvite(Request):
+    type: Literal["channels.invite"]
+    channel_id: Id
+    user_ids: Annotated[list[Id], Field(min_length=1, max_length=1000)]
+    examples = [{"type": "channels.invite", "id": "15", "channel_id": 4, "user_ids": [5, 6]}]
+
+
+class ChannelsRemove(Request):
+    type: Literal["channels.remove"]
+    channel_id: Id
+    user_id: Id
+    examples = [{"type": "channels.remove", "id": "16", "channel_id": 4, "user_id": 5}]
+
+
+class ChannelsList(Page):
+    """Public channels plus the caller's private channels and DMs, by id."""
+
+    type: Literal["channels.list"]
+    member_only: bool = False
+    examples = [{"type": "channels.list", "id": "17", "member_only": True}]
+
+
+class ChannelsInfo(Request):
+    type: Literal["channels.info"]
+    channel_id: Id
+    examples = [{"type": "channels.info", "id": "18", "channel_id": 4}]
+
+
+class ChannelsMembers(Page):
+    type: Literal["channels.members"]
+    channel_id: Id
+    examples = [{"type": "channels.members", "id": "19", "channel_id": 4, "limit": 2}]
+
+
+class DmsOpen(Request):
+    """Open (or find) the DM with one user, or the group DM with up to 7 others."""
+
+    type: Literal["dms.open"]
+    user_ids: Annotated[list[Id], Field(min_length=1, max_length=MAX_GROUP_DM - 1)]
+    examples = [{"type": "dms.open", "id": "20", "user_ids": [3]}]
+
+
+class MessagesPost(Request):
+    """Post; ``client_msg_id`` makes it idempotent: a retry returns the original message."""
+
+    type: Literal["messages.post"]
+    channel_id: Id
+    client_msg_id: Annotated[str, Field(min_length=1, max_length=64)]
+    text: Annotated[str, Field(min_length=1)]
+    thread_root_id: Id | None = None
+    examples = [
+        {
+            "type": "messages.post",
+            "id": "21",
+            "channel_id": 4,
+            "client_msg_id": "9b2f0c1e",
+            "text": "hello @grace",
+        }
+    ]
+
+
+class MessagesEdit(Request):
+    type: Literal["messages.edit"]
+    message_id: Id
+    text: Annotated[str, Field(min_length=1)]
+    examples = [{"type": "messages.edit", "id": "22", "message_id": 40, "text": "hello!"}]
+
+
+class MessagesDelete(Request):
+    type: Literal["messages.delete"]
+    message_id: Id
+    examples = [{"type": "messages.delete", "id": "23", "message_id": 40}]
+
+
+class MessagesHistory(Request):
+    """Top-level messages of a channel by ``seq``: newest first ``before`` a position, oldest
+    first ``after`` one, or a window ``around`` one. No position: the latest page."""
+
+    type: Literal["messages.history"]
+    channel_id: Id
+    before: Annotated[int, Field(ge=0)] | None = None
+    after: Annotated[int, Field(ge=0)] | None = None
+    around: Annotated[int, Field(ge=0)] | None = None
+    limit: Annotated[int, Field(ge=1, le=200)] = 50
+    examples = [{"type": "messages.history", "id": "24", "channel_id": 4, "before": 120}]
+
+
+class MessagesReplies(Request):
+    """Replies of a thread, oldest first, after a reply ``seq``."""
+
+    type: Literal["messages.replies"]
+    message_id: Id
+    after: Annotated[int, Field(ge=0)] = 0
+    limit: Annotated[int, Field(ge=1, le=200)] = 50
+    examples = [{"type": "messages.replies", "id": "25", "message_id": 40}]
+
+
+class ReactionsAdd(Request):
+    type: Literal["reactions.add"]
+    message_id: Id
+    emoji: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[a-z0-9_+\-]+$")]
+    examples = [{"type": "reactions.add", "id": "26", "message_id": 40, "emoji": "tada"}]
+
+
+class ReactionsRemove(Request):
+    type: Literal["reactions.remove"]
+    message_id: Id
+    emoji: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[a-z0-9_+\-]+$")]
+    examples = [{"type": "reactions.remove", "id": "27", "message_id": 40, "emoji": "tada"}]
+
+
+class ReadsMark(Request):
+    type: Literal["reads.mark"]
+    channel_id: Id
+    seq: Annotated[int, Field(ge=0)]
+    examples = [{"type": "reads.mark", "id": "28", "channel_id": 4, "seq": 118}]
+
+
+class ReadsCounts(Request):
+    """Unread and mention counts for every channel the caller is a member of."""
+
+    type: Literal["reads.counts"]
+    examples = [{"type": "reads.counts", "id": "29"}]
+
+
+class Typing(Request):
+    """Ephemeral; rate-limited per channel (extra ones are acknowledged but not relayed)."""
+
+    type: Literal["typing"]
+    channel_id: Id
+    thread_root_id: Id | None = None
+    examples = [{"type": "typing", "id": "30", "channel_id": 4}]
+
+
+class PresenceSubscribe(Request):
+    """Replace the set of users whose presence changes this connection receives."""
+
+    type: Literal["presence.subscribe"]
+    user_ids: Annotated[list[Id], Field(max_length=500)]
+    examples = [{"type": "presence.subscribe", "id": "31", "user_ids": [2, 3]}]
+
+
+class PresenceSet(Request):
+    """``away`` forces away; ``auto`` is active while any connection is open."""
+
+    type: Literal["presence.set"]
+    status: Literal["auto", "away"]
+    examples = [{"type": "presence.set", "id": "32", "status": "away"}]
+
+
+ClientFrame = Annotated[
+    Auth
+    | Login
+    | Ping
+    | UsersList
+    | UsersInfo
+    | UsersUpdateProfile
+    | UsersSetRole
+    | UsersDeactivate
+    | SessionsRevoke
+    | ChannelsCreate
+    | ChannelsUpdate
+    | ChannelsArchive
+    | ChannelsUnarchive
+    | ChannelsJoin
+    | ChannelsLeave
+    | ChannelsInvite
+    | ChannelsRemove
+    | ChannelsList
+    | ChannelsInfo
+    | ChannelsMembers
+    | DmsOpen
+    | MessagesPost
+    | MessagesEdit
+    | MessagesDelete
+    | MessagesHistory
+    | MessagesReplies
+    | ReactionsAdd
+    | ReactionsRemove
+    | ReadsMark
+    | ReadsCounts
+    | Typing
+    | PresenceSubscribe
+    | PresenceSet,
+    Field(discriminator="type"),
+]
+
+CLIENT_FRAME_ADAPTER: TypeAdapter[ClientFrame] = TypeAdapter(ClientFrame)
+
+
+def frame_types(union: Any) -> dict[str, type[Frame]]:
+    """``type`` string -> model, for every member of a frame union."""
+    out: dict[str, type[Frame]] = {}
+    for model in get_args(get_args(union)[0]):
+        for literal in get_args(model.model_fields["type"].annotation):
+            out[literal] = model
+    return out
+
+
+# --------------------------------------------------------------------------- reply data
+
+
+class Data(Obj):
+    """Base of the ``data`` of a ``reply``."""
+
+    examples: ClassVar[list[dict[str, Any]]] = []
+
+
+class Empty(Data):
+    examples = [{}]
+
+
+class SessionInfo(Data):
+    """Reply to ``auth``/``login``: who you are and where the workspace's event stream is."""
+
+    user: User
+    workspace_id: int
+    workspace_name: str
+    session_id: str
+    seq: int
+    token: str | None = None
+    presence_interval_ms: int = 0
+
+
+class Pong(Data):
+    server_time: int
+
+
+class UserPage(Data):
+    users: list[User]
+    next_cursor: int | None
+
+
+class Users(Data):
+    users: list[User]
+
+
+class UserData(Data):
+    user: User
+
+
+class Revoked(Data):
+    revoked: int
+
+
+class ChannelData(Data):
+    channel: Channel
+
+
+class ChannelPage(Data):
+    channels: list[Channel]
+    next_cursor: int | None
+
+
+class MemberPage(Data):
+    user_ids: list[int]
+    next_cursor: int | None
+
+
+class MessageData(Data):
+    message: Message
+
+
+class PostResult(Data):
+    """``duplicate`` is true when ``client_msg_id`` matched an earlier message."""
+
+    message: Message
+    duplicate: bool
+
+
+class History(Data):
+    messages: list[Message]
+    has_more_before: bool
+    has_more_after: bool
+
+
+class ReactionData(Data):
+    message_id: int
+    reactions: list[ReactionCount]
+
+
+class Counts(Data):
+    channels: list[ChannelCounts]
+
+
+class ReadMarker(Data):
+    channel_id: int
+    last_read_seq: int
+
+
+REPLIES: dict[str, type[Data]] = {
+    "auth": SessionInfo,
+    "login": SessionInfo,
+    "ping": Pong,
+    "users.list": UserPage,
+    "users.info": Users,
+    "users.update_profile": UserData,
+    "users.set_role": UserData,
+    "users.deactivate": UserData,
+    "sessions.revoke": Revoked,
+    "channels.create": ChannelData,
+    "channels.update": ChannelData,
+    "channels.archive": ChannelData,
+    "channels.unarchive": ChannelData,
+    "channels.join": ChannelData,
+    "channels.leave": ChannelData,
+    "channels.invite": ChannelData,
+    "channels.remove": ChannelData,
+    "channels.list": ChannelPage,
+    "channels.info": ChannelData,
+    "channels.members": MemberPage,
+    "dms.open": ChannelData,
+    "messages.post": PostResult,
+    "messages.edit": MessageData,
+    "messages.delete": MessageData,
+    "messages.history": History,
+    "messages.replies": History,
+    "reactions.add": ReactionData,
+    "reactions.remove": ReactionData,
+    "reads.mark": ReadMarker,
+    "reads.counts": Counts,
+    "typing": Empty,
+    "presence.subscribe": Empty,
+    "presence.set": Empty,
+}
+
+
+# --------------------------------------------------------------------------- server frames
+
+
+class Hello(Frame):
+    """First server frame on every connection, before ``auth``."""
+
+    type: Literal["hello"] = "hello"
+    server_version: str
+    heartbeat_interval_ms: int
+    limits: Limits
+    examples = [
+        {
+            "type": "hello",
+            "server_version": "0.1.0",
+            "heartbeat_interval_ms": 30000,
+            "limits": {
+                "max_frame_bytes": 16384,
+                "max_text_chars": 4000,
+                "requests_per_10s": 50,
+                "auth_timeout_ms": 5000,
+            },
+        }
+    ]
+
+
+class Reply(Frame):
+    type: Literal["reply"] = "reply"
+    reply_to: str
+    data: dict[str, Any]
+    examples = [{"type": "reply", "reply_to": "7", "data": {"server_time": 1764348000000}}]
+
+
+class Error(Frame):
+    """A refused request (``reply_to`` set) or a frame that could not be read (null)."""
+
+    type: Literal["error"] = "error"
+    reply_to: str | None
+    code: str
+    message: str
+    retry_after_ms: int | None = None
+    examples = [
+        {
+            "type": "error",
+            "reply_to": "21",
+            "code": "not_in_channel",
+            "message": "The operation needs channel membership.",
+            "retry_after_ms": None,
+        }
+    ]
+
+
+class Goodbye(Frame):
+    """Sent before the server closes a connection it would like to see back later."""
+
+    type: Literal["goodbye"] = "goodbye"
+    reason: str
+    reconnect_after_ms: int = 0
+    examples = [{"type": "goodbye", "reason": "service_restart", "reconnect_after_ms": 1000}]
+
+
+class Event(Frame):
+    """Base of server-pushed events."""
+
+    seq: int | None
+    workspace_id: int
+    ts: int
+
+
+class Durable(Event):
+    """An event in the workspace's log: ``seq`` is its workspace position, assigned in commit
+    order; a client resumes from the last one it saw."""
+
+    seq: int
+
+
+class Ephemeral(Event):
+    """Typing and presence: ``seq`` is null; never stored, never replayed."""
+
+    seq: None = None
+
+
+_M = {
+    "id": 40,
+    "channel_id": 4,
+    "seq": 119,
+    "user_id": 2,
+    "client_msg_id": "9b2f0c1e",
+    "text": "hello @grace",
+    "ts": 1764348000000,
+    "mentions": [3],
+}
+_C = {
+    "id": 4,
+    "workspace_id": 1,
+    "kind": "public",
+    "name": "general",
+    "created_by": 2,
+    "created_at": 1764348000000,
+}
+_U = {"id": 3, "workspace_id": 1, "handle": "grace", "display_name": "Grace", "role": "member"}
+_E = {"workspace_id": 1, "ts": 1764348000000}
+
+
+class MessagePosted(Durable):
+    type: Literal["message.posted"] = "message.posted"
+    message: Message
+    examples = [{"type": "message.posted", "seq": 501, **_E, "message": _M}]
+
+
+class MessageEdited(Durable):
+    type: Literal["message.edited"] = "message.edited"
+    message: Message
+    examples = [{"type": "message.edited", "seq": 502, **_E, "message": _M}]
+
+
+class MessageDeleted(Durable):
+    type: Literal["message.deleted"] = "message.deleted"
+    channel_id: int
+    message_id: int
+    thread_root_id: int | None = None
+    examples = [{"type": "message.deleted", "seq": 503, **_E, "channel_id": 4, "message_id": 40}]
+
+
+class ThreadUpdated(Durable):
+    """The root's reply count or latest reply changed (sent to the channel)."""
+
+    type: Literal["thread.updated"] = "thread.updated"
+    channel_id: int
+    message_id: int
+    reply_count: int
+    latest_reply_ts: int | None
+    examples = [
+        {
+            "type": "thread.updated",
+            "seq": 504,
+            **_E,
+            "channel_id": 4,
+            "message_id": 40,
+            "reply_count": 3,
+            "latest_reply_ts": 1764348000000,
+        }
+    ]
+
+
+class Mention(Durable):
+    """You were mentioned (``@you``, ``@channel``, or ``@here`` while active)."""
+
+    type: Literal["mention"] = "mention"
+    channel_id: int
+    message_id: int
+    by_user_id: int
+    kind: Literal["user", "channel", "here"]
+    examples = [
+        {
+            "type": "mention",
+            "seq": 505,
+            **_E,
+            "channel_id": 4,
+            "message_id": 40,
+            "by_user_id": 2,
+            "kind": "user",
+        }
+    ]
+
+
+class ReactionChanged(Durable):
+    """``reaction.added`` / ``reaction.removed`` with the emoji's new count."""
+
+    type: Literal["reaction.added", "reaction.removed"]
+    channel_id: int
+    message_id: int
+    user_id: int
+    emoji: str
+    count: int
+    examples = [
+        {
+            "type": "reaction.added",
+            "seq": 506,
+            **_E,
+            "channel_id": 4,
+            "message_id": 40,
+            "user_id": 3,
+            "emoji": "tada",
+            "count": 2,
+        }
+    ]
+
+
+class ChannelChanged(Durable):
+    """``channel.created``, ``channel.updated``, ``channel.archived``, ``channel.unarchived``.
+    Public channels: to the whole workspace; private channels and DMs: to members."""
+
+    type: Literal["channel.created", "channel.updated", "channel.archived", "channel.unarchived"]
+    channel: Channel
+    examples = [{"type": "channel.created", "seq": 507, **_E, "channel": _C}]
+
+
+class MemberChanged(Durable):
+    """``channel.member_joined`` / ``channel.member_left``: to the members, including the
+    user who joined or left. ``by_user_id`` differs from ``user_id`` for invite/remove."""
+
+    type: Literal["channel.member_joined", "channel.member_left"]
+    channel_id: int
+    user_id: int
+    by_user_id: int
+    examples = [
+        {
+            "type": "channel.member_joined",
+            "seq": 508,
+            **_E,
+            "channel_id": 4,
+            "user_id": 3,
+            "by_user_id": 2,
+        }
+    ]
+
+
+class UserChanged(Durable):
+    """``user.created`` / ``user.updated`` (profile, role, deactivation): to the workspace."""
+
+    type: Literal["user.created", "user.updated"]
+    user: User
+    examples = [{"type": "user.updated", "seq": 509, **_E, "user": _U}]
+
+
+class ReadMarkerUpdated(Durable):
+    """Your read marker moved (on any of your devices): to your own connections."""
+
+    type: Literal["read_marker.updated"] = "read_marker.updated"
+    channel_id: int
+    last_read_seq: int
+    examples = [
+        {"type": "read_marker.updated", "seq": 510, **_E, "channel_id": 4, "last_read_seq": 118}
+    ]
+
+
+class SessionRevoked(Durable):
+    """Your session was revoked; the connection closes right after (1008 token_revoked)."""
+
+    type: Literal["session.revoked"] = "session.revoked"
+    user_id: int
+    session_id: str | None
+    examples = [{"type": "session.revoked", "seq": 511, **_E, "user_id": 3, "session_id": "s_8f2a"}]
+
+
+class TypingEvent(Ephemeral):
+    """Ephemeral: ``user_id`` is typing in the channel (or thread)."""
+
+    type: Literal["typing"] = "typing"
+    channel_id: int
+    user_id: int
+    thread_root_id: int | None = None
+    examples = [{"type": "typing", "seq": None, **_E, "channel_id": 4, "user_id": 3}]
+
+
+class PresenceEvent(Ephemeral):
+    """Ephemeral: a subscribed user's presence changed."""
+
+    type: Literal["presence"] = "presence"
+    user_id: int
+    status: Literal["active", "away"]
+    examples = [{"type": "presence", "seq": None, **_E, "user_id": 3, "status": "active"}]
+
+
+DurableEvent = (
+    MessagePosted
+    | MessageEdited
+    | MessageDeleted
+    | ThreadUpdated
+    | Mention
+    | ReactionChanged
+    | ChannelChanged
+    | MemberChanged
+    | UserChanged
+    | ReadMarkerUpdated
+    | SessionRevoked
+)
+EphemeralEvent = TypingEvent | PresenceEvent
+AnyEvent = DurableEvent | EphemeralEvent
+
+ServerFrame = Annotated[
+    Hello
+    | Reply
+    | Error
+    | Goodbye
+    | MessagePosted
+    | MessageEdited
+    | MessageDeleted
+    | ThreadUpdated
+    | Mention
+    | ReactionChanged
+    | ChannelChanged
+    | MemberChanged
+    | UserChanged
+    | ReadMarkerUpdated
+    | SessionRevoked
+    | TypingEvent
+    | PresenceEvent,
+    Field(discriminator="type"),
+]
+
+SERVER_FRAME_ADAPTER: TypeAdapter[ServerFrame] = TypeAdapter(ServerFrame)
+
+
+def parse_client_frame(data: str | bytes) -> ClientFrame:
+    """Parse and validate one client frame; raises ``pydantic.ValidationError``."""
+    return CLIENT_FRAME_ADAPTER.validate_json(data)
+
+
+def parse_server_frame(data: str | bytes) -> ServerFrame:
+    return SERVER_FRAME_ADAPTER.validate_json(data)
+
+
+def dump(frame: Frame) -> bytes:
+    """Serialize a server frame once; the same bytes go to every recipient."""
+    return frame.__pydantic_serializer__.to_json(frame, exclude_none=False)

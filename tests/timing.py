@@ -1,0 +1,36 @@
+"""Timeouts for tests that can be stretched on slow machines.
+
+Tests that wait for something (a server to start, a message to arrive) should
+not hard-code how long they wait: wrap the number in :func:`scaled` and a slow
+CI runner can set ``CHAT_TEST_TIMEOUT_FACTOR=3`` instead of anyone editing tests.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+TIMEOUT_FACTOR_ENV = "CHAT_TEST_TIMEOUT_FACTOR"
+
+
+def timeout_factor() -> float:
+    """The multiplier from ``CHAT_TEST_TIMEOUT_FACTOR`` (default 1.0).
+
+    Read on every call, so ``monkeypatch.setenv`` works. A value that is not a
+    finite number > 0 is a configuration mistake and raises ``ValueError``.
+    """
+    raw = os.environ.get(TIMEOUT_FACTOR_ENV, "").strip()
+    if not raw:
+        return 1.0
+    try:
+        factor = float(raw)
+    except ValueError:
+        raise ValueError(f"{TIMEOUT_FACTOR_ENV}={raw!r} is not a number") from None
+    if not math.isfinite(factor) or factor <= 0:
+        raise ValueError(f"{TIMEOUT_FACTOR_ENV}={raw!r} must be a finite number > 0")
+    return factor
+
+
+def scaled(seconds: float) -> float:
+    """``seconds`` multiplied by :func:`timeout_factor`."""
+    return seconds * timeout_factor()
