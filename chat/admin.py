@@ -15,7 +15,7 @@ from chat.bus import LocalBus
 from chat.config import Settings
 from chat.errors import ChatError, ErrorCode
 from chat.journal import Journal, Tx, now_ms
-from chat.storage import Database, UniqueViolation, open_database, queries
+from chat.storage import Database, UniqueViolation, open_database, queries, token_secret
 
 _FIRST = """
 ada grace alan edsger barbara donald ken dennis margaret linus guido bjarne radia frances
@@ -43,7 +43,9 @@ class Admin:
 
     @classmethod
     async def open(cls, settings: Settings) -> Admin:
-        return cls(settings, await open_database(settings.database_url, settings.sqlite_path))
+        db = await open_database(settings.database_url, settings.sqlite_path)
+        secret = await token_secret(db, settings.secret_key)
+        return cls(settings.model_copy(update={"secret_key": secret}), db)
 
     async def close(self) -> None:
         await self.journal.close()

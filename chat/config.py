@@ -6,13 +6,10 @@ Every limit the server enforces lives here, so an operator can see and change it
 from __future__ import annotations
 
 import os
-import secrets
 from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
-
-_DEV_SECRET = "dev-only-" + secrets.token_hex(16)
 
 
 class Settings(BaseSettings):
@@ -30,9 +27,9 @@ class Settings(BaseSettings):
     redis_url: str = ""
     node_id: str = Field(default_factory=lambda: f"node-{os.getpid()}")
 
-    # Tokens are HMAC-signed with this secret. Set it in production: the default changes at
-    # every start, so tokens only outlive a restart when it is set.
-    secret_key: str = _DEV_SECRET
+    # Tokens are HMAC-signed with this secret. Unset: one is generated once and kept in the
+    # database, so the server and the admin command agree without configuration.
+    secret_key: str = ""
     token_ttl_s: int = 30 * 24 * 3600
 
     # Limits.

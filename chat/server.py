@@ -42,7 +42,7 @@ from chat.handlers import Caller, Services, handle
 from chat.journal import Journal, now_ms
 from chat.live import Live
 from chat.session import Authenticate, Close, Dispatch, Send, Session
-from chat.storage import Database, open_database, queries
+from chat.storage import Database, open_database, queries, token_secret
 
 log = logging.getLogger(__name__)
 
@@ -124,8 +124,9 @@ class Node:
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        s = self.settings
-        db = self._db or await open_database(s.database_url, s.sqlite_path)
+        db = self._db or await open_database(self.settings.database_url, self.settings.sqlite_path)
+        secret = await token_secret(db, self.settings.secret_key)
+        self.settings = s = self.settings.model_copy(update={"secret_key": secret})
         bus = self._bus or LocalBus()
         hub = Hub(framer=text_frame)
         hub.on_first_peer = lambda wid: bus.subscribe(wid, hub.deliver)

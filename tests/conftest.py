@@ -65,3 +65,35 @@ async def fresh_pg_dsn(postgres_server: PostgresFixture) -> AsyncIterator[str]:
     yield dsn
     # Matters for an external server (keeps it clean); cheap for the temporary one.
     await postgres_server.drop_database(name)
+
+
+# =========================================================================== chat nodes
+#
+# `store` (parametrized): "sqlite" and "postgres"; every test that uses `node` runs
+#   against both stores, so one suite covers both implementations.
+# `node` (function, async): a real chat node (websockets server on a free loopback port)
+#   over a fresh database of that store, with a seeded workspace. See tests/harness.py.
+
+from tests.harness import RunningNode, running_node  # noqa: E402
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def node(
+    store: str, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[RunningNode]:
+    if store == "postgres":
+        pg: PostgresFixture = request.getfixturevalue("postgres_server")
+        name = unique_database_name("node")
+        dsn = await pg.create_database(name)
+        async with running_node(database_url=dsn) as n:
+            yield n
+        await pg.drop_database(name)
+    else:
+        path = tmp_path_factory.mktemp("sqlite") / "chat.sqlite3"
+        async with running_node(sqlite_path=str(path)) as n:
+            yield n

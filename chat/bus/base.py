@@ -13,10 +13,11 @@ class Envelope:
 
     Recipients are the union of: the members of ``channel_id``, ``user_ids``, the whole
     workspace when ``everyone``, and connections subscribed to the presence of
-    ``presence_of``, less ``exclude_user`` (a typist does not see itself). ``joins``
-    become members of ``channel_id`` before delivery and ``leaves`` stop being members after
-    it, so a joiner sees its own join and a leaver its own leave, and nothing after. ``revoke_user``/``revoke_session`` close matching connections after
-    delivery.
+    ``presence_of``, less ``exclude_user`` (a typist does not see itself).
+
+    ``joins`` become members of ``channel_id`` before delivery and ``leaves`` stop being
+    members after it: a joiner sees its own join, a leaver its own leave, and nothing
+    after. ``revoke_user``/``revoke_session`` close matching connections after delivery.
     """
 
     workspace_id: int

@@ -7,6 +7,8 @@ implement it; ``queries.py`` holds every query as a named function; ``migrate.py
 
 from __future__ import annotations
 
+import secrets
+
 from chat.storage.base import Connection, Database, Record, StorageError, UniqueViolation
 from chat.storage.migrate import migrate
 
@@ -26,6 +28,16 @@ async def open_database(database_url: str, sqlite_path: str) -> Database:
     return db
 
 
+async def token_secret(db: Database, configured: str) -> str:
+    """The configured signing secret, or the installation's generated one."""
+    if configured:
+        return configured
+    from chat.storage import queries
+
+    async with db.transaction() as conn:
+        return await queries.get_or_set_meta(conn, "token_secret", secrets.token_urlsafe(48))
+
+
 __all__ = [
     "Connection",
     "Database",
@@ -34,4 +46,5 @@ __all__ = [
     "UniqueViolation",
     "migrate",
     "open_database",
+    "token_secret",
 ]

@@ -661,3 +661,13 @@ async def get_users_any(conn: Connection, ids: Sequence[int]) -> list[wire.User]
         f"SELECT {_USER_COLS} FROM users WHERE id = ANY($1::bigint[]) ORDER BY id", list(ids)
     )
     return [_user(r) for r in rows]
+
+
+async def get_or_set_meta(conn: Connection, key: str, candidate: str) -> str:
+    """The stored value of ``key``; stores ``candidate`` first if there is none (race-free:
+    concurrent first starts all read the one that won)."""
+    await conn.execute(
+        "INSERT INTO meta (key, value) VALUES ($1, $2) ON CONFLICT DO NOTHING", key, candidate
+    )
+    value: str = await conn.fetchval("SELECT value FROM meta WHERE key = $1", key)
+    return value
