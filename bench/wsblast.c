@@ -1,0 +1,692 @@
+/*
+ * wsblast: a single-threaded epoll WebSocket load client for fan-out benchmarks.
+ *
+ * Opens N connections to ws://HOST:PORT/PATH (no extensions requested, so no compression),
+ * paced: at most --batch handshakes in flight. After the upgrade, connection i sends line i of
+ * --auth-file as a masked text frame (an empty line sends nothing). A connection is "ready"
+ * once it has received --ready-frames text frames containing --ready-match (any frame when the
+ * match is empty). A pre-ready frame containing --fail-match aborts the run. When every
+ * connection is ready, prints "READY {json}".
+ *
+ * Measurement phases are driven by commands on stdin (one per line):
+ *   RUN <expected_total_frames> <timeout_ms>   arm a phase; prints "ARMED" at once, then
+ *                                             "RESULT {json}" when the expected number of
+ *                                             counted frames arrived or the timeout passed
+ *   QUIT (or EOF)                             close every connection and exit
+ * With --expect-per-conn M, one phase (N*M frames, --phase-timeout-ms) runs right after READY
+ * and the program exits after printing its RESULT: no stdin needed.
+ *
+ * A frame is "counted" when it is a text/binary message containing --count-match (any when
+ * empty). In a counted frame, the first "t=<digits>;" is read as a CLOCK_MONOTONIC timestamp in
+ * ns written by the poster; now - t is a latency sample (on connections idx % --lat-every == 0).
+ * Server pings are answered with masked pongs; a server close is answered and the connection is
+ * counted as closed. The process always exits by itself after --max-seconds.
+ *
+ * Build: gcc -O2 -o bench/.build/wsblast bench/wsblast.c
+ */
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <getopt.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#define STDIN_TAG UINT64_MAX
+#define MAX_FRAME (16u << 20)
+#define MAX_ATTEMPTS 3
+#define READ_CHUNK 16384
+#define MAX_SAMPLES (20u << 20)
+
+enum cstate { C_IDLE, C_CONNECTING, C_HANDSHAKE, C_OPEN, C_CLOSED };
+
+typedef struct {
+    unsigned char *p;
+    size_t len, cap;
+} buf_t;
+
+typedef struct {
+    int fd, idx, attempts, ready_seen, ready, want_out;
+    enum cstate st;
+    buf_t rd, wr, msg; /* read buffer, pending writes (wr.len bytes from woff), fragments */
+    size_t woff, need;
+    int msg_op;
+    long long count; /* counted frames in the current phase */
+} conn_t;
+
+static struct {
+    const char *host, *path, *auth_file, *ready_match, *fail_match, *count_match, *hb_text;
+    int port, conns, batch, ready_frames, lat_every;
+    long long connect_timeout_ms, heartbeat_ms, max_seconds, expect_per_conn, phase_timeout_ms;
+} opt = {"127.0.0.1", "/", NULL, "", "", "", "", 0, 1000, 200, 0, 1, 120000, 0, 900, -1, 60000};
+
+static conn_t *conns;
+static char **auth_lines;
+static int ep;
+static int *todo, todo_len; /* connections waiting for (re)connect */
+static int inflight, nready, nclosed, retries;
+static struct sockaddr_in addr;
+static uint64_t rng_state;
+
+static struct {
+    int armed, num;
+    long long expected, frames, bytes, other, stray;
+    int64_t armed_ns, first_ns, last_ns, deadline_ns;
+    struct rusage ru0;
+    int64_t *lat;
+    size_t nlat, caplat, lat_dropped;
+} ph;
+
+static int64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+static void die(const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    fprintf(stderr, "wsblast: ");
+    vfprintf(stderr, fmt, ap);
+    fprintf(stderr, "\n");
+    va_end(ap);
+    printf("FAILED\n");
+    fflush(stdout);
+    exit(1);
+}
+
+static void *xrealloc(void *p, size_t n) {
+    void *q = realloc(p, n ? n : 1);
+    if (!q) die("out of memory (%zu bytes)", n);
+    return q;
+}
+
+static void buf_reserve(buf_t *b, size_t extra) {
+    if (b->len + extra <= b->cap) return;
+    size_t cap = b->cap ? b->cap : 4096;
+    while (cap < b->len + extra) cap *= 2;
+    b->p = xrealloc(b->p, cap);
+    b->cap = cap;
+}
+
+static void buf_append(buf_t *b, const void *data, size_t n) {
+    buf_reserve(b, n);
+    memcpy(b->p + b->len, data, n);
+    b->len += n;
+}
+
+static uint32_t rnd32(void) { /* xorshift64*: masking keys and handshake nonces */
+    rng_state ^= rng_state >> 12;
+    rng_state ^= rng_state << 25;
+    rng_state ^= rng_state >> 27;
+    return (uint32_t)((rng_state * 2685821657736338717ULL) >> 32);
+}
+
+static void base64(const unsigned char *in, size_t n, char *out) {
+    static const char tbl[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    size_t i, o = 0;
+    for (i = 0; i + 2 < n; i += 3) {
+        uint32_t v = (uint32_t)in[i] << 16 | (uint32_t)in[i + 1] << 8 | in[i + 2];
+        out[o++] = tbl[v >> 18 & 63], out[o++] = tbl[v >> 12 & 63];
+        out[o++] = tbl[v >> 6 & 63], out[o++] = tbl[v & 63];
+    }
+    if (i < n) {
+        uint32_t v = (uint32_t)in[i] << 16 | (i + 1 < n ? (uint32_t)in[i + 1] << 8 : 0);
+        out[o++] = tbl[v >> 18 & 63], out[o++] = tbl[v >> 12 & 63];
+        out[o++] = i + 1 < n ? tbl[v >> 6 & 63] : '=';
+        out[o++] = '=';
+    }
+    out[o] = 0;
+}
+
+static int contains(const unsigned char *p, size_t n, const char *needle) {
+    size_t k = strlen(needle);
+    return k == 0 || memmem(p, n, needle, k) != NULL;
+}
+
+/* ------------------------------------------------------------------------------ writing */
+
+static void set_out(conn_t *c, int want) {
+    if (c->want_out == want) return;
+    struct epoll_event ev = {.events = EPOLLIN | (want ? EPOLLOUT : 0), .data.u64 = c->idx};
+    if (epoll_ctl(ep, EPOLL_CTL_MOD, c->fd, &ev) < 0) die("epoll_ctl MOD: %s", strerror(errno));
+    c->want_out = want;
+}
+
+static void conn_fail(conn_t *c, const char *why);
+
+/* Write as much pending output as the socket takes; returns -1 if the connection failed. */
+static int flush(conn_t *c) {
+    while (c->woff < c->wr.len) {
+        ssize_t k = send(c->fd, c->wr.p + c->woff, c->wr.len - c->woff, MSG_NOSIGNAL);
+        if (k < 0) {
+            if (errno == EINTR) continue;
+            if (errno == EAGAIN || errno == EWOULDBLOCK) break;
+            conn_fail(c, strerror(errno));
+            return -1;
+        }
+        c->woff += (size_t)k;
+    }
+    if (c->woff == c->wr.len) c->woff = c->wr.len = 0;
+    set_out(c, c->wr.len > 0);
+    return 0;
+}
+
+/* Queue one masked client frame (FIN set) and try to send it. */
+static int send_frame(conn_t *c, int op, const void *payload, size_t n) {
+    unsigned char hdr[14];
+    size_t h = 0;
+    hdr[h++] = (unsigned char)(0x80 | op);
+    if (n < 126) {
+        hdr[h++] = (unsigned char)(0x80 | n);
+    } else if (n < 65536) {
+        hdr[h++] = 0x80 | 126, hdr[h++] = (unsigned char)(n >> 8), hdr[h++] = (unsigned char)n;
+    } else {
+        hdr[h++] = 0x80 | 127;
+        for (int i = 7; i >= 0; i--) hdr[h++] = (unsigned char)((uint64_t)n >> (8 * i));
+    }
+    uint32_t key = rnd32();
+    memcpy(hdr + h, &key, 4);
+    const unsigned char *mk = hdr + h;
+    h += 4;
+    buf_reserve(&c->wr, h + n);
+    memcpy(c->wr.p + c->wr.len, hdr, h);
+    unsigned char *dst = c->wr.p + c->wr.len + h;
+    const unsigned char *src = payload;
+    for (size_t i = 0; i < n; i++) dst[i] = src[i] ^ mk[i & 3];
+    c->wr.len += h + n;
+    return flush(c);
+}
+
+/* ------------------------------------------------------------------------ connection life */
+
+static void start_connect(conn_t *c) {
+    c->fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (c->fd < 0) die("socket: %s (raise ulimit -n?)", strerror(errno));
+    int one = 1;
+    setsockopt(c->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    c->rd.len = c->wr.len = c->msg.len = c->woff = c->need = 0;
+    c->ready_seen = c->ready = 0;
+    c->attempts++;
+    c->st = C_CONNECTING;
+    c->want_out = 1;
+    struct epoll_event ev = {.events = EPOLLIN | EPOLLOUT, .data.u64 = c->idx};
+    if (epoll_ctl(ep, EPOLL_CTL_ADD, c->fd, &ev) < 0) die("epoll_ctl ADD: %s", strerror(errno));
+    if (connect(c->fd, (struct sockaddr *)&addr, sizeof addr) < 0 && errno != EINPROGRESS)
+        conn_fail(c, strerror(errno));
+    inflight++;
+}
+
+static void conn_fail(conn_t *c, const char *why) {
+    if (c->st == C_CLOSED || c->st == C_IDLE) return;
+    epoll_ctl(ep, EPOLL_CTL_DEL, c->fd, NULL);
+    close(c->fd);
+    c->fd = -1;
+    if (c->ready) { /* lost during measurement: never reconnect, just report */
+        c->st = C_CLOSED;
+        nclosed++;
+        fprintf(stderr, "wsblast: connection %d closed: %s\n", c->idx, why);
+        return;
+    }
+    inflight--;
+    c->st = C_IDLE;
+    if (c->attempts >= MAX_ATTEMPTS) die("connection %d failed %d times: %s", c->idx, c->attempts, why);
+    retries++;
+    todo[todo_len++] = c->idx;
+}
+
+static void set_ready(conn_t *c) {
+    c->ready = 1;
+    inflight--;
+    nready++;
+}
+
+static void on_open(conn_t *c) {
+    char key[32], req[1024];
+    unsigned char nonce[16];
+    for (int i = 0; i < 16; i += 4) {
+        uint32_t r = rnd32();
+        memcpy(nonce + i, &r, 4);
+    }
+    base64(nonce, 16, key);
+    int n = snprintf(req, sizeof req,
+                     "GET %s HTTP/1.1\r\nHost: %s:%d\r\nUpgrade: websocket\r\n"
+                     "Connection: Upgrade\r\nSec-WebSocket-Key: %s\r\n"
+                     "Sec-WebSocket-Version: 13\r\nUser-Agent: wsblast\r\n\r\n",
+                     opt.path, opt.host, opt.port, key);
+    c->st = C_HANDSHAKE;
+    buf_append(&c->wr, req, (size_t)n);
+    flush(c);
+}
+
+/* ------------------------------------------------------------------------------ reading */
+
+static void record_latency(const unsigned char *p, size_t n, int64_t now) {
+    const unsigned char *end = p + n, *q = p;
+    while ((q = memmem(q, (size_t)(end - q), "t=", 2)) != NULL) {
+        q += 2;
+        int64_t t = 0;
+        const unsigned char *d = q;
+        while (d < end && *d >= '0' && *d <= '9' && d - q < 19) t = t * 10 + (*d++ - '0');
+        if (d > q && d < end && *d == ';') {
+            if (ph.nlat == ph.caplat) {
+                if (ph.caplat >= MAX_SAMPLES) {
+                    ph.lat_dropped++;
+                    return;
+                }
+                ph.caplat = ph.caplat ? ph.caplat * 2 : 65536;
+                ph.lat = xrealloc(ph.lat, ph.caplat * sizeof *ph.lat);
+            }
+            ph.lat[ph.nlat++] = now > t ? now - t : 0;
+            return;
+        }
+    }
+}
+
+static void on_message(conn_t *c, const unsigned char *p, size_t n, int64_t now) {
+    if (!c->ready) {
+        if (opt.fail_match[0] && contains(p, n, opt.fail_match))
+            die("connection %d got a failure frame before ready: %.*s", c->idx,
+                (int)(n > 400 ? 400 : n), (const char *)p);
+        if (contains(p, n, opt.ready_match) && ++c->ready_seen >= opt.ready_frames) set_ready(c);
+        return;
+    }
+    if (!contains(p, n, opt.count_match)) {
+        ph.other++;
+        return;
+    }
+    if (!ph.armed) {
+        ph.stray++;
+        return;
+    }
+    c->count++;
+    ph.frames++;
+    ph.bytes += (long long)n;
+    if (!ph.first_ns) ph.first_ns = now;
+    ph.last_ns = now;
+    if (c->idx % opt.lat_every == 0) record_latency(p, n, now);
+}
+
+/* Handle one complete frame; returns -1 if the connection is gone. */
+static int on_frame(conn_t *c, int fin, int op, unsigned char *p, size_t n, int64_t now) {
+    switch (op) {
+    case 0x1:
+    case 0x2:
+        if (c->msg_op) return conn_fail(c, "new message inside a fragmented one"), -1;
+        if (fin) {
+            on_message(c, p, n, now);
+        } else {
+            c->msg_op = op;
+            c->msg.len = 0;
+            buf_append(&c->msg, p, n);
+        }
+        return 0;
+    case 0x0:
+        if (!c->msg_op) return conn_fail(c, "unexpected continuation frame"), -1;
+        buf_append(&c->msg, p, n);
+        if (fin) {
+            c->msg_op = 0;
+            on_message(c, c->msg.p, c->msg.len, now);
+        }
+        return 0;
+    case 0x8: /* close: echo the status code, then drop the connection */
+        send_frame(c, 0x8, p, n >= 2 ? 2 : 0);
+        conn_fail(c, "server sent close");
+        return -1;
+    case 0x9:
+        return send_frame(c, 0xA, p, n);
+    case 0xA:
+        return 0;
+    default:
+        return conn_fail(c, "unknown opcode"), -1;
+    }
+}
+
+/* Parse as many whole frames as the read buffer holds; keep the partial tail. */
+static int parse_frames(conn_t *c, int64_t now) {
+    size_t off = 0;
+    c->need = 0;
+    while (c->rd.len - off >= 2) {
+        unsigned char *b = c->rd.p + off;
+        size_t avail = c->rd.len - off, h = 2;
+        uint64_t len = b[1] & 0x7f;
+        int masked = b[1] & 0x80;
+        if (len == 126) {
+            if (avail < 4) break;
+            len = (uint64_t)b[2] << 8 | b[3];
+            h = 4;
+        } else if (len == 127) {
+            if (avail < 10) break;
+            len = 0;
+            for (int i = 0; i < 8; i++) len = len << 8 | b[2 + i];
+            h = 10;
+        }
+        if (len > MAX_FRAME) return conn_fail(c, "frame too large"), -1;
+        if (masked) h += 4;
+        if (avail < h + len) {
+            c->need = h + (size_t)len;
+            break;
+        }
+        unsigned char *payload = b + h;
+        if (masked)
+            for (uint64_t i = 0; i < len; i++) payload[i] ^= b[h - 4 + (i & 3)];
+        if (on_frame(c, b[0] & 0x80, b[0] & 0x0f, payload, (size_t)len, now) < 0) return -1;
+        off += h + (size_t)len;
+    }
+    if (off) {
+        memmove(c->rd.p, c->rd.p + off, c->rd.len - off);
+        c->rd.len -= off;
+    }
+    return 0;
+}
+
+static int parse_handshake(conn_t *c, int64_t now) {
+    unsigned char *end = memmem(c->rd.p, c->rd.len, "\r\n\r\n", 4);
+    if (!end) {
+        if (c->rd.len > 16384) conn_fail(c, "handshake response too large");
+        return 0;
+    }
+    size_t hl = (size_t)(end - c->rd.p) + 4;
+    if (c->rd.len < 12 || memcmp(c->rd.p, "HTTP/1.1 101", 12) != 0)
+        die("connection %d: upgrade refused: %.*s", c->idx, (int)(hl > 300 ? 300 : hl),
+            (const char *)c->rd.p);
+    if (memmem(c->rd.p, hl, "Sec-WebSocket-Extensions", 24) ||
+        memmem(c->rd.p, hl, "sec-websocket-extensions", 24))
+        die("connection %d: server negotiated an extension we did not ask for", c->idx);
+    memmove(c->rd.p, c->rd.p + hl, c->rd.len - hl);
+    c->rd.len -= hl;
+    c->st = C_OPEN;
+    const char *line = auth_lines ? auth_lines[c->idx] : "";
+    if (line[0] && send_frame(c, 0x1, line, strlen(line)) < 0) return -1;
+    if (opt.ready_frames == 0) set_ready(c);
+    return parse_frames(c, now);
+}
+
+static void on_readable(conn_t *c) {
+    size_t want = c->need > c->rd.len ? c->need - c->rd.len : 0;
+    buf_reserve(&c->rd, want > READ_CHUNK ? want : READ_CHUNK);
+    ssize_t k = recv(c->fd, c->rd.p + c->rd.len, c->rd.cap - c->rd.len, 0);
+    if (k < 0) {
+        if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) conn_fail(c, strerror(errno));
+        return;
+    }
+    if (k == 0) {
+        conn_fail(c, "EOF");
+        return;
+    }
+    c->rd.len += (size_t)k;
+    int64_t now = now_ns();
+    if (c->st == C_HANDSHAKE)
+        parse_handshake(c, now);
+    else if (c->st == C_OPEN && c->need <= c->rd.len)
+        parse_frames(c, now);
+}
+
+static void on_event(conn_t *c, uint32_t ev) {
+    if (c->st == C_CONNECTING) {
+        int err = 0;
+        socklen_t len = sizeof err;
+        if (getsockopt(c->fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0) err = errno;
+        if (err)
+            conn_fail(c, strerror(err));
+        else if (ev & EPOLLOUT)
+            on_open(c);
+        return;
+    }
+    if ((ev & EPOLLOUT) && flush(c) < 0) return;
+    if (ev & (EPOLLIN | EPOLLHUP | EPOLLERR)) on_readable(c);
+}
+
+/* ------------------------------------------------------------------------------- phases */
+
+static double cpu_s(const struct timeval *tv) { return (double)tv->tv_sec + tv->tv_usec / 1e6; }
+
+static int cmp_i64(const void *a, const void *b) {
+    int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+    return (x > y) - (x < y);
+}
+
+static double pct_us(double q) {
+    if (!ph.nlat) return 0;
+    size_t i = (size_t)(q * (double)ph.nlat + 0.999999);
+    i = i ? i - 1 : 0;
+    if (i >= ph.nlat) i = ph.nlat - 1;
+    return (double)ph.lat[i] / 1000.0;
+}
+
+static void phase_arm(long long expected, long long timeout_ms) {
+    for (int i = 0; i < opt.conns; i++) conns[i].count = 0;
+    ph.num++;
+    ph.expected = expected;
+    ph.frames = ph.bytes = ph.other = ph.stray = 0;
+    ph.first_ns = ph.last_ns = 0;
+    ph.nlat = ph.lat_dropped = 0;
+    getrusage(RUSAGE_SELF, &ph.ru0);
+    ph.armed_ns = now_ns();
+    ph.deadline_ns = ph.armed_ns + timeout_ms * 1000000LL;
+    ph.armed = 1;
+    printf("ARMED %d\n", ph.num);
+    fflush(stdout);
+}
+
+static void phase_report(int64_t now) {
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    long long mn = -1, mx = 0;
+    int open = 0;
+    for (int i = 0; i < opt.conns; i++) {
+        conn_t *c = &conns[i];
+        if (c->st == C_OPEN) open++;
+        if (mn < 0 || c->count < mn) mn = c->count;
+        if (c->count > mx) mx = c->count;
+    }
+    qsort(ph.lat, ph.nlat, sizeof *ph.lat, cmp_i64);
+    printf("RESULT {\"phase\":%d,\"expected\":%lld,\"frames\":%lld,\"complete\":%s,"
+           "\"bytes\":%lld,\"armed_ns\":%lld,\"first_ns\":%lld,\"last_ns\":%lld,\"end_ns\":%lld,"
+           "\"min_per_conn\":%lld,\"max_per_conn\":%lld,\"open_conns\":%d,\"closed_conns\":%d,"
+           "\"other_frames\":%lld,\"stray_frames\":%lld,\"cpu_user_s\":%.6f,\"cpu_sys_s\":%.6f,"
+           "\"lat_n\":%zu,\"lat_dropped\":%zu,\"lat_p50_us\":%.1f,\"lat_p90_us\":%.1f,"
+           "\"lat_p99_us\":%.1f,\"lat_max_us\":%.1f}\n",
+           ph.num, ph.expected, ph.frames, ph.frames >= ph.expected ? "true" : "false", ph.bytes,
+           (long long)ph.armed_ns, (long long)ph.first_ns, (long long)ph.last_ns, (long long)now,
+           mn, mx, open, nclosed, ph.other, ph.stray,
+           cpu_s(&ru.ru_utime) - cpu_s(&ph.ru0.ru_utime),
+           cpu_s(&ru.ru_stime) - cpu_s(&ph.ru0.ru_stime), ph.nlat, ph.lat_dropped, pct_us(0.50),
+           pct_us(0.90), pct_us(0.99), pct_us(1.0));
+    fflush(stdout);
+    ph.armed = 0;
+}
+
+static void quit(int code) {
+    for (int i = 0; i < opt.conns; i++) { /* best effort close frame (1000), then drop */
+        conn_t *c = &conns[i];
+        if (c->st == C_OPEN) {
+            unsigned char code1000[2] = {0x03, 0xe8};
+            send_frame(c, 0x8, code1000, 2);
+        }
+        if (c->fd >= 0 && c->st != C_CLOSED && c->st != C_IDLE) close(c->fd);
+    }
+    exit(code);
+}
+
+/* Returns 1 when the program should quit. */
+static int on_stdin(void) {
+    static char line[256];
+    static size_t len;
+    ssize_t k = read(0, line + len, sizeof line - 1 - len);
+    if (k <= 0) return 1;
+    len += (size_t)k;
+    char *nl;
+    while ((nl = memchr(line, '\n', len)) != NULL) {
+        *nl = 0;
+        long long expected, timeout_ms;
+        if (strncmp(line, "QUIT", 4) == 0) return 1;
+        if (sscanf(line, "RUN %lld %lld", &expected, &timeout_ms) == 2) {
+            if (ph.armed) die("RUN while a phase is armed");
+            phase_arm(expected, timeout_ms);
+        } else {
+            fprintf(stderr, "wsblast: unknown command: %s\n", line);
+        }
+        size_t used = (size_t)(nl - line) + 1;
+        memmove(line, line + used, len - used);
+        len -= used;
+    }
+    if (len == sizeof line - 1) len = 0; /* absurd line: drop it */
+    return 0;
+}
+
+/* -------------------------------------------------------------------------------- setup */
+
+static void load_auth(void) {
+    if (!opt.auth_file) return;
+    FILE *f = fopen(opt.auth_file, "r");
+    if (!f) die("cannot open %s: %s", opt.auth_file, strerror(errno));
+    auth_lines = xrealloc(NULL, sizeof(char *) * (size_t)opt.conns);
+    char *line = NULL;
+    size_t cap = 0;
+    int i = 0;
+    ssize_t n;
+    while (i < opt.conns && (n = getline(&line, &cap, f)) >= 0) {
+        while (n > 0 && (line[n - 1] == '\n' || line[n - 1] == '\r')) line[--n] = 0;
+        auth_lines[i++] = strdup(line);
+    }
+    free(line);
+    fclose(f);
+    if (i < opt.conns) die("%s has %d lines, need %d", opt.auth_file, i, opt.conns);
+}
+
+static void usage(void) {
+    fprintf(stderr,
+            "usage: wsblast --port P [--host H] [--path /] [--conns N] [--batch B]\n"
+            "  [--auth-file F] [--ready-frames K] [--ready-match S] [--fail-match S]\n"
+            "  [--count-match S] [--lat-every K] [--heartbeat-ms MS --heartbeat-text S]\n"
+            "  [--connect-timeout-ms MS] [--max-seconds S]\n"
+            "  [--expect-per-conn M [--phase-timeout-ms MS]]\n");
+    exit(2);
+}
+
+static void parse_args(int argc, char **argv) {
+    static const struct option lo[] = {
+        {"host", 1, 0, 'h'},          {"port", 1, 0, 'p'},         {"path", 1, 0, 'P'},
+        {"conns", 1, 0, 'n'},         {"batch", 1, 0, 'b'},        {"auth-file", 1, 0, 'a'},
+        {"ready-frames", 1, 0, 'k'},  {"ready-match", 1, 0, 'r'},  {"fail-match", 1, 0, 'f'},
+        {"count-match", 1, 0, 'c'},   {"lat-every", 1, 0, 'l'},    {"heartbeat-ms", 1, 0, 'H'},
+        {"heartbeat-text", 1, 0, 'T'}, {"connect-timeout-ms", 1, 0, 'C'},
+        {"max-seconds", 1, 0, 'm'},   {"expect-per-conn", 1, 0, 'e'},
+        {"phase-timeout-ms", 1, 0, 't'}, {0, 0, 0, 0}};
+    int ch;
+    while ((ch = getopt_long(argc, argv, "", lo, NULL)) != -1) {
+        switch (ch) {
+        case 'h': opt.host = optarg; break;
+        case 'p': opt.port = atoi(optarg); break;
+        case 'P': opt.path = optarg; break;
+        case 'n': opt.conns = atoi(optarg); break;
+        case 'b': opt.batch = atoi(optarg); break;
+        case 'a': opt.auth_file = optarg; break;
+        case 'k': opt.ready_frames = atoi(optarg); break;
+        case 'r': opt.ready_match = optarg; break;
+        case 'f': opt.fail_match = optarg; break;
+        case 'c': opt.count_match = optarg; break;
+        case 'l': opt.lat_every = atoi(optarg); break;
+        case 'H': opt.heartbeat_ms = atoll(optarg); break;
+        case 'T': opt.hb_text = optarg; break;
+        case 'C': opt.connect_timeout_ms = atoll(optarg); break;
+        case 'm': opt.max_seconds = atoll(optarg); break;
+        case 'e': opt.expect_per_conn = atoll(optarg); break;
+        case 't': opt.phase_timeout_ms = atoll(optarg); break;
+        default: usage();
+        }
+    }
+    if (opt.port <= 0 || opt.conns <= 0 || opt.batch <= 0 || opt.lat_every <= 0) usage();
+    if (opt.heartbeat_ms > 0 && !opt.hb_text[0]) usage();
+}
+
+int main(int argc, char **argv) {
+    parse_args(argc, argv);
+    signal(SIGPIPE, SIG_IGN);
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    rng_state = (uint64_t)now_ns() ^ ((uint64_t)getpid() << 32) ^ 0x9E3779B97F4A7C15ULL;
+    memset(&addr, 0, sizeof addr);
+    addr.sin_family = AF_INET;
+    addr.sin_port = htons((uint16_t)opt.port);
+    if (inet_pton(AF_INET, opt.host, &addr.sin_addr) != 1) die("bad IPv4 address %s", opt.host);
+    load_auth();
+
+    conns = calloc((size_t)opt.conns, sizeof *conns);
+    todo = malloc(sizeof(int) * (size_t)opt.conns);
+    if (!conns || !todo) die("out of memory");
+    for (int i = 0; i < opt.conns; i++) {
+        conns[i].idx = i, conns[i].fd = -1;
+        todo[todo_len++] = opt.conns - 1 - i; /* popped from the end: 0 first */
+    }
+    ep = epoll_create1(EPOLL_CLOEXEC);
+    if (ep < 0) die("epoll_create1: %s", strerror(errno));
+    int use_stdin = opt.expect_per_conn < 0;
+    if (use_stdin) {
+        struct epoll_event ev = {.events = EPOLLIN, .data.u64 = STDIN_TAG};
+        if (epoll_ctl(ep, EPOLL_CTL_ADD, 0, &ev) < 0) die("stdin must be a pipe (or use --expect-per-conn)");
+    }
+
+    int64_t start = now_ns(), ready_ns = 0, next_hb = 0;
+    int64_t hard_end = start + opt.max_seconds * 1000000000LL;
+    struct epoll_event evs[512];
+    for (;;) {
+        while (todo_len && inflight < opt.batch) start_connect(&conns[todo[--todo_len]]);
+        int64_t now = now_ns();
+        if (!ready_ns && nready == opt.conns) {
+            ready_ns = now;
+            struct rusage ru;
+            getrusage(RUSAGE_SELF, &ru);
+            printf("READY {\"conns\":%d,\"connect_ms\":%.1f,\"retries\":%d,\"cpu_s\":%.3f}\n",
+                   opt.conns, (double)(now - start) / 1e6, retries,
+                   cpu_s(&ru.ru_utime) + cpu_s(&ru.ru_stime));
+            fflush(stdout);
+            next_hb = now + opt.heartbeat_ms * 1000000LL;
+            if (!use_stdin) phase_arm(opt.expect_per_conn * opt.conns, opt.phase_timeout_ms);
+        }
+        if (!ready_ns && now - start > opt.connect_timeout_ms * 1000000LL)
+            die("only %d of %d connections ready after %lld ms", nready, opt.conns,
+                opt.connect_timeout_ms);
+        if (ph.armed && (ph.frames >= ph.expected || now >= ph.deadline_ns)) {
+            phase_report(now);
+            if (!use_stdin) quit(0);
+        }
+        if (now >= hard_end) {
+            fprintf(stderr, "wsblast: --max-seconds reached, exiting\n");
+            quit(3);
+        }
+        if (ready_ns && opt.heartbeat_ms > 0 && now >= next_hb) {
+            for (int i = 0; i < opt.conns; i++)
+                if (conns[i].st == C_OPEN) send_frame(&conns[i], 0x1, opt.hb_text, strlen(opt.hb_text));
+            next_hb = now + opt.heartbeat_ms * 1000000LL;
+        }
+
+        int64_t wake = hard_end;
+        if (!ready_ns) wake = now + 100000000LL; /* re-check connect progress every 100 ms */
+        if (ph.armed && ph.deadline_ns < wake) wake = ph.deadline_ns;
+        if (ready_ns && opt.heartbeat_ms > 0 && next_hb < wake) wake = next_hb;
+        int64_t wait_ms = wake > now ? (wake - now) / 1000000LL + 1 : 0;
+        int timeout = wait_ms > 1000000 ? 1000000 : (int)wait_ms;
+        int n = epoll_wait(ep, evs, 512, timeout);
+        if (n < 0 && errno != EINTR) die("epoll_wait: %s", strerror(errno));
+        for (int i = 0; i < n; i++) {
+            if (evs[i].data.u64 == STDIN_TAG) {
+                if (on_stdin()) quit(0);
+                continue;
+            }
+            conn_t *c = &conns[evs[i].data.u64];
+            if (c->st != C_IDLE && c->st != C_CLOSED) on_event(c, evs[i].events);
+        }
+    }
+}
