@@ -14,7 +14,7 @@ buffered events after it, so the client sees every event after ``as_of`` exactly
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -42,18 +42,43 @@ class Peer(Protocol):
 
 @dataclass(slots=True)
 class _Syncing:
-    # (event, decided): decided when the user's membership was known at delivery time.
-    buffer: list[tuple[Envelope, bool]] = field(default_factory=list)
+    # (event, verdict): True when the user's membership was known at delivery time, None
+    # when it is judged in ready() against the membership snapshot.
+    buffer: list[tuple[Envelope, bool | None]] = field(default_factory=list)
     overflow: bool = False
 
 
 @dataclass(slots=True)
 class _Workspace:
-    peers: dict[int, set[Peer]] = field(default_factory=dict)  # user -> peers
-    channel_users: dict[int, set[int]] = field(default_factory=dict)  # channel -> local users
+    # user -> attached peers (a list: usually one, and a list is a third of a set's size)
+    peers: dict[int, list[Peer]] = field(default_factory=dict)
     user_channels: dict[int, set[int]] = field(default_factory=dict)  # local user -> channels
+    # The delivery index: channel -> ready peers of its local members. Kept per peer (not
+    # per user) so delivering to a channel is one loop over one set.
+    channel_peers: dict[int, set[Peer]] = field(default_factory=dict)
+    ready: set[Peer] = field(default_factory=set)
     watchers: dict[int, set[Peer]] = field(default_factory=dict)  # user -> presence watchers
     syncing: dict[Peer, _Syncing] = field(default_factory=dict)
+
+    def join(self, uid: int, cid: int) -> None:
+        channels = self.user_channels.get(uid)
+        if channels is None:  # not tracked here (no ready peer yet): ready() decides
+            return
+        channels.add(cid)
+        for peer in self.peers.get(uid, ()):
+            if peer in self.ready:
+                self.channel_peers.setdefault(cid, set()).add(peer)
+
+    def leave(self, uid: int, cid: int) -> None:
+        channels = self.user_channels.get(uid)
+        if channels is None:
+            return
+        channels.discard(cid)
+        peers = self.channel_peers.get(cid)
+        if peers is not None:
+            peers.difference_update(self.peers.get(uid, ()))
+            if not peers:
+                del self.channel_peers[cid]
 
 
 def _identity(payload: bytes) -> bytes:
@@ -76,7 +101,7 @@ class Hub:
             ws = self._workspaces[workspace_id] = _Workspace()
             if self.on_first_peer:
                 self.on_first_peer(workspace_id)
-        ws.peers.setdefault(peer.user_id, set()).add(peer)
+        ws.peers.setdefault(peer.user_id, []).append(peer)
         ws.syncing[peer] = _Syncing()
 
     def ready(
@@ -103,14 +128,15 @@ class Hub:
             cid = env.channel_id
             if cid is not None and uid in env.joins:
                 channels.add(cid)
-            if decided or self._receives(env, uid, channels):
+            if decided if decided is not None else self._receives(env, uid, channels):
                 deliver.append(env)
             if cid is not None and uid in env.leaves:
                 channels.discard(cid)
         if uid not in ws.user_channels:
             ws.user_channels[uid] = channels
-            for cid in channels:
-                ws.channel_users.setdefault(cid, set()).add(uid)
+        ws.ready.add(peer)
+        for cid in ws.user_channels[uid]:
+            ws.channel_peers.setdefault(cid, set()).add(peer)
         if first is not None:
             peer.send(first, False)
         if sync.overflow:
@@ -124,22 +150,25 @@ class Hub:
         if ws is None:
             return
         ws.syncing.pop(peer, None)
-        peers = ws.peers.get(peer.user_id)
-        if peers is not None:
-            peers.discard(peer)
-            if not peers:
-                del ws.peers[peer.user_id]
-                for cid in ws.user_channels.pop(peer.user_id, ()):
-                    users = ws.channel_users.get(cid)
-                    if users is not None:
-                        users.discard(peer.user_id)
-                        if not users:
-                            del ws.channel_users[cid]
-        for uid in list(ws.watchers):
-            watchers = ws.watchers[uid]
+        ws.ready.discard(peer)
+        uid = peer.user_id
+        for cid in ws.user_channels.get(uid, ()):
+            peers = ws.channel_peers.get(cid)
+            if peers is not None:
+                peers.discard(peer)
+                if not peers:
+                    del ws.channel_peers[cid]
+        user_peers = ws.peers.get(uid)
+        if user_peers is not None and peer in user_peers:
+            user_peers.remove(peer)
+            if not user_peers:
+                del ws.peers[uid]
+                ws.user_channels.pop(uid, None)
+        for watched in list(ws.watchers):
+            watchers = ws.watchers[watched]
             watchers.discard(peer)
             if not watchers:
-                del ws.watchers[uid]
+                del ws.watchers[watched]
         if not ws.peers:
             del self._workspaces[workspace_id]
             if self.on_last_peer:
@@ -172,60 +201,60 @@ class Hub:
         """Bus subscriber: deliver each envelope to its local recipients, in order."""
         for env in envelopes:
             ws = self._workspaces.get(env.workspace_id)
-            if ws is None:
-                continue
-            self._deliver_one(ws, env)
+            if ws is not None:
+                self._deliver_one(ws, env)
 
     def _deliver_one(self, ws: _Workspace, env: Envelope) -> None:
         cid = env.channel_id
         if cid is not None:
             for uid in env.joins:
-                if uid in ws.peers and uid in ws.user_channels:
-                    ws.user_channels[uid].add(cid)
-                    ws.channel_users.setdefault(cid, set()).add(uid)
-        frame: bytes | None = None
-        for peer in self._recipients(ws, env):
-            sync = ws.syncing.get(peer)
-            if sync is not None:
-                if env.seq is not None:
-                    if len(sync.buffer) >= MAX_SYNC_BUFFER:
-                        sync.overflow = True
-                    else:
-                        sync.buffer.append((env, peer.user_id in ws.user_channels))
-                continue
-            if frame is None:
-                frame = self._framer(env.payload)
-            peer.send(frame, env.droppable)
+                ws.join(uid, cid)
+        targets: Collection[Peer] = ()
+        if env.everyone:
+            targets = ws.ready
+        elif cid is not None:
+            targets = ws.channel_peers.get(cid, ())
+        if env.user_ids or env.presence_of is not None:
+            extra = {p for uid in env.user_ids for p in ws.peers.get(uid, ()) if p in ws.ready}
+            if env.presence_of is not None:
+                extra.update(ws.watchers.get(env.presence_of, ()))
+            targets = extra.union(targets)
+        if targets:
+            # The hot loop: one frame, the same bytes to every peer.
+            frame = self._framer(env.payload)
+            droppable = env.droppable
+            excluded = env.exclude_user
+            if excluded is None:
+                for peer in targets:
+                    peer.send(frame, droppable)
+            else:
+                for peer in targets:
+                    if peer.user_id != excluded:
+                        peer.send(frame, droppable)
+        if ws.syncing and env.seq is not None:
+            self._buffer(ws, env)
         if cid is not None:
             for uid in env.leaves:
-                channels = ws.user_channels.get(uid)
-                if channels is not None:
-                    channels.discard(cid)
-                users = ws.channel_users.get(cid)
-                if users is not None:
-                    users.discard(uid)
-                    if not users:
-                        del ws.channel_users[cid]
+                ws.leave(uid, cid)
         if env.revoke_user is not None:
             for peer in list(ws.peers.get(env.revoke_user, ())):
                 if env.revoke_session is None or peer.session_id == env.revoke_session:
                     peer.revoke()
 
-    def _recipients(self, ws: _Workspace, env: Envelope) -> Iterable[Peer]:
-        if env.everyone:
-            users: Iterable[int] = list(ws.peers)
-        else:
-            users = set(env.user_ids)
-            if env.channel_id is not None:
-                users |= ws.channel_users.get(env.channel_id, set())
-                # Users whose membership is not loaded yet: buffered, judged in ready().
-                users |= {p.user_id for p in ws.syncing if p.user_id not in ws.user_channels}
-        for uid in users:
-            if uid == env.exclude_user:
-                continue
-            yield from list(ws.peers.get(uid, ()))
-        if env.presence_of is not None:
-            yield from list(ws.watchers.get(env.presence_of, ()))
+    def _buffer(self, ws: _Workspace, env: Envelope) -> None:
+        """Keep a durable event for peers between attach and ready. For users whose
+        membership is known here the verdict is taken now; for the others, in ready()."""
+        for peer, sync in ws.syncing.items():
+            channels = ws.user_channels.get(peer.user_id)
+            decided: bool | None = None
+            if channels is not None:
+                if not self._receives(env, peer.user_id, channels):
+                    continue
+                decided = True
+            if len(sync.buffer) >= MAX_SYNC_BUFFER:
+                sync.overflow = True
+            else:
+                sync.buffer.append((env, decided))
 
     @staticmethod
     def _receives(env: Envelope, uid: int, channels: set[int]) -> bool:
@@ -234,4 +263,4 @@ class Hub:
             return False
         if env.everyone or uid in env.user_ids:
             return True
-        return env.channel_id is not None and env.channel_id in channels
+        return env.channel_id is not None and (env.channel_id in channels or uid in env.leaves)

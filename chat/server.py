@@ -41,10 +41,13 @@ from chat.fanout import Hub
 from chat.handlers import Caller, Services, handle
 from chat.journal import Journal, now_ms
 from chat.live import Live
+from chat.metrics import TALLY
 from chat.session import Authenticate, Close, Dispatch, Send, Session
 from chat.storage import Database, open_database, queries, token_secret
 
 log = logging.getLogger(__name__)
+
+_OPEN = WsState.OPEN
 
 
 def text_frame(payload: bytes) -> bytes:
@@ -60,32 +63,46 @@ def text_frame(payload: bytes) -> bytes:
 class Peer:
     """One websocket connection, as the hub sees it once authenticated."""
 
-    __slots__ = ("_node", "closing", "session_id", "user_id", "workspace_id", "ws")
+    __slots__ = (
+        "_hard",
+        "_node",
+        "_protocol",
+        "_soft",
+        "_transport",
+        "closing",
+        "session_id",
+        "user_id",
+        "workspace_id",
+        "ws",
+    )
 
     def __init__(self, node: Node, ws: ServerConnection) -> None:
         self._node = node
         self.ws = ws
+        self._protocol = ws.protocol
+        self._transport = ws.transport
+        self._soft = node.settings.send_buffer_soft_bytes
+        self._hard = node.settings.send_buffer_hard_bytes
         self.user_id = 0
         self.workspace_id = 0
         self.session_id = ""
         self.closing = False
 
     def send(self, frame: bytes, droppable: bool) -> None:
-        if self.closing or self.ws.protocol.state is not WsState.OPEN:
+        # The per-recipient hot path of fan-out: keep it short.
+        if self.closing or self._protocol.state is not _OPEN:
             return
-        transport = self.ws.transport
-        buffered = transport.get_write_buffer_size()
-        settings = self._node.settings
-        if buffered > settings.send_buffer_soft_bytes:
+        transport = self._transport
+        if transport.get_write_buffer_size() > self._soft:
             if droppable:
-                metrics.TALLY.dropped += 1
+                TALLY.dropped += 1
                 return
-            if buffered > settings.send_buffer_hard_bytes:
+            if transport.get_write_buffer_size() > self._hard:
                 log.warning("slow consumer cut off", extra={"user_id": self.user_id})
                 self.close(CloseCode.TRY_AGAIN_LATER, "slow_consumer")
                 return
         transport.write(frame)
-        metrics.TALLY.frames_out += 1
+        TALLY.frames_out += 1
 
     def revoke(self) -> None:
         self.close(CloseCode.POLICY_VIOLATION, ErrorCode.TOKEN_REVOKED.value)
@@ -96,6 +113,29 @@ class Peer:
         self.closing = True
         metrics.CLOSES.labels(code=str(int(code))).inc()
         self._node.spawn(self.ws.close(code, reason))
+
+
+class Slots:
+    """A per-connection bound on requests in flight; a lighter asyncio.Semaphore (there is
+    one per connection, and most never wait)."""
+
+    __slots__ = ("_free", "_waiter")
+
+    def __init__(self, size: int) -> None:
+        self._free = size
+        self._waiter: asyncio.Future[None] | None = None
+
+    async def acquire(self) -> None:
+        while self._free <= 0:
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+        self._free -= 1
+
+    def release(self) -> None:
+        self._free += 1
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+        self._waiter = None
 
 
 @dataclass(slots=True)
@@ -225,6 +265,12 @@ class Node:
     # ------------------------------------------------------------------ connections
 
     async def _connection(self, ws: ServerConnection) -> None:
+        # websockets keeps the handshake request (also in its parser's frame) and response for
+        # the connection's lifetime; nothing reads their headers after the handshake, and
+        # they are ~2 KB a connection: empty them in place.
+        for handshake in (ws.request, ws.response):
+            if handshake is not None:
+                handshake.headers.clear()
         metrics.CONNECTIONS.inc()
         peer = Peer(self, ws)
         s = self.settings
@@ -235,31 +281,50 @@ class Node:
             disconnect_after=s.rate_limit_disconnect_after,
         )
         try:
-            ws.transport.write(text_frame(wire.dump(self._hello())))
-            try:
-                async with asyncio.timeout(s.auth_timeout_s):
-                    first = await ws.recv()
-            except TimeoutError:
-                peer.close(CloseCode.POLICY_VIOLATION, "auth_timeout")
+            if not await self._open(peer, session):
                 return
-            metrics.TALLY.frames_in += 1
-            verdict = session.receive(first, loop.time())
-            if isinstance(verdict, Send | Close):
-                await self._apply(peer, verdict)
-                return
-            if not isinstance(verdict, Authenticate):  # never: no dispatch before auth
-                raise AssertionError(verdict)
-            if not await self._authenticate(peer, session, verdict.request):
-                return
-            await self._serve(peer, session)
+            caller = Caller(peer.user_id, peer.workspace_id, peer.session_id, peer)
+            slots = Slots(s.max_inflight_requests)
+            async for message in ws:
+                TALLY.frames_in += 1
+                verdict = session.receive(message, loop.time())
+                if isinstance(verdict, Dispatch):
+                    # Bounded concurrency per connection: past the limit we stop reading,
+                    # and TCP pushes back on the client.
+                    await slots.acquire()
+                    self.spawn(self._request(peer, session, caller, verdict.request, slots))
+                elif isinstance(verdict, Send | Close):
+                    await self._apply(peer, verdict)
+                if peer.closing:
+                    return
         except ConnectionClosed:
             pass
         finally:
             metrics.CONNECTIONS.dec()
-            if session.state is not None and peer.workspace_id:
+            if peer.workspace_id:
                 self.services.hub.detach(peer.workspace_id, peer)
                 metrics.SESSIONS.dec()
                 await self.services.live.disconnected(peer.workspace_id, peer.user_id)
+
+    async def _open(self, peer: Peer, session: Session) -> bool:
+        """Hello, then the first frame must authenticate. True once the session is open.
+        (A function of its own so the auth frame and token are freed when it returns.)"""
+        ws = peer.ws
+        ws.transport.write(text_frame(wire.dump(self._hello())))
+        try:
+            async with asyncio.timeout(self.settings.auth_timeout_s):
+                first = await ws.recv()
+        except TimeoutError:
+            peer.close(CloseCode.POLICY_VIOLATION, "auth_timeout")
+            return False
+        TALLY.frames_in += 1
+        verdict = session.receive(first, asyncio.get_running_loop().time())
+        if isinstance(verdict, Send | Close):
+            await self._apply(peer, verdict)
+            return False
+        if not isinstance(verdict, Authenticate):  # never: no dispatch before auth
+            raise AssertionError(verdict)
+        return await self._authenticate(peer, session, verdict.request)
 
     def _hello(self) -> wire.Hello:
         s = self.settings
@@ -368,33 +433,13 @@ class Node:
         assert user is not None
         return Identity(user, ws["name"], session_id, token)
 
-    async def _serve(self, peer: Peer, session: Session) -> None:
-        s = self.settings
-        loop = asyncio.get_running_loop()
-        caller = Caller(peer.user_id, peer.workspace_id, peer.session_id, peer)
-        slots = asyncio.Semaphore(s.max_inflight_requests)
-        async for message in peer.ws:
-            metrics.TALLY.frames_in += 1
-            verdict = session.receive(message, loop.time())
-            if isinstance(verdict, Dispatch):
-                # Bounded concurrency per connection: past the limit we stop reading, and
-                # TCP pushes back on the client.
-                await slots.acquire()
-                self.spawn(self._request(peer, session, caller, verdict.request, slots))
-            elif isinstance(verdict, Send | Close):
-                await self._apply(peer, verdict)
-                if isinstance(verdict, Close):
-                    return
-            if peer.closing:
-                return
-
     async def _request(
         self,
         peer: Peer,
         session: Session,
         caller: Caller,
         request: wire.Request,
-        slots: asyncio.Semaphore,
+        slots: Slots,
     ) -> None:
         started = time.perf_counter()
         try:

@@ -82,19 +82,20 @@ class TokenBucket:
 
 
 class Session:
+    __slots__ = ("_bucket", "_refusals", "inflight", "state")
+
     def __init__(
         self,
         *,
         now: float,
         requests_per_10s: int = 50,
         disconnect_after: int = 20,
-        max_inflight: int = 32,
     ) -> None:
         self.state = State.AWAITING_AUTH
         self._bucket = TokenBucket(requests_per_10s, 10.0, now)
         self._refusals = TokenBucket(disconnect_after, 10.0, now)
-        self._max_inflight = max_inflight
-        self.inflight: set[str] = set()
+        # Request ids in flight (a dict: an empty one is a quarter of an empty set's size).
+        self.inflight: dict[str, None] = {}
 
     # ------------------------------------------------------------------ input
 
@@ -133,7 +134,7 @@ class Session:
             return self._refuse(request.id, ChatError(ErrorCode.ALREADY_AUTHENTICATED))
         if request.id in self.inflight:
             return self._refuse(request.id, ChatError(ErrorCode.DUPLICATE_REQUEST_ID))
-        self.inflight.add(request.id)
+        self.inflight[request.id] = None
         return Dispatch(request)
 
     def _refuse(self, request_id: str | None, exc: ChatError) -> Verdict:
@@ -149,19 +150,14 @@ class Session:
     def authenticated(self) -> None:
         self.state = State.OPEN
 
-    @property
-    def saturated(self) -> bool:
-        """True while the connection has as many requests in flight as it may."""
-        return len(self.inflight) >= self._max_inflight
-
     def reply(self, request_id: str, data: wire.Data) -> bytes:
-        self.inflight.discard(request_id)
+        self.inflight.pop(request_id, None)
         return wire.dump(wire.Reply(reply_to=request_id, data=data.model_dump(mode="json")))
 
     def fail(self, request_id: str | None, exc: BaseException) -> Send | Close:
         """The one place where exceptions become error frames and close codes."""
         if request_id is not None:
-            self.inflight.discard(request_id)
+            self.inflight.pop(request_id, None)
         if isinstance(exc, ProtocolViolation):
             self.state = State.CLOSED
             return Close(exc.close_code, exc.code.value, self._error(request_id, exc))
