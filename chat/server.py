@@ -69,7 +69,10 @@ class Peer:
         "_protocol",
         "_soft",
         "_transport",
+        "closer",
         "closing",
+        "requests",
+        "revoked",
         "session_id",
         "user_id",
         "workspace_id",
@@ -87,11 +90,23 @@ class Peer:
         self.workspace_id = 0
         self.session_id = ""
         self.closing = False
+        self.revoked = False
+        self.closer: asyncio.Task[object] | None = None
+        self.requests = Slots(node.settings.max_inflight_requests)
 
     def send(self, frame: bytes, droppable: bool) -> None:
         # The per-recipient hot path of fan-out: keep it short.
+        if self.closing or self.revoked or self._protocol.state is not _OPEN:
+            return
+        self._write(frame, droppable)
+
+    def reply(self, frame: bytes) -> None:
+        """A reply or error frame: still sent after revocation, to requests made before."""
         if self.closing or self._protocol.state is not _OPEN:
             return
+        self._write(frame, False)
+
+    def _write(self, frame: bytes, droppable: bool) -> None:
         transport = self._transport
         if transport.get_write_buffer_size() > self._soft:
             if droppable:
@@ -105,25 +120,33 @@ class Peer:
         TALLY.frames_out += 1
 
     def revoke(self) -> None:
-        self.close(CloseCode.POLICY_VIOLATION, ErrorCode.TOKEN_REVOKED.value)
+        """No more events; close once requests already in flight have their replies (the
+        revocation may be one of them)."""
+        self.revoked = True
+        if not self.requests.busy:
+            self.close(CloseCode.POLICY_VIOLATION, ErrorCode.TOKEN_REVOKED.value)
 
     def close(self, code: CloseCode, reason: str) -> None:
         if self.closing:
             return
         self.closing = True
         metrics.CLOSES.labels(code=str(int(code))).inc()
-        self._node.spawn(self.ws.close(code, reason))
+        self.closer = self._node.spawn(self.ws.close(code, reason))
 
 
 class Slots:
     """A per-connection bound on requests in flight; a lighter asyncio.Semaphore (there is
     one per connection, and most never wait)."""
 
-    __slots__ = ("_free", "_waiter")
+    __slots__ = ("_free", "_size", "_waiter")
 
     def __init__(self, size: int) -> None:
-        self._free = size
+        self._free = self._size = size
         self._waiter: asyncio.Future[None] | None = None
+
+    @property
+    def busy(self) -> bool:
+        return self._free < self._size
 
     async def acquire(self) -> None:
         while self._free <= 0:
@@ -232,10 +255,11 @@ class Node:
         self._server = None
         log.info("stopped")
 
-    def spawn(self, coro: Awaitable[object]) -> None:
+    def spawn(self, coro: Awaitable[object]) -> asyncio.Task[object]:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     # ------------------------------------------------------------------ HTTP probes
 
@@ -284,15 +308,14 @@ class Node:
             if not await self._open(peer, session):
                 return
             caller = Caller(peer.user_id, peer.workspace_id, peer.session_id, peer)
-            slots = Slots(s.max_inflight_requests)
             async for message in ws:
                 TALLY.frames_in += 1
                 verdict = session.receive(message, loop.time())
                 if isinstance(verdict, Dispatch):
                     # Bounded concurrency per connection: past the limit we stop reading,
                     # and TCP pushes back on the client.
-                    await slots.acquire()
-                    self.spawn(self._request(peer, session, caller, verdict.request, slots))
+                    await peer.requests.acquire()
+                    self.spawn(self._request(peer, session, caller, verdict.request))
                 elif isinstance(verdict, Send | Close):
                     await self._apply(peer, verdict)
                 if peer.closing:
@@ -300,6 +323,10 @@ class Node:
         except ConnectionClosed:
             pass
         finally:
+            if peer.closer is not None:
+                # Returning from the handler would close with 1000: finish our close first.
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(peer.closer)
             metrics.CONNECTIONS.dec()
             if peer.workspace_id:
                 self.services.hub.detach(peer.workspace_id, peer)
@@ -342,11 +369,11 @@ class Node:
     async def _apply(self, peer: Peer, verdict: Send | Close) -> None:
         if isinstance(verdict, Send):
             metrics.count_error(verdict.frame)
-            peer.send(text_frame(verdict.frame), False)
+            peer.reply(text_frame(verdict.frame))
             return
         if verdict.frame is not None:
             metrics.count_error(verdict.frame)
-            peer.send(text_frame(verdict.frame), False)
+            peer.reply(text_frame(verdict.frame))
         peer.close(verdict.code, verdict.reason)
 
     async def _authenticate(
@@ -439,7 +466,6 @@ class Node:
         session: Session,
         caller: Caller,
         request: wire.Request,
-        slots: Slots,
     ) -> None:
         started = time.perf_counter()
         try:
@@ -449,9 +475,11 @@ class Node:
         except Exception as exc:
             await self._apply(peer, session.fail(request.id, exc))
         else:
-            peer.send(text_frame(session.reply(request.id, data)), False)
+            peer.reply(text_frame(session.reply(request.id, data)))
         finally:
-            slots.release()
+            peer.requests.release()
+            if peer.revoked and not peer.requests.busy:
+                peer.revoke()
             metrics.REQUESTS.labels(type=request.type).observe(  # type: ignore[attr-defined]
                 time.perf_counter() - started
             )

@@ -308,8 +308,10 @@ class MessagesDelete(Request):
 
 
 class MessagesHistory(Request):
-    """Top-level messages of a channel by ``seq``: newest first ``before`` a position, oldest
-    first ``after`` one, or a window ``around`` one. No position: the latest page."""
+    """Top-level messages of a channel by ``seq``: the page just ``before`` a position, just
+    ``after`` one, or a window ``around`` one (including it); no position: the latest page.
+    Every page is in ascending ``seq`` order; ``has_more_before``/``has_more_after`` say
+    whether to keep walking."""
 
     type: Literal["messages.history"]
     channel_id: Id
