@@ -48,6 +48,7 @@ from chat.storage import Database, open_database, queries, token_secret
 log = logging.getLogger(__name__)
 
 _OPEN = WsState.OPEN
+_CLOSE_TIMEOUT_S = 2.0
 
 
 def text_frame(payload: bytes) -> bytes:
@@ -131,7 +132,15 @@ class Peer:
             return
         self.closing = True
         metrics.CLOSES.labels(code=str(int(code))).inc()
-        self.closer = self._node.spawn(self.ws.close(code, reason))
+        self.closer = self._node.spawn(self._close(code, reason))
+
+    async def _close(self, code: CloseCode, reason: str) -> None:
+        # websockets' close() first waits for the write buffer to drain, which a client that
+        # stopped reading never lets happen: bound it, then drop the connection.
+        try:
+            await asyncio.wait_for(self.ws.close(code, reason), _CLOSE_TIMEOUT_S)
+        except TimeoutError:
+            self._transport.abort()
 
 
 class Slots:
@@ -209,7 +218,7 @@ class Node:
             open_timeout=s.handshake_timeout_s,
             ping_interval=s.ping_interval_s,
             ping_timeout=s.ping_timeout_s,
-            close_timeout=2,
+            close_timeout=_CLOSE_TIMEOUT_S,
             origins=self._origins(),
             backlog=s.listen_backlog,
             server_header=f"chat/{__version__}",

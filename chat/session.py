@@ -107,11 +107,9 @@ class Session:
             if self._refusals.take(now):
                 self.state = State.CLOSED
                 return Close(CloseCode.POLICY_VIOLATION, ErrorCode.RATE_LIMITED.value)
-            return Send(
-                self._error(
-                    None, ChatError(ErrorCode.RATE_LIMITED, retry_after_ms=int(wait * 1000) + 1)
-                )
-            )
+            refusal = ChatError(ErrorCode.RATE_LIMITED, retry_after_ms=int(wait * 1000) + 1)
+            rid = _request_id(data) if isinstance(data, str) else None
+            return Send(self._error(rid, refusal))
         if isinstance(data, bytes):
             return self._refuse(
                 None,
@@ -194,7 +192,9 @@ def _validation_error(exc: pydantic.ValidationError) -> ChatError:
     errors = exc.errors(include_url=False, include_input=False)
     first = errors[0] if errors else {"type": "", "loc": (), "msg": ""}
     kind = first["type"]
-    if kind == "json_invalid" or (kind == "model_attributes_type" and not first["loc"]):
+    if kind == "json_invalid" or (
+        kind in ("dict_type", "model_attributes_type") and not first["loc"]
+    ):
         return ChatError(ErrorCode.INVALID_JSON, "the frame is not a JSON object")
     if kind == "union_tag_invalid":
         return ChatError(ErrorCode.UNKNOWN_TYPE, "unknown frame type")

@@ -1,0 +1,165 @@
+"""A client that stops reading must not stall anyone else: it is cut off (1013) instead.
+
+The stalled client is a raw socket with a tiny receive buffer that does the websocket
+handshake and authenticates by hand, then never reads again; its kernel buffers fill up, the
+server's write buffer for it grows past the hard mark, and the server closes it. Meanwhile a
+healthy client receives every message, in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import os
+import socket
+import struct
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from chat import metrics
+from tests.harness import RunningNode, running_node
+from tests.timing import scaled
+
+N_MESSAGES = 400
+TEXT = "slow consumers must not stall the others " * 25  # ~1 KB
+
+
+def masked_text_frame(payload: bytes) -> bytes:
+    """A client (masked) websocket text frame."""
+    n = len(payload)
+    if n < 126:
+        head = bytes((0x81, 0x80 | n))
+    elif n < 65536:
+        head = struct.pack("!BBH", 0x81, 0x80 | 126, n)
+    else:
+        head = struct.pack("!BBQ", 0x81, 0x80 | 127, n)
+    mask = os.urandom(4)
+    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+@contextlib.asynccontextmanager
+async def stalled_client(node: RunningNode, handle: str) -> AsyncIterator[socket.socket]:
+    """An authenticated websocket connection that reads nothing after the handshake."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await loop.sock_connect(sock, ("127.0.0.1", node.node.port))
+        key = base64.b64encode(os.urandom(16)).decode()
+        request = (
+            "GET / HTTP/1.1\r\n"
+            f"Host: 127.0.0.1:{node.node.port}\r\n"
+            "Upgrade: websocket\r\n"
+            "Connection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\n"
+            "Sec-WebSocket-Version: 13\r\n"
+            "\r\n"
+        )
+        await loop.sock_sendall(sock, request.encode())
+        response = b""
+        async with asyncio.timeout(scaled(5)):
+            while b"\r\n\r\n" not in response:
+                chunk = await loop.sock_recv(sock, 1024)
+                assert chunk, "server closed during the handshake"
+                response += chunk
+        assert response.startswith(b"HTTP/1.1 101"), response
+        auth = json.dumps({"type": "auth", "id": "1", "token": node.tokens[handle]})
+        await loop.sock_sendall(sock, masked_text_frame(auth.encode()))
+        yield sock
+    finally:
+        sock.close()
+
+
+def shrink_server_send_buffers(node: RunningNode, size: int) -> None:
+    """Give the node's sockets a fixed, small kernel send buffer (accepted sockets inherit
+    it from the listening socket). Otherwise Linux autotunes it up to tcp_wmem's maximum
+    (4 MiB here, more elsewhere), and the kernel, not the server, would absorb the backlog."""
+    server = node.node._server
+    assert server is not None
+    for listener in server.sockets:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+
+
+async def read_until_closed(sock: socket.socket) -> None:
+    """Drain the socket until the server's side is gone (EOF or reset)."""
+    loop = asyncio.get_running_loop()
+    async with asyncio.timeout(scaled(10)):
+        while True:
+            try:
+                chunk = await loop.sock_recv(sock, 65536)
+            except (ConnectionResetError, BrokenPipeError):
+                return
+            if not chunk:
+                return
+
+
+def closes_1013() -> float:
+    return metrics.REGISTRY.get_sample_value("chat_closes_total", {"code": "1013"}) or 0.0
+
+
+async def wait_for_peers(node: RunningNode, count: int, timeout: float) -> None:
+    hub = node.node.services.hub
+    async with asyncio.timeout(scaled(timeout)):
+        while hub.peer_count() != count:  # noqa: ASYNC110 - the hub has no event to wait on
+            await asyncio.sleep(0.01)
+
+
+async def test_stalled_reader_is_cut_off_and_others_get_everything(tmp_path: Path) -> None:
+    async with running_node(
+        sqlite_path=str(tmp_path / "slow.db"),
+        send_buffer_soft_bytes=64 * 1024,
+        send_buffer_hard_bytes=256 * 1024,
+        rate_limit_per_10s=100_000,
+    ) as node:
+        hub = node.node.services.hub
+        shrink_server_send_buffers(node, 16 * 1024)
+        cut_before = closes_1013()
+        async with stalled_client(node, "max") as stalled:
+            await wait_for_peers(node, 1, timeout=5)
+            async with node.clients("olivia", "mia") as (olivia, mia):
+                assert hub.peer_count() == 3
+                started = asyncio.get_running_loop().time()
+                replies = []
+                for start in range(0, N_MESSAGES, 25):
+                    replies += await asyncio.gather(
+                        *(
+                            olivia.request(
+                                "messages.post",
+                                channel_id=node.general,
+                                client_msg_id=f"m{i}",
+                                text=f"{i} {TEXT}",
+                                timeout=scaled(20),
+                            )
+                            for i in range(start, min(start + 25, N_MESSAGES))
+                        )
+                    )
+                expected = [
+                    r["message"]["id"] for r in sorted(replies, key=lambda r: r["message"]["seq"])
+                ]
+                assert len(set(expected)) == N_MESSAGES
+
+                received: list[int] = []
+                seqs: list[int] = []
+                async with asyncio.timeout(scaled(30)):
+                    while len(received) < N_MESSAGES:
+                        event = await mia.next_event("message.posted", timeout=scaled(10))
+                        if event["message"]["channel_id"] == node.general:
+                            received.append(event["message"]["id"])
+                            seqs.append(event["seq"])
+                assert received == expected
+                assert seqs == sorted(seqs)
+                assert len(set(seqs)) == len(seqs)
+
+                # The stalled connection was cut off with 1013 ...
+                assert closes_1013() >= cut_before + 1
+                # ... and is gone from the hub, while the healthy ones stay.
+                await wait_for_peers(node, 2, timeout=6)
+                elapsed = asyncio.get_running_loop().time() - started
+                assert elapsed < scaled(30)
+                pong = await mia.request("ping")
+                assert pong["server_time"] > 0
+            # Reading now, the stalled client finds the server gone.
+            await read_until_closed(stalled)
