@@ -85,6 +85,22 @@ def _identity(payload: bytes) -> bytes:
     return payload
 
 
+def _plain(env: Envelope) -> bool:
+    """A durable event for a channel's members and nobody else, changing nothing."""
+    return (
+        env.channel_id is not None
+        and env.seq is not None
+        and not env.everyone
+        and not env.user_ids
+        and not env.joins
+        and not env.leaves
+        and env.presence_of is None
+        and env.exclude_user is None
+        and env.revoke_user is None
+        and not env.droppable
+    )
+
+
 class Hub:
     def __init__(self, framer: Callable[[bytes], bytes] = _identity) -> None:
         self._framer = framer
@@ -198,11 +214,43 @@ class Hub:
     # ------------------------------------------------------------------ delivery
 
     def deliver(self, envelopes: Sequence[Envelope]) -> None:
-        """Bus subscriber: deliver each envelope to its local recipients, in order."""
-        for env in envelopes:
+        """Bus subscriber: deliver each envelope to its local recipients, in order.
+
+        Consecutive plain channel events for the same channel (a burst of messages, which
+        the journal commits together) go out as one write per recipient: the frames are
+        joined once and each connection gets one ``write`` (one syscall) for the run.
+        """
+        i, n = 0, len(envelopes)
+        while i < n:
+            env = envelopes[i]
             ws = self._workspaces.get(env.workspace_id)
+            j = i + 1
+            if _plain(env):
+                while (
+                    j < n
+                    and _plain(envelopes[j])
+                    and envelopes[j].channel_id == env.channel_id
+                    and envelopes[j].workspace_id == env.workspace_id
+                ):
+                    j += 1
             if ws is not None:
-                self._deliver_one(ws, env)
+                if j - i > 1:
+                    self._deliver_run(ws, envelopes[i:j])
+                else:
+                    self._deliver_one(ws, env)
+            i = j
+
+    def _deliver_run(self, ws: _Workspace, run: Sequence[Envelope]) -> None:
+        assert run[0].channel_id is not None
+        targets = ws.channel_peers.get(run[0].channel_id, ())
+        if targets:
+            framer = self._framer
+            frames = b"".join([framer(env.payload) for env in run])
+            for peer in targets:
+                peer.send(frames, False)
+        if ws.syncing:
+            for env in run:
+                self._buffer(ws, env)
 
     def _deliver_one(self, ws: _Workspace, env: Envelope) -> None:
         cid = env.channel_id

@@ -35,7 +35,15 @@ class FakePeer:
 
     @property
     def frames(self) -> list[bytes]:
-        return [f for f, _ in self.sent]
+        """Frames received, in order. The hub may hand over several frames in one write
+        (a run of events for one channel); split them back at the framer's brackets."""
+        out: list[bytes] = []
+        for write, _ in self.sent:
+            if write.startswith(b"<") and write.endswith(b">"):
+                out += [b"<" + part + b">" for part in write[1:-1].split(b"><")]
+            else:
+                out.append(write)
+        return out
 
     def __repr__(self) -> str:
         return f"FakePeer({self.user_id}, {self.session_id!r})"
@@ -470,3 +478,34 @@ def test_membership_of_a_user_is_forgotten_with_its_last_peer(hub: Hub) -> None:
     connect(hub, a2, [Y])
     hub.deliver([env(1, "x", channel_id=X), env(2, "y", channel_id=Y)])
     assert a2.frames == framed("y")
+
+
+def test_a_run_of_channel_events_is_one_write_per_peer(hub: Hub, framer: CountingFramer) -> None:
+    a, b = FakePeer(ALICE), FakePeer(BOB)
+    connect(hub, a, [X])
+    connect(hub, b, [X])
+    hub.deliver(
+        [env(1, "m1", channel_id=X), env(2, "m2", channel_id=X), env(3, "m3", channel_id=X)]
+    )
+    assert len(a.sent) == len(b.sent) == 1
+    assert a.sent[0][0] is b.sent[0][0]  # one joined bytes object for everyone
+    assert a.frames == framed("m1", "m2", "m3")
+    assert len(framer.calls) == 3  # each payload framed once
+
+
+def test_a_run_stops_at_an_event_that_changes_membership(hub: Hub) -> None:
+    a, b = FakePeer(ALICE), FakePeer(BOB)
+    connect(hub, a, [X])
+    connect(hub, b, [])
+    hub.deliver(
+        [
+            env(1, "m1", channel_id=X),
+            env(2, "bob-joins", channel_id=X, joins=(BOB,)),
+            env(3, "m2", channel_id=X),
+            env(4, "m3", channel_id=X),
+            env(5, "other", channel_id=Y),
+        ]
+    )
+    assert a.frames == framed("m1", "bob-joins", "m2", "m3")
+    assert b.frames == framed("bob-joins", "m2", "m3")
+    assert len(b.sent) == 2  # the join alone, then the run m2+m3
