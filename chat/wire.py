@@ -437,6 +437,26 @@ def frame_types(union: Any) -> dict[str, type[Frame]]:
 # --------------------------------------------------------------------------- reply data
 
 
+_MESSAGE_EXAMPLE: dict[str, Any] = {
+    "id": 40,
+    "channel_id": 4,
+    "seq": 119,
+    "user_id": 2,
+    "client_msg_id": "9b2f0c1e",
+    "text": "hello @grace",
+    "ts": 1764348000000,
+    "thread_root_id": None,
+    "reply_count": 0,
+    "latest_reply_ts": None,
+    "edited_ts": None,
+    "deleted": False,
+    "mentions": [3],
+    "mention_channel": False,
+    "mention_here": False,
+    "reactions": [{"emoji": "tada", "count": 1, "user_ids": [3]}],
+}
+
+
 class Data(Obj):
     """Base of the ``data`` of a ``reply``."""
 
@@ -456,7 +476,26 @@ class SessionInfo(Data):
     session_id: str
     seq: int
     token: str | None = None
-    presence_interval_ms: int = 0
+    examples = [
+        {
+            "user": {
+                "id": 2,
+                "workspace_id": 1,
+                "handle": "ada",
+                "display_name": "Ada",
+                "real_name": "Ada Lovelace",
+                "avatar_url": "",
+                "tz": "Europe/London",
+                "role": "member",
+                "deactivated": False,
+            },
+            "workspace_id": 1,
+            "workspace_name": "acme",
+            "session_id": "s_8f2aQm1x",
+            "seq": 500,
+            "token": None,
+        }
+    ]
 
 
 class Pong(Data):
@@ -503,12 +542,14 @@ class PostResult(Data):
 
     message: Message
     duplicate: bool
+    examples = [{"message": _MESSAGE_EXAMPLE, "duplicate": False}]
 
 
 class History(Data):
     messages: list[Message]
     has_more_before: bool
     has_more_after: bool
+    examples = [{"messages": [_MESSAGE_EXAMPLE], "has_more_before": True, "has_more_after": False}]
 
 
 class ReactionData(Data):
@@ -617,7 +658,7 @@ class Goodbye(Frame):
     """Sent before the server closes a connection it would like to see back later."""
 
     type: Literal["goodbye"] = "goodbye"
-    reason: str
+    reason: Literal["service_restart"]
     reconnect_after_ms: int = 0
     examples = [{"type": "goodbye", "reason": "service_restart", "reconnect_after_ms": 1000}]
 
