@@ -44,7 +44,11 @@ class Admin:
     @classmethod
     async def open(cls, settings: Settings) -> Admin:
         db = await open_database(settings.database_url, settings.sqlite_path)
-        secret = await token_secret(db, settings.secret_key)
+        try:
+            secret = await token_secret(db, settings.secret_key)
+        except BaseException:
+            await db.close()
+            raise
         return cls(settings.model_copy(update={"secret_key": secret}), db)
 
     async def close(self) -> None:

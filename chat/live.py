@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from typing import Literal
+from typing import Any, Literal
 
 from chat import wire
 from chat.bus import Bus, Envelope
@@ -80,19 +80,7 @@ class Live:
             user_id=user_id,
             thread_root_id=thread_root_id,
         )
-        await self._bus.publish(
-            [
-                Envelope(
-                    workspace_id=workspace_id,
-                    seq=None,
-                    type=event.type,
-                    payload=wire.dump(event),
-                    channel_id=channel_id,
-                    exclude_user=user_id,
-                    droppable=True,
-                )
-            ]
-        )
+        await self._publish(event, channel_id=channel_id, exclude_user=user_id)
         return True
 
     async def _changed(self, workspace_id: int, user_id: int, before: Status) -> None:
@@ -102,15 +90,15 @@ class Live:
         event = wire.PresenceEvent(
             workspace_id=workspace_id, ts=now_ms(), user_id=user_id, status=after
         )
-        await self._bus.publish(
-            [
-                Envelope(
-                    workspace_id=workspace_id,
-                    seq=None,
-                    type=event.type,
-                    payload=wire.dump(event),
-                    presence_of=user_id,
-                    droppable=True,
-                )
-            ]
+        await self._publish(event, presence_of=user_id)
+
+    async def _publish(self, event: wire.Ephemeral, **audience: Any) -> None:
+        envelope = Envelope(
+            workspace_id=event.workspace_id,
+            seq=None,
+            type=event.type,  # type: ignore[attr-defined]
+            payload=wire.dump(event),
+            droppable=True,
+            **audience,
         )
+        await self._bus.publish([envelope])

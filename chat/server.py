@@ -197,6 +197,13 @@ class Node:
 
     async def start(self) -> None:
         db = self._db or await open_database(self.settings.database_url, self.settings.sqlite_path)
+        try:
+            await self._start(db)
+        except BaseException:
+            await db.close()  # an open aiosqlite connection would keep the process alive
+            raise
+
+    async def _start(self, db: Database) -> None:
         secret = await token_secret(db, self.settings.secret_key)
         self.settings = s = self.settings.model_copy(update={"secret_key": secret})
         bus = self._bus or LocalBus()

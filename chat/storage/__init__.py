@@ -2,7 +2,7 @@
 
 ``base.py`` is the interface (Database, Connection, errors); ``postgres.py`` and ``sqlite.py``
 implement it; ``queries.py`` holds every query as a named function; ``migrate.py`` applies
-``migrations/<dialect>/*.sql``. Handlers call query functions, never SQL.
+``migrations/*.sql``. Handlers call query functions, never SQL.
 """
 
 from __future__ import annotations
@@ -24,7 +24,12 @@ async def open_database(database_url: str, sqlite_path: str) -> Database:
         from chat.storage.sqlite import SqliteDatabase
 
         db = await SqliteDatabase.connect(sqlite_path)
-    await migrate(db)
+    try:
+        await migrate(db)
+    except BaseException:
+        # An open aiosqlite connection keeps a non-daemon thread that would hang the exit.
+        await db.close()
+        raise
     return db
 
 

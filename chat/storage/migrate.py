@@ -1,7 +1,9 @@
-"""Versioned schema migrations: ``migrations/<dialect>/NNNN_name.sql``, applied in order, once.
+"""Versioned schema migrations: ``migrations/NNNN_name.sql``, applied in order, once.
 
-Each file runs in its own transaction and is recorded in ``schema_migrations``. On PostgreSQL an
-advisory lock makes concurrent starts (several nodes) apply each file exactly once.
+One schema for both stores, written for PostgreSQL; for SQLite the few DDL differences are
+translated (:func:`sqlite_ddl`). Each file runs in its own transaction and is recorded in
+``schema_migrations``. On PostgreSQL an advisory lock makes concurrent starts (several nodes)
+apply each file exactly once.
 """
 
 from __future__ import annotations
@@ -14,11 +16,19 @@ from chat.storage.base import Database
 _LOCK_ID = 7_300_417_001  # any constant; identifies "chat schema migration" among advisory locks
 
 
+def sqlite_ddl(sql: str) -> str:
+    """PostgreSQL DDL -> SQLite, for what our migrations use."""
+    return sql.replace(
+        "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY", "INTEGER PRIMARY KEY AUTOINCREMENT"
+    )
+
+
 def migration_files(dialect: str) -> list[tuple[str, str]]:
     """(version, sql) pairs for the dialect, in order."""
-    folder = resources.files("chat.storage") / "migrations" / dialect
+    folder = resources.files("chat.storage") / "migrations"
     files = sorted((f for f in folder.iterdir() if f.name.endswith(".sql")), key=lambda f: f.name)
-    return [(f.name.removesuffix(".sql"), f.read_text(encoding="utf-8")) for f in files]
+    out = [(f.name.removesuffix(".sql"), f.read_text(encoding="utf-8")) for f in files]
+    return [(v, sqlite_ddl(sql)) for v, sql in out] if dialect == "sqlite" else out
 
 
 def split_statements(sql: str) -> list[str]:
