@@ -46,7 +46,7 @@ class Settings(BaseSettings):
     # Browsers must send an allowed Origin; clients that send none (apps, scripts) are accepted.
     allowed_origins: list[str] = []
     # Slow consumers: past the soft mark, typing/presence are dropped; past the hard mark,
-    # the connection is closed (1013) rather than letting its buffer grow without bound.
+    # the connection is closed (4001: reconnect and resume) rather than letting its buffer grow without bound.
     send_buffer_soft_bytes: int = 256 * 1024
     send_buffer_hard_bytes: int = 2 * 1024 * 1024
     listen_backlog: int = 4096

@@ -89,9 +89,13 @@ class CloseCode(IntEnum):
     INTERNAL_ERROR = 1011
     SERVICE_RESTART = 1012
     TRY_AGAIN_LATER = 1013
+    # Application codes: reconnect, then resume.
+    HEARTBEAT_TIMEOUT = 4000
+    SLOW_CONSUMER = 4001
 
 
-# code -> (when, reconnect?)
+# code -> (when, reconnect?). Resume (auth with ``resume``) is always worth trying on
+# reconnect; the server says if it cannot.
 CLOSE_DESCRIPTIONS: dict[CloseCode, tuple[str, bool]] = {
     CloseCode.NORMAL_CLOSURE: ("The client asked to close.", False),
     CloseCode.GOING_AWAY: ("The peer is going away.", True),
@@ -106,9 +110,18 @@ CLOSE_DESCRIPTIONS: dict[CloseCode, tuple[str, bool]] = {
     ),
     CloseCode.MESSAGE_TOO_BIG: ("A frame exceeded the maximum frame size.", True),
     CloseCode.INTERNAL_ERROR: ("An unexpected server error; no details are given.", True),
-    CloseCode.SERVICE_RESTART: ("The node is shutting down or restarting.", True),
-    CloseCode.TRY_AGAIN_LATER: (
-        "The connection could not keep up (send queue full) or the server is overloaded.",
+    CloseCode.SERVICE_RESTART: (
+        "The node is draining (deploy, restart); a `goodbye` came first. Reconnect after its "
+        "`reconnect_after_ms` plus jitter, to any node, and resume.",
+        True,
+    ),
+    CloseCode.TRY_AGAIN_LATER: ("The server is overloaded; back off, then resume.", True),
+    CloseCode.HEARTBEAT_TIMEOUT: (
+        "No frame from the client for two heartbeat intervals; reconnect and resume.",
+        True,
+    ),
+    CloseCode.SLOW_CONSUMER: (
+        "The client did not read fast enough and its send queue filled; reconnect and resume.",
         True,
     ),
 }

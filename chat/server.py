@@ -115,7 +115,7 @@ class Peer:
                 return
             if transport.get_write_buffer_size() > self._hard:
                 log.warning("slow consumer cut off", extra={"user_id": self.user_id})
-                self.close(CloseCode.TRY_AGAIN_LATER, "slow_consumer")
+                self.close(CloseCode.SLOW_CONSUMER, "slow_consumer")
                 return
         transport.write(frame)
         TALLY.frames_out += 1

@@ -117,12 +117,31 @@ class Request(Frame):
     id: RequestId
 
 
+class Resume(Obj):
+    """Where a reconnecting client left off: its session and the last ``seq`` it saw."""
+
+    session_id: Annotated[str, Field(min_length=1, max_length=64)]
+    seq: Annotated[int, Field(ge=0)]
+
+
 class Auth(Request):
-    """First frame on a connection: authenticate with a token (never in the URL)."""
+    """First frame on a connection: authenticate with a token (never in the URL). With
+    ``resume``, the server replays every event after ``resume.seq`` that the user may see, in
+    order, then sends ``resumed``; or, if it cannot, says why in the reply's ``resume_error``
+    and the client must bootstrap afresh."""
 
     type: Literal["auth"]
     token: Annotated[str, Field(max_length=4096)]
-    examples = [{"type": "auth", "id": "1", "token": "eyJhbGciOiJIUzI1NiJ9.e30.sig"}]
+    resume: Resume | None = None
+    examples = [
+        {"type": "auth", "id": "1", "token": "eyJhbGciOiJIUzI1NiJ9.e30.sig"},
+        {
+            "type": "auth",
+            "id": "1",
+            "token": "eyJhbGciOiJIUzI1NiJ9.e30.sig",
+            "resume": {"session_id": "s_8f2aQm1x", "seq": 480},
+        },
+    ]
 
 
 class Login(Request):
@@ -467,8 +486,18 @@ class Empty(Data):
     examples = [{}]
 
 
+ResumeError = Literal["session_mismatch", "too_old", "future_seq"]
+
+
 class SessionInfo(Data):
-    """Reply to ``auth``/``login``: who you are and where the workspace's event stream is."""
+    """Reply to ``auth``/``login``: who you are and where the workspace's event stream is.
+
+    ``seq`` is the workspace position the reply reflects: without ``resume``, state fetched
+    after this reply is at least this new, and events follow from here. With ``resume``:
+    ``resumed`` true means the missed events follow this reply, then a ``resumed`` frame;
+    false means ``resume_error`` says why (``session_mismatch``: not this token's session;
+    ``too_old``: outside the replay window; ``future_seq``: a position this workspace has not
+    reached), and the client must reload its state."""
 
     user: User
     workspace_id: int
@@ -476,6 +505,8 @@ class SessionInfo(Data):
     session_id: str
     seq: int
     token: str | None = None
+    resumed: bool = False
+    resume_error: ResumeError | None = None
     examples = [
         {
             "user": {
@@ -494,6 +525,8 @@ class SessionInfo(Data):
             "session_id": "s_8f2aQm1x",
             "seq": 500,
             "token": None,
+            "resumed": False,
+            "resume_error": None,
         }
     ]
 
@@ -655,12 +688,22 @@ class Error(Frame):
 
 
 class Goodbye(Frame):
-    """Sent before the server closes a connection it would like to see back later."""
+    """Sent before the server closes a connection it would like to see back: reconnect (to
+    any node) after ``reconnect_after_ms`` plus jitter, and resume."""
 
     type: Literal["goodbye"] = "goodbye"
-    reason: Literal["service_restart"]
+    reason: Literal["service_restart", "too_slow"]
     reconnect_after_ms: int = 0
     examples = [{"type": "goodbye", "reason": "service_restart", "reconnect_after_ms": 1000}]
+
+
+class Resumed(Frame):
+    """After a resume: every missed event has been sent; ``seq`` is the position now."""
+
+    type: Literal["resumed"] = "resumed"
+    seq: int
+    replayed: int
+    examples = [{"type": "resumed", "seq": 512, "replayed": 32}]
 
 
 class Event(Frame):
@@ -888,6 +931,7 @@ ServerFrame = Annotated[
     | Reply
     | Error
     | Goodbye
+    | Resumed
     | MessagePosted
     | MessageEdited
     | MessageDeleted
