@@ -46,11 +46,19 @@ class Settings(BaseSettings):
     # Browsers must send an allowed Origin; clients that send none (apps, scripts) are accepted.
     allowed_origins: list[str] = []
     # Slow consumers: past the soft mark, typing/presence are dropped; past the hard mark,
-    # the connection is closed (4001: reconnect and resume) rather than letting its buffer grow without bound.
+    # the connection is closed (4001: reconnect and resume) instead of growing its buffer.
     send_buffer_soft_bytes: int = 256 * 1024
     send_buffer_hard_bytes: int = 2 * 1024 * 1024
     listen_backlog: int = 4096
 
+    # Replay window for resume: events are kept while they are among the last
+    # replay_max_events of their workspace OR younger than replay_window_s (both minimums).
+    replay_window_s: float = 900.0
+    replay_max_events: int = 10_000
+
+    # Drain: on SIGTERM, connections are closed over this period (not all at once), each
+    # told to come back after a random delay, so a deploy does not cause a reconnect storm.
+    drain_period_s: float = 5.0
     shutdown_grace_s: float = 5.0
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "text"] = "json"

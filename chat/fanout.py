@@ -129,7 +129,7 @@ class Hub:
         first: bytes | None = None,
     ) -> bool:
         """Apply the user's channel list as of workspace position ``as_of``, send ``first``
-        (the auth reply), then the buffered events after ``as_of``. False if the buffer
+        (if given), then the buffered events after ``as_of``. False if the buffer
         overflowed (the caller should close the connection)."""
         ws = self._workspaces[workspace_id]
         sync = ws.syncing.pop(peer)
@@ -312,3 +312,28 @@ class Hub:
         if env.everyone or uid in env.user_ids:
             return True
         return env.channel_id is not None and (env.channel_id in channels or uid in env.leaves)
+
+
+def visible_backlog(
+    user_id: int, channels_now: Iterable[int], events: Sequence[Envelope]
+) -> list[Envelope]:
+    """The events of a replay that ``user_id`` may see, judged with the membership the user had
+    at each event. ``channels_now`` is the membership after the last event; walking the events
+    backwards undoes their joins and leaves to find the membership before the first."""
+    channels = set(channels_now)
+    for env in reversed(events):
+        if env.channel_id is not None:
+            if user_id in env.leaves:
+                channels.add(env.channel_id)
+            if user_id in env.joins:
+                channels.discard(env.channel_id)
+    visible = []
+    for env in events:
+        cid = env.channel_id
+        if cid is not None and user_id in env.joins:
+            channels.add(cid)
+        if Hub._receives(env, user_id, channels):
+            visible.append(env)
+        if cid is not None and user_id in env.leaves:
+            channels.discard(cid)
+    return visible

@@ -146,7 +146,7 @@ class Journal:
                     await queries.insert_events(
                         conn,
                         [
-                            (workspace_id, e.seq or 0, e.type, e.audience, e.payload.decode(), now)
+                            (workspace_id, e.seq or 0, e.type, e.header(), e.payload.decode(), now)
                             for e in envelopes
                         ],
                     )

@@ -16,6 +16,9 @@ ERRORS = Counter("chat_errors_total", "Error frames sent, by code", ["code"], re
 CLOSES = Counter(
     "chat_closes_total", "Connections closed by the server, by code", ["code"], registry=REGISTRY
 )
+RESUMES = Counter(
+    "chat_resumes_total", "Resume attempts, by outcome", ["outcome"], registry=REGISTRY
+)
 REQUESTS = Histogram(
     "chat_request_seconds",
     "Request handling time, by type",

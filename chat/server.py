@@ -22,7 +22,7 @@ import logging
 import signal
 import struct
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -34,14 +34,15 @@ from websockets.typing import Origin
 
 from chat import __version__, metrics, wire
 from chat.auth import issue_token, new_session_id, verify_password, verify_token
-from chat.bus import Bus, LocalBus
+from chat.bus import Bus, Envelope, LocalBus
 from chat.config import Settings
 from chat.errors import ChatError, CloseCode, ErrorCode, ProtocolViolation
-from chat.fanout import Hub
+from chat.fanout import Hub, visible_backlog
 from chat.handlers import Caller, Services, handle
 from chat.journal import Journal, now_ms
 from chat.live import Live
 from chat.metrics import TALLY
+from chat.replay import DatabaseLog, ReplayLog
 from chat.session import Authenticate, Close, Dispatch, Send, Session
 from chat.storage import Database, open_database, queries, token_secret
 
@@ -213,6 +214,7 @@ class Node:
         journal = Journal(db, bus, on_commit=metrics.observe_commit)
         live = Live(bus, s.typing_interval_s)
         self.services = Services(settings=s, db=db, journal=journal, hub=hub, live=live)
+        self.replay: ReplayLog = DatabaseLog(db, s.replay_window_s, s.replay_max_events)
         self._bus = bus
         self._server = await serve(
             self._connection,
@@ -416,28 +418,79 @@ class Node:
             identity.session_id,
         )
         hub = self.services.hub
-        hub.attach(user.workspace_id, peer)
+        hub.attach(user.workspace_id, peer)  # events from here on are buffered for the peer
         metrics.SESSIONS.inc()
         async with self.services.db.connection() as conn:
             as_of, channel_ids = await queries.membership_snapshot(conn, user.workspace_id, user.id)
+        backlog: list[Envelope] = []
+        resume_error: wire.ResumeError | None = None
+        resume = request.resume if isinstance(request, wire.Auth) else None
+        if resume is not None:
+            if resume.session_id != identity.session_id:
+                resume_error = "session_mismatch"
+            elif resume.seq > as_of:
+                resume_error = "future_seq"
+            else:
+                missed = await self.replay.replay(user.workspace_id, resume.seq, as_of)
+                if missed is None:
+                    resume_error = "too_old"
+                else:
+                    backlog = visible_backlog(user.id, channel_ids, missed)
         session.authenticated()
-        reply = session.reply(
-            request.id,
-            wire.SessionInfo(
-                user=user,
-                workspace_id=user.workspace_id,
-                workspace_name=identity.workspace_name,
-                session_id=identity.session_id,
-                seq=as_of,
-                token=identity.token,
-            ),
+        peer.reply(
+            text_frame(
+                session.reply(
+                    request.id,
+                    wire.SessionInfo(
+                        user=user,
+                        workspace_id=user.workspace_id,
+                        workspace_name=identity.workspace_name,
+                        session_id=identity.session_id,
+                        seq=as_of,
+                        token=identity.token,
+                        resumed=resume is not None and resume_error is None,
+                        resume_error=resume_error,
+                    ),
+                )
+            )
         )
-        if not hub.ready(user.workspace_id, peer, channel_ids, as_of, first=text_frame(reply)):
-            peer.close(CloseCode.TRY_AGAIN_LATER, "sync_overflow")
+        if backlog and not await self._stream(peer, backlog):
             return False
+        # Events committed since the snapshot were buffered; they follow the replay.
+        if not hub.ready(user.workspace_id, peer, channel_ids, as_of):
+            peer.close(CloseCode.SLOW_CONSUMER, "sync_overflow")
+            return False
+        if resume is not None and resume_error is None:
+            marker = wire.Resumed(seq=as_of, replayed=len(backlog))
+            peer.reply(text_frame(wire.dump(marker)))
+            metrics.RESUMES.labels(outcome="resumed").inc()
+        elif resume_error is not None:
+            metrics.RESUMES.labels(outcome=resume_error).inc()
         await self.services.live.connected(user.workspace_id, user.id)
         log.debug("authenticated", extra={"user_id": user.id, "session_id": peer.session_id})
         return True
+
+    async def _stream(self, peer: Peer, backlog: Sequence[Envelope]) -> bool:
+        """Write a replay with flow control: a long backlog must not look like a slow
+        consumer, nor sit in memory all at once. False if the client stopped reading."""
+        chunk: list[bytes] = []
+        size = 0
+        deadline = asyncio.get_running_loop().time() + 30.0
+        transport = peer.ws.transport
+        for i, env in enumerate(backlog):
+            frame = text_frame(env.payload)
+            chunk.append(frame)
+            size += len(frame)
+            if size < 64 * 1024 and i + 1 < len(backlog):
+                continue
+            peer.reply(b"".join(chunk))
+            chunk, size = [], 0
+            while transport.get_write_buffer_size() > self.settings.send_buffer_soft_bytes:
+                if peer.closing or asyncio.get_running_loop().time() > deadline:
+                    peer.close(CloseCode.SLOW_CONSUMER, "slow_consumer")
+                    return False
+                await asyncio.sleep(0.005)
+        return not peer.closing
 
     async def _identify(self, request: wire.Auth | wire.Login) -> Identity:
         s = self.settings

@@ -1,4 +1,4 @@
-"""A client that stops reading must not stall anyone else: it is cut off (4001, slow consumer) instead.
+"""A client that stops reading must not stall anyone else: it is cut off (4001) instead.
 
 The stalled client is a raw socket with a tiny receive buffer that does the websocket
 handshake and authenticates by hand, then never reads again; its kernel buffers fill up, the

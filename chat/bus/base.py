@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,17 +35,62 @@ class Envelope:
     exclude_user: int | None = None
     droppable: bool = field(default=False)
 
-    @property
-    def audience(self) -> str:
-        """Compact description of the audience, stored with the event for replay."""
+    def header(self) -> str:
+        """Every routing field, compactly: stored beside the payload in the event log and in
+        the Redis stream, so a replayed envelope is routed exactly like the live one."""
         parts = []
         if self.everyone:
             parts.append("w")
         if self.channel_id is not None:
-            parts.append(f"c:{self.channel_id}")
+            parts.append(f"c{self.channel_id}")
         if self.user_ids:
-            parts.append("u:" + ",".join(map(str, sorted(self.user_ids))))
+            parts.append("u" + ",".join(map(str, sorted(self.user_ids))))
+        if self.presence_of is not None:
+            parts.append(f"p{self.presence_of}")
+        if self.joins:
+            parts.append("j" + ",".join(map(str, self.joins)))
+        if self.leaves:
+            parts.append("l" + ",".join(map(str, self.leaves)))
+        if self.revoke_user is not None:
+            parts.append(
+                f"r{self.revoke_user}" + (f",{self.revoke_session}" if self.revoke_session else "")
+            )
+        if self.exclude_user is not None:
+            parts.append(f"x{self.exclude_user}")
+        if self.droppable:
+            parts.append("d")
         return ";".join(parts)
+
+    @classmethod
+    def from_header(
+        cls, workspace_id: int, seq: int | None, type: str, header: str, payload: bytes
+    ) -> Envelope:
+        fields: dict[str, Any] = {}
+        for part in filter(None, header.split(";")):
+            key, value = part[0], part[1:]
+            if key == "w":
+                fields["everyone"] = True
+            elif key == "d":
+                fields["droppable"] = True
+            elif key == "c":
+                fields["channel_id"] = int(value)
+            elif key == "u":
+                fields["user_ids"] = frozenset(map(int, value.split(",")))
+            elif key == "p":
+                fields["presence_of"] = int(value)
+            elif key == "j":
+                fields["joins"] = tuple(map(int, value.split(",")))
+            elif key == "l":
+                fields["leaves"] = tuple(map(int, value.split(",")))
+            elif key == "r":
+                user, _, session = value.partition(",")
+                fields["revoke_user"] = int(user)
+                fields["revoke_session"] = session or None
+            elif key == "x":
+                fields["exclude_user"] = int(value)
+            else:
+                raise ValueError(f"unknown envelope header field {part!r}")
+        return cls(workspace_id=workspace_id, seq=seq, type=type, payload=payload, **fields)
 
 
 Subscriber = Callable[[Sequence[Envelope]], None]

@@ -671,3 +671,23 @@ async def get_or_set_meta(conn: Connection, key: str, candidate: str) -> str:
     )
     value: str = await conn.fetchval("SELECT value FROM meta WHERE key = $1", key)
     return value
+
+
+async def events_between(
+    conn: Connection, workspace_id: int, after_seq: int, up_to: int
+) -> list[Record]:
+    """The event log's entries with after_seq < seq <= up_to, in order."""
+    return await conn.fetch(
+        "SELECT seq, type, audience, payload, created_at FROM events WHERE workspace_id = $1"
+        " AND seq > $2 AND seq <= $3 ORDER BY seq",
+        workspace_id,
+        after_seq,
+        up_to,
+    )
+
+
+async def event_time(conn: Connection, workspace_id: int, seq: int) -> int | None:
+    created: int | None = await conn.fetchval(
+        "SELECT created_at FROM events WHERE workspace_id = $1 AND seq = $2", workspace_id, seq
+    )
+    return created
