@@ -191,7 +191,9 @@ class Node:
         self._server: Server | None = None
         self._tasks: set[asyncio.Task[object]] = set()
         self._draining = False
+        self._subscribed: set[int] = set()
         self.services: Services
+        self.replay: ReplayLog
         self.port = 0
 
     # ------------------------------------------------------------------ lifecycle
@@ -207,14 +209,26 @@ class Node:
     async def _start(self, db: Database) -> None:
         secret = await token_secret(db, self.settings.secret_key)
         self.settings = s = self.settings.model_copy(update={"secret_key": secret})
-        bus = self._bus or LocalBus()
+        bus: Bus
+        replay: ReplayLog
+        if self._bus is not None:
+            bus, replay = self._bus, DatabaseLog(db, s.replay_window_s, s.replay_max_events)
+        elif s.redis_url:
+            from chat.bus.redis import RedisBus
+
+            redis_bus = RedisBus(
+                s.redis_url, db, window_s=s.replay_window_s, max_events=s.replay_max_events
+            )
+            await redis_bus.start()
+            bus = replay = redis_bus
+        else:
+            bus, replay = LocalBus(), DatabaseLog(db, s.replay_window_s, s.replay_max_events)
         hub = Hub(framer=text_frame)
-        hub.on_first_peer = lambda wid: bus.subscribe(wid, hub.deliver)
-        hub.on_last_peer = lambda wid: bus.unsubscribe(wid, hub.deliver)
+        hub.on_last_peer = self._unsubscribe
         journal = Journal(db, bus, on_commit=metrics.observe_commit)
         live = Live(bus, s.typing_interval_s)
         self.services = Services(settings=s, db=db, journal=journal, hub=hub, live=live)
-        self.replay: ReplayLog = DatabaseLog(db, s.replay_window_s, s.replay_max_events)
+        self.replay = replay
         self._bus = bus
         self._server = await serve(
             self._connection,
@@ -272,6 +286,12 @@ class Node:
         await self.services.db.close()
         self._server = None
         log.info("stopped")
+
+    def _unsubscribe(self, workspace_id: int) -> None:
+        """The hub's last peer of a workspace left: stop reading its events."""
+        self._subscribed.discard(workspace_id)
+        if self._bus is not None:
+            self._bus.unsubscribe(workspace_id, self.services.hub.deliver)
 
     def spawn(self, coro: Awaitable[object]) -> asyncio.Task[object]:
         task = asyncio.ensure_future(coro)
@@ -418,6 +438,10 @@ class Node:
             identity.session_id,
         )
         hub = self.services.hub
+        if user.workspace_id not in self._subscribed:
+            # Once per workspace per node, before the snapshot below.
+            await self._bus.subscribe(user.workspace_id, hub.deliver)  # type: ignore[union-attr]
+            self._subscribed.add(user.workspace_id)
         hub.attach(user.workspace_id, peer)  # events from here on are buffered for the peer
         metrics.SESSIONS.inc()
         async with self.services.db.connection() as conn:

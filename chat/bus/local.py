@@ -27,7 +27,7 @@ class LocalBus:
                     # One broken subscriber must not keep the event from the others.
                     log.exception("subscriber failed")
 
-    def subscribe(self, workspace_id: int, subscriber: Subscriber) -> None:
+    async def subscribe(self, workspace_id: int, subscriber: Subscriber) -> None:
         self._subscribers[workspace_id].append(subscriber)
 
     def unsubscribe(self, workspace_id: int, subscriber: Subscriber) -> None:

@@ -1,0 +1,359 @@
+"""The Redis bus: several nodes, one ordered event stream per workspace.
+
+::
+
+    node A journal ─commit─> PostgreSQL (events table: the outbox)
+          └─append(seq..)─> Redis stream chat:ws:{id}  (entry id = "{seq}-0")
+                                 │ XREAD (one blocking read per node, all its workspaces)
+          node A, node B ... <───┘  -> Hub.deliver, in seq order, gaps backfilled from PG
+
+- Entries are added by a Lua script that refuses to leave a hole: if the stream's top is
+  below the batch's first seq - 1, the publisher first copies the missing events from the
+  event log (PostgreSQL), so the stream is contiguous in seq and every node reads the same
+  order. Events committed by a node that died before appending are copied by any other
+  node's sweeper (it compares the stream's top with the database's position).
+- A reader that sees a jump in seq (Redis restarted and lost the stream) reads the missing
+  range from PostgreSQL before delivering: nothing acknowledged is lost, only delayed.
+- The stream is the replay window: entries are trimmed once they are both older than
+  ``window_s`` and more than ``max_events`` behind the top.
+- Typing and presence (ephemeral) go over pub/sub: at-most-once is what they deserve.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from chat.bus.base import Envelope, Subscriber
+from chat.replay import DatabaseLog, envelope_from_row
+from chat.storage import Database, queries
+
+log = logging.getLogger(__name__)
+
+# KEYS[1]: stream. ARGV[1]: the top the batch needs (below it: refuse, say the top).
+# ARGV[2..]: seq, type, header, payload, time quadruples, in seq order.
+_APPEND = """
+local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+local top = 0
+if #last > 0 then top = tonumber(string.match(last[1][1], '^(%d+)')) end
+if top < tonumber(ARGV[1]) then return {0, top} end
+local added = 0
+for i = 2, #ARGV, 5 do
+  local seq = tonumber(ARGV[i])
+  if seq > top then
+    redis.call('XADD', KEYS[1], ARGV[i] .. '-0', 't', ARGV[i+1], 'h', ARGV[i+2],
+               'p', ARGV[i+3], 'ms', ARGV[i+4])
+    top = seq
+    added = added + 1
+  end
+end
+return {1, top, added}
+"""
+
+
+def stream_key(workspace_id: int) -> str:
+    return f"chat:ws:{workspace_id}:events"
+
+
+def live_channel(workspace_id: int) -> str:
+    return f"chat:ws:{workspace_id}:live"
+
+
+def _seq(entry_id: bytes | str) -> int:
+    raw = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    return int(raw.split("-", 1)[0])
+
+
+def _decode(workspace_id: int, entry_id: bytes, fields: dict[bytes, bytes]) -> Envelope:
+    return Envelope.from_header(
+        workspace_id, _seq(entry_id), fields[b"t"].decode(), fields[b"h"].decode(), fields[b"p"]
+    )
+
+
+class RedisBus:
+    def __init__(
+        self,
+        url: str,
+        db: Database,
+        *,
+        window_s: float,
+        max_events: int,
+        sweep_interval_s: float = 1.0,
+    ) -> None:
+        self._url = url
+        self._db = db
+        self._window_s = window_s
+        self._max_events = max_events
+        self._sweep_interval = sweep_interval_s
+        # redis-py types replies loosely (bytes | str | None): Any, decoded explicitly below.
+        self._redis: Any = aioredis.from_url(url, socket_timeout=5, socket_connect_timeout=2)
+        self._reader_redis: Any = aioredis.from_url(url, socket_connect_timeout=2)
+        self._append = self._redis.register_script(_APPEND)
+        self._subscribers: defaultdict[int, list[Subscriber]] = defaultdict(list)
+        self._positions: dict[int, int] = {}  # workspace -> last seq delivered here
+        self._tasks: list[asyncio.Task[None]] = []
+        self._pubsub: Any = None
+        self._db_log = DatabaseLog(db, window_s, max_events)
+        self.healthy = False
+
+    async def start(self) -> None:
+        await self._redis.ping()
+        self.healthy = True
+        self._pubsub = self._reader_redis.pubsub(ignore_subscribe_messages=True)
+        self._tasks = [
+            asyncio.create_task(self._read_streams(), name="redis-streams"),
+            asyncio.create_task(self._read_live(), name="redis-live"),
+            asyncio.create_task(self._sweep(), name="redis-sweeper"),
+        ]
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            if self._pubsub is not None:
+                await self._pubsub.aclose()
+        await self._redis.aclose()
+        await self._reader_redis.aclose()
+
+    # ------------------------------------------------------------------ publishing
+
+    async def publish(self, envelopes: Sequence[Envelope]) -> None:
+        durable: defaultdict[int, list[Envelope]] = defaultdict(list)
+        for env in envelopes:
+            if env.seq is None:
+                await self._redis.publish(
+                    live_channel(env.workspace_id),
+                    env.type + "\n" + env.header() + "\n" + env.payload.decode(),
+                )
+            else:
+                durable[env.workspace_id].append(env)
+        for workspace_id, batch in durable.items():
+            await self.append(workspace_id, batch)
+
+    async def append(self, workspace_id: int, batch: Sequence[Envelope]) -> None:
+        """Add a batch (contiguous seqs, from the journal or the event log) to the stream,
+        first copying from the log whatever the stream is missing before it."""
+        first = batch[0].seq
+        assert first is not None
+        now = str(int(time.time() * 1000))
+        args: list[Any] = [first - 1]
+        for env in batch:
+            args += [env.seq, env.type, env.header(), env.payload, now]
+        ok, top, *_ = await self._append(keys=[stream_key(workspace_id)], args=args)
+        if ok:
+            return
+        # A hole between the stream's top and this batch: fill it from the event log, but
+        # never more than the window (after a Redis restart the stream starts over).
+        start = max(int(top), first - 1 - self._max_events)
+        async with self._db.connection() as conn:
+            rows = await queries.events_between(conn, workspace_id, start, first - 1)
+        missing = [envelope_from_row(workspace_id, r) for r in rows]
+        args = [min(int(top), start)]
+        for env in [*missing, *batch]:
+            args += [env.seq, env.type, env.header(), env.payload, now]
+        await self._append(keys=[stream_key(workspace_id)], args=args)
+
+    # ------------------------------------------------------------------ subscribing
+
+    async def subscribe(self, workspace_id: int, subscriber: Subscriber) -> None:
+        """Deliver this workspace's events from the stream's current top on. Call before
+        taking a snapshot: every event after the snapshot is then read."""
+        if subscriber in self._subscribers[workspace_id]:
+            return
+        if workspace_id not in self._positions:
+            top = await self._top(workspace_id)
+            if workspace_id not in self._positions:
+                self._positions[workspace_id] = top
+                await self._pubsub.subscribe(live_channel(workspace_id))
+        self._subscribers[workspace_id].append(subscriber)
+
+    def unsubscribe(self, workspace_id: int, subscriber: Subscriber) -> None:
+        subs = self._subscribers.get(workspace_id)
+        if subs and subscriber in subs:
+            subs.remove(subscriber)
+        if not subs:
+            self._subscribers.pop(workspace_id, None)
+            self._positions.pop(workspace_id, None)
+            if self._pubsub is not None:
+                task = asyncio.ensure_future(self._pubsub.unsubscribe(live_channel(workspace_id)))
+                task.add_done_callback(lambda t: t.exception())
+
+    async def _top(self, workspace_id: int) -> int:
+        try:
+            last = await self._redis.xrevrange(stream_key(workspace_id), count=1)
+        except RedisError:
+            last = []
+        if last:
+            return _seq(last[0][0])
+        # No stream (new workspace, or Redis lost it): the database knows where we are.
+        async with self._db.connection() as conn:
+            row = await queries.get_workspace(conn, workspace_id)
+        return int(row["last_event_seq"]) if row else 0
+
+    async def _read_streams(self) -> None:
+        backoff = 0.1
+        while True:
+            if not self._positions:
+                await asyncio.sleep(0.05)
+                continue
+            streams = {stream_key(w): f"{p}-0" for w, p in self._positions.items()}
+            try:
+                # A short block, so workspaces subscribed meanwhile join the next read.
+                response = await self._reader_redis.xread(streams, count=1000, block=100)
+                self.healthy = True
+                backoff = 0.1
+            except (RedisError, OSError) as exc:
+                self.healthy = False
+                log.warning("redis read failed; retrying", extra={"error": str(exc)})
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+                continue
+            for key, entries in response or ():
+                workspace_id = int(key.decode().split(":")[2])
+                await self._deliver(workspace_id, entries)
+
+    async def _deliver(
+        self, workspace_id: int, entries: list[tuple[bytes, dict[bytes, bytes]]]
+    ) -> None:
+        position = self._positions.get(workspace_id)
+        if position is None:
+            return
+        batch: list[Envelope] = []
+        for entry_id, fields in entries:
+            seq = _seq(entry_id)
+            if seq <= position:
+                continue
+            if seq > position + 1:
+                # The stream lost entries (Redis restarted): the event log has them.
+                async with self._db.connection() as conn:
+                    rows = await queries.events_between(conn, workspace_id, position, seq - 1)
+                batch += [envelope_from_row(workspace_id, r) for r in rows]
+            batch.append(_decode(workspace_id, entry_id, fields))
+            position = seq
+        if workspace_id not in self._positions:
+            return  # unsubscribed while we read the log
+        self._positions[workspace_id] = position
+        if batch:
+            for subscriber in list(self._subscribers.get(workspace_id, ())):
+                try:
+                    subscriber(batch)
+                except Exception:
+                    log.exception("subscriber failed")
+
+    async def _read_live(self) -> None:
+        while True:
+            if not self._positions:
+                await asyncio.sleep(0.05)
+                continue
+            try:
+                message = await self._pubsub.get_message(timeout=0.5)
+            except (RedisError, OSError, RuntimeError):
+                await asyncio.sleep(0.5)
+                continue
+            if not message or message.get("type") != "message":
+                continue
+            workspace_id = int(message["channel"].decode().split(":")[2])
+            kind, header, payload = message["data"].split(b"\n", 2)
+            env = Envelope.from_header(workspace_id, None, kind.decode(), header.decode(), payload)
+            for subscriber in list(self._subscribers.get(workspace_id, ())):
+                with contextlib.suppress(Exception):
+                    subscriber([env])
+
+    # ------------------------------------------------------------------ repair and trim
+
+    async def _sweep(self) -> None:
+        """Copy committed events the stream is missing (their node died between commit and
+        append, or Redis was down), and trim the stream to the window."""
+        behind: dict[int, int] = {}
+        while True:
+            await asyncio.sleep(self._sweep_interval)
+            for workspace_id in list(self._positions):
+                try:
+                    await self._repair(workspace_id, behind)
+                    await self._trim(workspace_id)
+                except (RedisError, OSError) as exc:
+                    log.warning("sweep failed", extra={"error": str(exc)})
+                except Exception:
+                    log.exception("sweep failed")
+
+    async def _repair(self, workspace_id: int, behind: dict[int, int]) -> None:
+        async with self._db.connection() as conn:
+            row = await queries.get_workspace(conn, workspace_id)
+        if row is None:
+            return
+        db_top = int(row["last_event_seq"])
+        last = await self._redis.xrevrange(stream_key(workspace_id), count=1)
+        top = _seq(last[0][0]) if last else 0
+        if top >= db_top:
+            behind.pop(workspace_id, None)
+            return
+        # Behind for two sweeps in a row (not just a publish in flight): copy from the log.
+        if behind.get(workspace_id) == top:
+            start = max(top, db_top - self._max_events)
+            async with self._db.connection() as conn:
+                rows = await queries.events_between(conn, workspace_id, start, db_top)
+            if rows:
+                log.info("stream repaired", extra={"workspace_id": workspace_id, "from": start})
+                await self.append(workspace_id, [envelope_from_row(workspace_id, r) for r in rows])
+            behind.pop(workspace_id, None)
+        else:
+            behind[workspace_id] = top
+
+    async def _trim(self, workspace_id: int) -> None:
+        key = stream_key(workspace_id)
+        last = await self._redis.xrevrange(key, count=1)
+        if not last:
+            return
+        candidate = _seq(last[0][0]) - self._max_events + 1
+        if candidate <= 1:
+            return
+        entry = await self._redis.xrange(key, min=f"{candidate}-0", count=1)
+        cutoff = (time.time() - self._window_s) * 1000
+        if entry and int(entry[0][1][b"ms"]) < cutoff:
+            await self._redis.xtrim(key, minid=f"{candidate}-0", approximate=False)
+
+    # ------------------------------------------------------------------ replay
+
+    async def replay(
+        self, workspace_id: int, after_seq: int, up_to: int
+    ) -> Sequence[Envelope] | None:
+        """From the stream when it holds the range; the log fills the tail not yet appended
+        (and everything, within the window, when Redis has lost the stream)."""
+        if after_seq >= up_to:
+            return []
+        try:
+            entries = await self._redis.xrange(
+                stream_key(workspace_id), min=f"{after_seq + 1}-0", max=f"{up_to}-0"
+            )
+        except RedisError:
+            entries = []
+        if not entries or _seq(entries[0][0]) != after_seq + 1:
+            try:
+                head = await self._redis.xrange(stream_key(workspace_id), count=1)
+            except RedisError:
+                head = []
+            if head and _seq(head[0][0]) > after_seq + 1:
+                return None  # trimmed: outside the window
+            # No stream (Redis lost it) or it has not caught up: the log, same window rule.
+            return await self._db_log.replay(workspace_id, after_seq, up_to)
+        events = []
+        expected = after_seq + 1
+        for entry_id, fields in entries:
+            if _seq(entry_id) != expected:
+                break
+            events.append(_decode(workspace_id, entry_id, fields))
+            expected += 1
+        if expected <= up_to:
+            async with self._db.connection() as conn:
+                rows = await queries.events_between(conn, workspace_id, expected - 1, up_to)
+            events += [envelope_from_row(workspace_id, r) for r in rows]
+        return events
