@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import http
 import logging
+import random
 import signal
 import struct
 import time
@@ -73,6 +74,7 @@ class Peer:
         "_transport",
         "closer",
         "closing",
+        "last_seen",
         "requests",
         "revoked",
         "session_id",
@@ -92,6 +94,7 @@ class Peer:
         self.workspace_id = 0
         self.session_id = ""
         self.closing = False
+        self.last_seen = asyncio.get_running_loop().time()
         self.revoked = False
         self.closer: asyncio.Task[object] | None = None
         self.requests = Slots(node.settings.max_inflight_requests)
@@ -192,6 +195,7 @@ class Node:
         self._tasks: set[asyncio.Task[object]] = set()
         self._draining = False
         self._subscribed: set[int] = set()
+        self._peers: set[Peer] = set()
         self.services: Services
         self.replay: ReplayLog
         self.port = 0
@@ -247,6 +251,7 @@ class Node:
             server_header=f"chat/{__version__}",
         )
         self.port = self._server.sockets[0].getsockname()[1]
+        self.spawn(self._watch_heartbeats())
         log.info("listening", extra={"host": s.host, "port": self.port, "store": db.dialect})
 
     def _origins(self) -> list[Origin | None] | None:
@@ -263,19 +268,7 @@ class Node:
         self._server.close(close_connections=False)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.services.journal.close(), grace / 2)
-        goodbye = text_frame(
-            wire.dump(wire.Goodbye(reason="service_restart", reconnect_after_ms=1000))
-        )
-        closing = []
-        for ws in list(self._server.connections):
-            with contextlib.suppress(Exception):
-                if ws.protocol.state is WsState.OPEN:
-                    ws.transport.write(goodbye)
-            closing.append(ws.close(CloseCode.SERVICE_RESTART, "service_restart"))
-        if closing:
-            await asyncio.wait(
-                [asyncio.ensure_future(c) for c in closing], timeout=max(grace / 2, 0.1)
-            )
+        await self._drain(list(self._server.connections))
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -286,6 +279,46 @@ class Node:
         await self.services.db.close()
         self._server = None
         log.info("stopped")
+
+    async def _drain(self, connections: list[ServerConnection]) -> None:
+        """Close every connection with 1012, spread evenly over ``drain_period_s`` in random
+        order, each told to come back after a short random delay: the clients of a node that
+        is being deployed reconnect to the others as a trickle, not a storm."""
+        period = self.settings.drain_period_s
+        random.shuffle(connections)
+
+        async def drain_one(ws: ServerConnection, delay: float) -> None:
+            await asyncio.sleep(delay)
+            hint = wire.Goodbye(
+                reason="service_restart", reconnect_after_ms=random.randint(0, 1000)
+            )
+            if ws.protocol.state is WsState.OPEN:
+                ws.transport.write(text_frame(wire.dump(hint)))
+            try:
+                await asyncio.wait_for(
+                    ws.close(CloseCode.SERVICE_RESTART, "service_restart"), _CLOSE_TIMEOUT_S
+                )
+            except TimeoutError:
+                ws.transport.abort()
+
+        n = len(connections)
+        tasks = [
+            asyncio.ensure_future(drain_one(ws, period * i / n)) for i, ws in enumerate(connections)
+        ]
+        if tasks:
+            await asyncio.wait(tasks, timeout=period + _CLOSE_TIMEOUT_S + 1)
+
+    async def _watch_heartbeats(self) -> None:
+        """Close connections that sent nothing for two heartbeat intervals (4000): a dead
+        client, or a zombie connection; the client reconnects and resumes."""
+        limit = 2 * self.settings.heartbeat_interval_ms / 1000
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(min(limit / 4, 5.0))
+            now = loop.time()
+            for peer in list(self._peers):
+                if now - peer.last_seen > limit:
+                    peer.close(CloseCode.HEARTBEAT_TIMEOUT, "heartbeat_timeout")
 
     def _unsubscribe(self, workspace_id: int) -> None:
         """The hub's last peer of a workspace left: stop reading its events."""
@@ -335,6 +368,7 @@ class Node:
                 handshake.headers.clear()
         metrics.CONNECTIONS.inc()
         peer = Peer(self, ws)
+        self._peers.add(peer)
         s = self.settings
         loop = asyncio.get_running_loop()
         session = Session(
@@ -348,6 +382,7 @@ class Node:
             caller = Caller(peer.user_id, peer.workspace_id, peer.session_id, peer)
             async for message in ws:
                 TALLY.frames_in += 1
+                peer.last_seen = loop.time()
                 verdict = session.receive(message, loop.time())
                 if isinstance(verdict, Dispatch):
                     # Bounded concurrency per connection: past the limit we stop reading,
@@ -361,6 +396,7 @@ class Node:
         except ConnectionClosed:
             pass
         finally:
+            self._peers.discard(peer)
             if peer.closer is not None:
                 # Returning from the handler would close with 1000: finish our close first.
                 with contextlib.suppress(Exception):

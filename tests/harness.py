@@ -64,6 +64,7 @@ def settings_for(**overrides: Any) -> Settings:
         "log_format": "text",
         "log_level": "warning",
         "shutdown_grace_s": 2.0,
+        "drain_period_s": 0.2,
     }
     base.update(overrides)
     return Settings(**base)
@@ -89,9 +90,7 @@ async def running_node(**overrides: Any) -> AsyncIterator[RunningNode]:
         node = Node(settings)
         await node.start()
         try:
-            yield RunningNode(
-                node, settings, admin, wid, users, tokens, general.id, private.id
-            )
+            yield RunningNode(node, settings, admin, wid, users, tokens, general.id, private.id)
         finally:
             await node.stop()
     finally:
