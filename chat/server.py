@@ -41,7 +41,7 @@ from chat.errors import ChatError, CloseCode, ErrorCode, ProtocolViolation
 from chat.fanout import Hub, visible_backlog
 from chat.handlers import Caller, Services, handle
 from chat.journal import Journal, now_ms
-from chat.live import Live
+from chat.live import ClusterPresence, Live
 from chat.metrics import TALLY
 from chat.replay import DatabaseLog, ReplayLog
 from chat.session import Authenticate, Close, Dispatch, Send, Session
@@ -215,6 +215,8 @@ class Node:
         self.settings = s = self.settings.model_copy(update={"secret_key": secret})
         bus: Bus
         replay: ReplayLog
+        hub = Hub(framer=text_frame)
+        cluster: ClusterPresence | None = None
         if self._bus is not None:
             bus, replay = self._bus, DatabaseLog(db, s.replay_window_s, s.replay_max_events)
         elif s.redis_url:
@@ -225,12 +227,12 @@ class Node:
             )
             await redis_bus.start()
             bus = replay = redis_bus
+            cluster = ClusterPresence(redis_bus.client, s.node_id, hub.deliver)
         else:
             bus, replay = LocalBus(), DatabaseLog(db, s.replay_window_s, s.replay_max_events)
-        hub = Hub(framer=text_frame)
         hub.on_last_peer = self._unsubscribe
         journal = Journal(db, bus, on_commit=metrics.observe_commit)
-        live = Live(bus, s.typing_interval_s)
+        live = Live(bus, s.typing_interval_s, cluster)
         self.services = Services(settings=s, db=db, journal=journal, hub=hub, live=live)
         self.replay = replay
         self._bus = bus
@@ -252,6 +254,7 @@ class Node:
         )
         self.port = self._server.sockets[0].getsockname()[1]
         self.spawn(self._watch_heartbeats())
+        self.spawn(live.run())
         log.info("listening", extra={"host": s.host, "port": self.port, "store": db.dialect})
 
     def _origins(self) -> list[Origin | None] | None:

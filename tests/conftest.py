@@ -97,3 +97,76 @@ async def node(
         path = tmp_path_factory.mktemp("sqlite") / "chat.sqlite3"
         async with running_node(sqlite_path=str(path)) as n:
             yield n
+
+
+# =========================================================================== cluster
+#
+# Multi-node tests: real processes, see tests/cluster.py.
+# `redis_server` (function): a fresh, empty redis-server on a free loopback port for one
+#   test (no persistence: `redis_server.restart()` comes back empty on the same port).
+# `make_cluster` (function, async): a factory; `await make_cluster(n_nodes=3,
+#   extra_env={"CHAT_SHUTDOWN_GRACE_S": "1"})` returns a started Cluster over a fresh
+#   PostgreSQL database with its own TempRedis, seeded (`cluster.seeded`) before the nodes
+#   start unless seed=False. Everything it made is stopped by PID and the databases dropped
+#   at the end of the test. Node logs are kept in the test's tmp_path.
+# `cluster` (function, async): `make_cluster()` with 2 nodes; indirect parametrization
+#   sets the node count: `@pytest.mark.parametrize("cluster", [3], indirect=True)`.
+
+from collections.abc import Awaitable, Callable, Mapping  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from tests.cluster import Cluster, TempRedis  # noqa: E402
+
+
+@pytest.fixture
+def redis_server() -> Iterator[TempRedis]:
+    with TempRedis(startup_timeout=scaled(10)) as server:
+        yield server
+
+
+MakeCluster = Callable[..., Awaitable[Cluster]]
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def make_cluster(
+    postgres_server: PostgresFixture, tmp_path: Path
+) -> AsyncIterator[MakeCluster]:
+    made: list[tuple[Cluster, str]] = []
+
+    async def make(
+        n_nodes: int = 2,
+        *,
+        extra_env: Mapping[str, str] | None = None,
+        use_redis: bool = True,
+        seed: bool = True,
+        start: bool = True,
+    ) -> Cluster:
+        name = unique_database_name("cluster")
+        dsn = await postgres_server.create_database(name)
+        c = Cluster(
+            dsn,
+            n_nodes=n_nodes,
+            use_redis=use_redis,
+            extra_env=extra_env,
+            log_dir=tmp_path / f"cluster{len(made)}",
+        )
+        made.append((c, name))
+        if seed:
+            await c.seed()
+        if start:
+            await c.start()
+        return c
+
+    try:
+        yield make
+    finally:
+        for c, name in reversed(made):
+            try:
+                await c.close()
+            finally:
+                await postgres_server.drop_database(name)
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def cluster(make_cluster: MakeCluster, request: pytest.FixtureRequest) -> Cluster:
+    return await make_cluster(int(getattr(request, "param", 2)))

@@ -66,7 +66,7 @@ async def test_operations_commit_in_order_with_contiguous_event_numbers(db: Data
     wid, _ = await _workspace(db)
     bus = LocalBus()
     recorder = Recorder()
-    bus.subscribe(wid, recorder)
+    await bus.subscribe(wid, recorder)
     journal = Journal(db, bus)
 
     def op(i: int):  # type: ignore[no-untyped-def]

@@ -27,7 +27,7 @@ async def two_nodes(
     dsn = await postgres_server.create_database(name)
     try:
         async with running_node(database_url=dsn, redis_url=redis.url, **extra) as first:
-            second = Node(first.settings.model_copy(update={"port": 0}))
+            second = Node(first.settings.model_copy(update={"port": 0, "node_id": "node-b"}))
             await second.start()
             try:
                 yield first, second
@@ -138,3 +138,19 @@ async def test_redis_restart_loses_no_acknowledged_message(
                     received.append(event["message"]["id"])
             assert len(received) == len(set(received)), "duplicates"
             assert [r for r in received if r in set(acked)] == acked
+
+
+async def test_presence_and_typing_cross_nodes(
+    postgres_server: PostgresFixture, redis: TempRedis
+) -> None:
+    async with two_nodes(postgres_server, redis) as (a, b):
+        async with Client.connect(url(b), a.tokens["olivia"]) as watcher:
+            await watcher.request("presence.subscribe", user_ids=[a.users["mia"]])
+            async with Client.connect(a.url, a.tokens["mia"]) as mia:
+                event = await watcher.next_event("presence", timeout=scaled(6))
+                assert (event["user_id"], event["status"]) == (a.users["mia"], "active")
+                await mia.request("typing", channel_id=a.general)
+                typing = await watcher.next_event("typing", timeout=scaled(5))
+                assert typing["user_id"] == a.users["mia"] and typing["seq"] is None
+            event = await watcher.next_event("presence", timeout=scaled(6))
+            assert (event["user_id"], event["status"]) == (a.users["mia"], "away")

@@ -104,6 +104,11 @@ class RedisBus:
         self._db_log = DatabaseLog(db, window_s, max_events)
         self.healthy = False
 
+    @property
+    def client(self) -> Any:
+        """The (non-blocking) Redis client, for others that share this Redis."""
+        return self._redis
+
     async def start(self) -> None:
         await self._redis.ping()
         self.healthy = True
