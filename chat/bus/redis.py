@@ -30,7 +30,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from chat.bus.base import Envelope, Subscriber
 from chat.replay import DatabaseLog, envelope_from_row
@@ -94,7 +98,14 @@ class RedisBus:
         self._max_events = max_events
         self._sweep_interval = sweep_interval_s
         # redis-py types replies loosely (bytes | str | None): Any, decoded explicitly below.
-        self._redis: Any = aioredis.from_url(url, socket_timeout=5, socket_connect_timeout=2)
+        # A restarted Redis drops our connections: retry a command on a fresh one.
+        self._redis: Any = aioredis.from_url(
+            url,
+            socket_timeout=5,
+            socket_connect_timeout=2,
+            retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 3),
+            retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        )
         self._reader_redis: Any = aioredis.from_url(url, socket_connect_timeout=2)
         self._append = self._redis.register_script(_APPEND)
         self._subscribers: defaultdict[int, list[Subscriber]] = defaultdict(list)
