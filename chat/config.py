@@ -56,6 +56,11 @@ class Settings(BaseSettings):
     replay_window_s: float = 900.0
     replay_max_events: int = 10_000
 
+    # Presence across nodes: a node's users stay active this long after it stops refreshing
+    # (it died), and each node re-reads everyone's presence this often.
+    presence_ttl_s: int = 15
+    presence_poll_s: float = 2.0
+
     # Drain: on SIGTERM, connections are closed over this period (not all at once), each
     # told to come back after a random delay, so a deploy does not cause a reconnect storm.
     drain_period_s: float = 5.0

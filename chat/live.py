@@ -32,13 +32,20 @@ Status = Literal["active", "away"]
 class ClusterPresence:
     """Presence shared by the nodes through Redis (see the module docstring)."""
 
-    TTL_S = 15
-    POLL_S = 2.0
-
-    def __init__(self, redis: Any, node_id: str, deliver: Callable[[Sequence[Envelope]], None]):
+    def __init__(
+        self,
+        redis: Any,
+        node_id: str,
+        deliver: Callable[[Sequence[Envelope]], None],
+        *,
+        ttl_s: int = 15,
+        poll_s: float = 2.0,
+    ) -> None:
         self._redis = redis
         self._node = node_id
         self._deliver = deliver
+        self.ttl_s = ttl_s
+        self.poll_s = poll_s
         self.active: dict[int, set[int]] = {}  # workspace -> users active on any node
 
     def _key(self, workspace_id: int, node: str) -> str:
@@ -51,7 +58,7 @@ class ClusterPresence:
             pipe.delete(key)
             if local_active:
                 pipe.sadd(key, *local_active)
-                pipe.expire(key, self.TTL_S)
+                pipe.expire(key, self.ttl_s)
             pipe.sadd(f"chat:presence:{workspace_id}:nodes", self._node)
             await pipe.execute()
         await self.refresh(workspace_id)
@@ -118,7 +125,7 @@ class Live:
         if self._cluster is None:
             return
         while True:
-            await asyncio.sleep(self._cluster.POLL_S)
+            await asyncio.sleep(self._cluster.poll_s)
             for workspace_id in {w for w, _ in self._connections} | set(self._cluster.active):
                 try:
                     await self._cluster.publish_local(

@@ -227,7 +227,13 @@ class Node:
             )
             await redis_bus.start()
             bus = replay = redis_bus
-            cluster = ClusterPresence(redis_bus.client, s.node_id, hub.deliver)
+            cluster = ClusterPresence(
+                redis_bus.client,
+                s.node_id,
+                hub.deliver,
+                ttl_s=s.presence_ttl_s,
+                poll_s=s.presence_poll_s,
+            )
         else:
             bus, replay = LocalBus(), DatabaseLog(db, s.replay_window_s, s.replay_max_events)
         hub.on_last_peer = self._unsubscribe
