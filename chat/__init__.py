@@ -10,7 +10,8 @@
 - ``session.py``: per-connection protocol state machine, no I/O.
 - ``handlers/``: what each request means, and who may do it (``access.py``).
 - ``journal.py``: per-workspace ordered, batched transactions; numbers events (``seq``).
-- ``bus/``: carries numbered events to every node; ``fanout.py``: local delivery.
+- ``bus/``: carries numbered events to every node (``local.py`` in-process, ``redis.py``
+  Redis Streams); ``replay.py``: what a resuming client missed; ``fanout.py``: local delivery.
 - ``live.py``: presence and typing (ephemeral).
 - ``server.py``: websockets I/O, HTTP probes, graceful shutdown; ``__main__.py``: the CLI.
 """
