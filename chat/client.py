@@ -324,7 +324,7 @@ class ResilientClient:
     inactive account is final: ``fatal`` is set, nothing reconnects, and the event stream and
     requests raise :class:`FatalConnectionError`.
 
-    *Resuming.* Every ``auth`` after the first carries ``resume = {session_id, seq:
+    *Resuming.* Every ``auth`` after the first success carries ``resume = {session_id, seq:
     position}``. When the reply says ``resumed``, the missed events follow and then a
     ``resumed`` frame (delivered too, after the replayed events). Otherwise, and on the first
     connection, the application first receives a synthetic
@@ -400,7 +400,8 @@ class ResilientClient:
         await self.close()
 
     def start(self) -> None:
-        if self._runner is None:
+        """Start connecting in the background (``async with`` does this)."""
+        if self._runner is None and not self._stopped:
             self._runner = asyncio.create_task(self._run())
 
     async def close(self) -> None:

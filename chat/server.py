@@ -10,7 +10,7 @@ Events are written straight to each connection's transport as pre-built websocke
 (server frames are unmasked, so the bytes are the same for every recipient); replies take the
 same path, so a connection's frames leave in the order they were produced. A connection whose
 write buffer passes the soft mark loses droppable frames (typing, presence); past the hard mark
-it is closed with 1013 instead of slowing anyone else.
+it is closed with 4001 (reconnect and resume) instead of slowing anyone else.
 """
 
 from __future__ import annotations
@@ -525,15 +525,16 @@ class Node:
         )
         if backlog and not await self._stream(peer, backlog):
             return False
-        # Events committed since the snapshot were buffered; they follow the replay.
-        if not hub.ready(user.workspace_id, peer, channel_ids, as_of):
-            peer.close(CloseCode.SLOW_CONSUMER, "sync_overflow")
-            return False
         if resume is not None and resume_error is None:
+            # Caught up to the snapshot: what follows (buffered since, then live) is live.
             marker = wire.Resumed(seq=as_of, replayed=len(backlog))
             peer.reply(text_frame(wire.dump(marker)))
             metrics.RESUMES.labels(outcome="resumed").inc()
-        elif resume_error is not None:
+        # Events committed since the snapshot were buffered; they follow.
+        if not hub.ready(user.workspace_id, peer, channel_ids, as_of):
+            peer.close(CloseCode.SLOW_CONSUMER, "sync_overflow")
+            return False
+        if resume_error is not None:
             metrics.RESUMES.labels(outcome=resume_error).inc()
         await self.services.live.connected(user.workspace_id, user.id)
         log.debug("authenticated", extra={"user_id": user.id, "session_id": peer.session_id})

@@ -698,7 +698,8 @@ class Goodbye(Frame):
 
 
 class Resumed(Frame):
-    """After a resume: every missed event has been sent; ``seq`` is the position now."""
+    """After a resume: every event up to ``seq`` (the reply's snapshot position) that the
+    client missed has been sent, ``replayed`` of them; what follows is live."""
 
     type: Literal["resumed"] = "resumed"
     seq: int
