@@ -59,6 +59,11 @@ class _Workspace:
     ready: set[Peer] = field(default_factory=set)
     watchers: dict[int, set[Peer]] = field(default_factory=dict)  # user -> presence watchers
     syncing: dict[Peer, _Syncing] = field(default_factory=dict)
+    # The highest seq delivered here, and peers whose snapshot is ahead of it (the bus lags
+    # the database): they must not get events up to their snapshot a second time.
+    delivered: int = 0
+    floors: dict[Peer, int] = field(default_factory=dict)
+    floor_max: int = 0
 
     def join(self, uid: int, cid: int) -> None:
         channels = self.user_channels.get(uid)
@@ -159,6 +164,9 @@ class Hub:
             return False
         for env in deliver:
             peer.send(self._framer(env.payload), env.droppable)
+        if as_of > ws.delivered:
+            ws.floors[peer] = as_of
+            ws.floor_max = max(ws.floor_max, as_of)
         return True
 
     def detach(self, workspace_id: int, peer: Peer) -> None:
@@ -167,6 +175,7 @@ class Hub:
             return
         ws.syncing.pop(peer, None)
         ws.ready.discard(peer)
+        ws.floors.pop(peer, None)
         uid = peer.user_id
         for cid in ws.user_channels.get(uid, ()):
             peers = ws.channel_peers.get(cid)
@@ -234,10 +243,11 @@ class Hub:
                 ):
                     j += 1
             if ws is not None:
-                if j - i > 1:
+                if j - i > 1 and not ws.floors:
                     self._deliver_run(ws, envelopes[i:j])
                 else:
-                    self._deliver_one(ws, env)
+                    for one in envelopes[i:j]:
+                        self._deliver_one(ws, one)
             i = j
 
     def _deliver_run(self, ws: _Workspace, run: Sequence[Envelope]) -> None:
@@ -251,6 +261,7 @@ class Hub:
         if ws.syncing:
             for env in run:
                 self._buffer(ws, env)
+        ws.delivered = max(ws.delivered, run[-1].seq or 0)
 
     def _deliver_one(self, ws: _Workspace, env: Envelope) -> None:
         cid = env.channel_id
@@ -267,6 +278,14 @@ class Hub:
             if env.presence_of is not None:
                 extra.update(ws.watchers.get(env.presence_of, ()))
             targets = extra.union(targets)
+        seq = env.seq
+        if seq is not None:
+            if ws.floors:
+                if seq <= ws.floor_max:
+                    targets = [p for p in targets if ws.floors.get(p, 0) < seq]
+                else:
+                    ws.floors.clear()
+            ws.delivered = max(ws.delivered, seq)
         if targets:
             # The hot loop: one frame, the same bytes to every peer.
             frame = self._framer(env.payload)

@@ -195,6 +195,7 @@ class Node:
         self._tasks: set[asyncio.Task[object]] = set()
         self._draining = False
         self._subscribed: set[int] = set()
+        self._subscribe_locks: dict[int, asyncio.Lock] = {}
         self._peers: set[Peer] = set()
         self.services: Services
         self.replay: ReplayLog
@@ -328,6 +329,19 @@ class Node:
             for peer in list(self._peers):
                 if now - peer.last_seen > limit:
                     peer.close(CloseCode.HEARTBEAT_TIMEOUT, "heartbeat_timeout")
+
+    async def _subscribe(self, workspace_id: int) -> None:
+        """Once per workspace per node, however many connections arrive at once."""
+        if workspace_id in self._subscribed:
+            return
+        lock = self._subscribe_locks.setdefault(workspace_id, asyncio.Lock())
+        async with lock:
+            if workspace_id not in self._subscribed:
+                assert self._bus is not None
+                await self._bus.subscribe(workspace_id, self.services.hub.deliver)
+                self._subscribed.add(workspace_id)
+        if not lock.locked():
+            self._subscribe_locks.pop(workspace_id, None)
 
     def _unsubscribe(self, workspace_id: int) -> None:
         """The hub's last peer of a workspace left: stop reading its events."""
@@ -483,10 +497,7 @@ class Node:
             identity.session_id,
         )
         hub = self.services.hub
-        if user.workspace_id not in self._subscribed:
-            # Once per workspace per node, before the snapshot below.
-            await self._bus.subscribe(user.workspace_id, hub.deliver)  # type: ignore[union-attr]
-            self._subscribed.add(user.workspace_id)
+        await self._subscribe(user.workspace_id)  # before the snapshot below
         hub.attach(user.workspace_id, peer)  # events from here on are buffered for the peer
         metrics.SESSIONS.inc()
         async with self.services.db.connection() as conn:

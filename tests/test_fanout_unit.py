@@ -509,3 +509,18 @@ def test_a_run_stops_at_an_event_that_changes_membership(hub: Hub) -> None:
     assert a.frames == framed("m1", "bob-joins", "m2", "m3")
     assert b.frames == framed("bob-joins", "m2", "m3")
     assert len(b.sent) == 2  # the join alone, then the run m2+m3
+
+
+def test_a_peer_whose_snapshot_is_ahead_of_the_bus_gets_nothing_twice(hub: Hub) -> None:
+    """The bus can lag the database: a peer's snapshot (as_of) may already include events
+    the hub has not delivered yet; when they arrive, that peer must not get them again."""
+    early, late = FakePeer(ALICE), FakePeer(BOB)
+    connect(hub, early, [X], as_of=0)
+    connect(hub, late, [X], as_of=2)  # its snapshot already has seq 1 and 2
+    hub.deliver(
+        [env(1, "m1", channel_id=X), env(2, "m2", channel_id=X), env(3, "m3", channel_id=X)]
+    )
+    assert early.frames == framed("m1", "m2", "m3")
+    assert late.frames == framed("m3")
+    hub.deliver([env(4, "m4", channel_id=X), env(5, "m5", channel_id=X)])
+    assert late.frames == framed("m3", "m4", "m5")

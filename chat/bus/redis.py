@@ -190,7 +190,8 @@ class RedisBus:
             if workspace_id not in self._positions:
                 self._positions[workspace_id] = top
                 await self._pubsub.subscribe(live_channel(workspace_id))
-        self._subscribers[workspace_id].append(subscriber)
+        if subscriber not in self._subscribers[workspace_id]:  # checked again after awaits
+            self._subscribers[workspace_id].append(subscriber)
 
     def unsubscribe(self, workspace_id: int, subscriber: Subscriber) -> None:
         subs = self._subscribers.get(workspace_id)
