@@ -9,68 +9,16 @@ healthy client receives every message, in order.
 from __future__ import annotations
 
 import asyncio
-import base64
-import contextlib
-import json
-import os
 import socket
-import struct
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 from chat import metrics
 from tests.harness import RunningNode, running_node
+from tests.rawws import read_until_closed, stalled_client
 from tests.timing import scaled
 
 N_MESSAGES = 400
 TEXT = "slow consumers must not stall the others " * 25  # ~1 KB
-
-
-def masked_text_frame(payload: bytes) -> bytes:
-    """A client (masked) websocket text frame."""
-    n = len(payload)
-    if n < 126:
-        head = bytes((0x81, 0x80 | n))
-    elif n < 65536:
-        head = struct.pack("!BBH", 0x81, 0x80 | 126, n)
-    else:
-        head = struct.pack("!BBQ", 0x81, 0x80 | 127, n)
-    mask = os.urandom(4)
-    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-
-
-@contextlib.asynccontextmanager
-async def stalled_client(node: RunningNode, handle: str) -> AsyncIterator[socket.socket]:
-    """An authenticated websocket connection that reads nothing after the handshake."""
-    loop = asyncio.get_running_loop()
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.setblocking(False)
-        await loop.sock_connect(sock, ("127.0.0.1", node.node.port))
-        key = base64.b64encode(os.urandom(16)).decode()
-        request = (
-            "GET / HTTP/1.1\r\n"
-            f"Host: 127.0.0.1:{node.node.port}\r\n"
-            "Upgrade: websocket\r\n"
-            "Connection: Upgrade\r\n"
-            f"Sec-WebSocket-Key: {key}\r\n"
-            "Sec-WebSocket-Version: 13\r\n"
-            "\r\n"
-        )
-        await loop.sock_sendall(sock, request.encode())
-        response = b""
-        async with asyncio.timeout(scaled(5)):
-            while b"\r\n\r\n" not in response:
-                chunk = await loop.sock_recv(sock, 1024)
-                assert chunk, "server closed during the handshake"
-                response += chunk
-        assert response.startswith(b"HTTP/1.1 101"), response
-        auth = json.dumps({"type": "auth", "id": "1", "token": node.tokens[handle]})
-        await loop.sock_sendall(sock, masked_text_frame(auth.encode()))
-        yield sock
-    finally:
-        sock.close()
 
 
 def shrink_server_send_buffers(node: RunningNode, size: int) -> None:
@@ -81,19 +29,6 @@ def shrink_server_send_buffers(node: RunningNode, size: int) -> None:
     assert server is not None
     for listener in server.sockets:
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
-
-
-async def read_until_closed(sock: socket.socket) -> None:
-    """Drain the socket until the server's side is gone (EOF or reset)."""
-    loop = asyncio.get_running_loop()
-    async with asyncio.timeout(scaled(10)):
-        while True:
-            try:
-                chunk = await loop.sock_recv(sock, 65536)
-            except (ConnectionResetError, BrokenPipeError):
-                return
-            if not chunk:
-                return
 
 
 def closes_slow() -> float:
@@ -117,7 +52,7 @@ async def test_stalled_reader_is_cut_off_and_others_get_everything(tmp_path: Pat
         hub = node.node.services.hub
         shrink_server_send_buffers(node, 16 * 1024)
         cut_before = closes_slow()
-        async with stalled_client(node, "max") as stalled:
+        async with stalled_client(node.node.port, node.tokens["max"]) as stalled:
             await wait_for_peers(node, 1, timeout=5)
             async with node.clients("olivia", "mia") as (olivia, mia):
                 assert hub.peer_count() == 3
