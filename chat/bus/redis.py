@@ -289,41 +289,50 @@ class RedisBus:
 
     async def _sweep(self) -> None:
         """Copy committed events the stream is missing (their node died between commit and
-        append, or Redis was down), and trim the stream to the window."""
+        append, or Redis was down), and trim the streams to the window. One database query
+        and one Redis round trip per sweep, however many workspaces the node serves."""
         behind: dict[int, int] = {}
+        rounds = 0
         while True:
             await asyncio.sleep(self._sweep_interval)
-            for workspace_id in list(self._positions):
-                try:
-                    await self._repair(workspace_id, behind)
-                    await self._trim(workspace_id)
-                except (RedisError, OSError) as exc:
-                    log.warning("sweep failed", extra={"error": str(exc)})
-                except Exception:
-                    log.exception("sweep failed")
+            rounds += 1
+            workspaces = list(self._positions)
+            if not workspaces:
+                continue
+            try:
+                await self._repair(workspaces, behind)
+                if rounds % 10 == 0:
+                    for workspace_id in workspaces:
+                        await self._trim(workspace_id)
+            except (RedisError, OSError) as exc:
+                log.warning("sweep failed", extra={"error": str(exc)})
+            except Exception:
+                log.exception("sweep failed")
 
-    async def _repair(self, workspace_id: int, behind: dict[int, int]) -> None:
+    async def _repair(self, workspaces: list[int], behind: dict[int, int]) -> None:
         async with self._db.connection() as conn:
-            row = await queries.get_workspace(conn, workspace_id)
-        if row is None:
-            return
-        db_top = int(row["last_event_seq"])
-        last = await self._redis.xrevrange(stream_key(workspace_id), count=1)
-        top = _seq(last[0][0]) if last else 0
-        if top >= db_top:
-            behind.pop(workspace_id, None)
-            return
-        # Behind for two sweeps in a row (not just a publish in flight): copy from the log.
-        if behind.get(workspace_id) == top:
-            start = max(top, db_top - self._max_events)
-            async with self._db.connection() as conn:
-                rows = await queries.events_between(conn, workspace_id, start, db_top)
-            if rows:
-                log.info("stream repaired", extra={"workspace_id": workspace_id, "from": start})
-                await self.append(workspace_id, [envelope_from_row(workspace_id, r) for r in rows])
-            behind.pop(workspace_id, None)
-        else:
-            behind[workspace_id] = top
+            db_tops = await queries.event_positions(conn, workspaces)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for workspace_id in workspaces:
+                pipe.xrevrange(stream_key(workspace_id), count=1)
+            lasts = await pipe.execute()
+        for workspace_id, last in zip(workspaces, lasts, strict=True):
+            db_top = db_tops.get(workspace_id, 0)
+            top = _seq(last[0][0]) if last else 0
+            if top >= db_top:
+                behind.pop(workspace_id, None)
+            elif behind.get(workspace_id) != top:
+                behind[workspace_id] = top  # maybe an append in flight: look again next time
+            else:
+                # Behind for two sweeps in a row: copy from the log.
+                behind.pop(workspace_id, None)
+                start = max(top, db_top - self._max_events)
+                async with self._db.connection() as conn:
+                    rows = await queries.events_between(conn, workspace_id, start, db_top)
+                if rows:
+                    log.info("stream repaired", extra={"workspace_id": workspace_id, "from": start})
+                    envelopes = [envelope_from_row(workspace_id, r) for r in rows]
+                    await self.append(workspace_id, envelopes)
 
     async def _trim(self, workspace_id: int) -> None:
         key = stream_key(workspace_id)

@@ -691,3 +691,12 @@ async def event_time(conn: Connection, workspace_id: int, seq: int) -> int | Non
         "SELECT created_at FROM events WHERE workspace_id = $1 AND seq = $2", workspace_id, seq
     )
     return created
+
+
+async def event_positions(conn: Connection, workspace_ids: Sequence[int]) -> dict[int, int]:
+    """The event position of each workspace, in one query."""
+    rows = await conn.fetch(
+        "SELECT id, last_event_seq FROM workspaces WHERE id = ANY($1::bigint[])",
+        list(workspace_ids),
+    )
+    return {r["id"]: r["last_event_seq"] for r in rows}
