@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 
 from chat import wire
 from chat.bus import Bus, Envelope
+from chat.errors import ChatError, ErrorCode
 from chat.storage import Connection, Database, queries
 
 log = logging.getLogger(__name__)
@@ -96,7 +97,8 @@ class Journal:
 
     def submit(self, workspace_id: int, op: Op[T]) -> asyncio.Future[T]:
         if self._closed:
-            raise RuntimeError("journal closed")
+            # Draining: nothing new is accepted here; the client retries after reconnecting.
+            raise ChatError(ErrorCode.INTERNAL_ERROR, "this node is shutting down; retry")
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._queues.setdefault(workspace_id, deque()).append(_Pending(op, future))
         if workspace_id not in self._writers:

@@ -208,6 +208,8 @@ class Node:
         try:
             await self._start(db)
         except BaseException:
+            if self._bus is not None:
+                await self._bus.close()
             await db.close()  # an open aiosqlite connection would keep the process alive
             raise
 
