@@ -56,7 +56,6 @@ async def test_stalled_reader_is_cut_off_and_others_get_everything(tmp_path: Pat
             await wait_for_peers(node, 1, timeout=5)
             async with node.clients("olivia", "mia") as (olivia, mia):
                 assert hub.peer_count() == 3
-                started = asyncio.get_running_loop().time()
                 replies = []
                 for start in range(0, N_MESSAGES, 25):
                     replies += await asyncio.gather(
@@ -92,8 +91,6 @@ async def test_stalled_reader_is_cut_off_and_others_get_everything(tmp_path: Pat
                 assert closes_slow() >= cut_before + 1
                 # ... and is gone from the hub, while the healthy ones stay.
                 await wait_for_peers(node, 2, timeout=6)
-                elapsed = asyncio.get_running_loop().time() - started
-                assert elapsed < scaled(30)
                 pong = await mia.request("ping")
                 assert pong["server_time"] > 0
             # Reading now, the stalled client finds the server gone.
