@@ -753,11 +753,16 @@ def main(argv: list[str] | None = None) -> int:
         "rounds": rounds,
         "table_md": table,
     }
+    write_results(out, doc, table)
+    return 0
+
+
+def write_results(out: Path, doc: dict[str, Any], table: str) -> None:
+    """Save a run's JSON and print its Markdown table (every benchmark ends this way)."""
     out.write_text(json.dumps(doc, indent=2) + "\n")
     print()
     print(table)
     print(f"\n# results: {out.relative_to(REPO) if out.is_relative_to(REPO) else out}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -41,6 +41,11 @@ NODE_ENV = {
 }
 
 
+def cpu_arg(text: str) -> int | None:
+    """A CPU number from the command line; "", "none" or "-" for no pinning."""
+    return None if text in ("", "none", "-") else int(text)
+
+
 @contextlib.contextmanager
 def on_cpu(cpu: int | None) -> Iterator[None]:
     """Processes started inside the block run on ``cpu`` (None: no change)."""

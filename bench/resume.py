@@ -46,8 +46,8 @@ from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
 
-from bench.fanout import REPO, RESULTS, BenchError, fmt, machine_info, median
-from bench.infra import Infra, cpu_ns, source_state
+from bench.fanout import RESULTS, BenchError, fmt, machine_info, median, write_results
+from bench.infra import Infra, cpu_arg, cpu_ns, source_state
 from tests.cluster import ChatNodeProcess
 
 MODES = ("redis", "postgres", "sqlite")
@@ -94,7 +94,7 @@ class Counted:
 
 
 @contextlib.asynccontextmanager
-async def open_ws(url: str):  # type: ignore[no-untyped-def]
+async def open_ws(url: str):
     async with connect(url, compression=None, max_size=None, open_timeout=30) as ws:
         yield Counted(ws)
 
@@ -439,10 +439,6 @@ def markdown(summary: dict[str, dict[str, Any]], args: argparse.Namespace) -> st
 # ------------------------------------------------------------------------------------ main
 
 
-def cpu_arg(text: str) -> int | None:
-    return None if text in ("", "none", "-") else int(text)
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m bench.resume",
@@ -507,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown(summary, args)
     out = args.out or RESULTS / f"resume-{started:%Y%m%d-%H%M%S}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    doc = {
+    doc: dict[str, Any] = {
         "benchmark": "resume",
         "started": started.isoformat(timespec="seconds"),
         "duration_s": round(time.monotonic() - t_start, 1),
@@ -518,12 +514,9 @@ def main(argv: list[str] | None = None) -> int:
         "rounds": rounds,
         "table_md": table,
     }
-    out.write_text(json.dumps(doc, indent=2) + "\n")
     if doc["source"]["at_start"] != doc["source"]["at_end"] or source_start.get("chat_uncommitted"):
         print("# WARNING: chat/ was modified or committed during the run: see source in the JSON")
-    print()
-    print(table)
-    print(f"\n# results: {out.relative_to(REPO) if out.is_relative_to(REPO) else out}")
+    write_results(out, doc, table)
     return 0
 
 

@@ -34,7 +34,6 @@ from typing import Any
 
 from bench.fanout import (
     AUTH_ID,
-    REPO,
     RESULTS,
     WSBLAST,
     BenchError,
@@ -45,8 +44,9 @@ from bench.fanout import (
     machine_info,
     median,
     rss_bytes,
+    write_results,
 )
-from bench.infra import Infra, cpu_busy, cpu_times, source_state
+from bench.infra import Infra, cpu_arg, cpu_busy, cpu_times, source_state
 from tests.cluster import ChatNodeProcess
 
 SEED_DB = "scaleout_seed"
@@ -366,11 +366,14 @@ def markdown(s1: dict[str, Any], s2: dict[str, Any], ratios: dict[str, Any], arg
             f"| {pair(s1, 'lat_p99_ms_a', 'lat_p99_ms_b', '.2f')} "
             f"| {pair(s2, 'lat_p99_ms_a', 'lat_p99_ms_b', '.2f')} | |",
         ]
-    cpus = sorted(k[: -len("_busy")] for k in s1 if k.startswith("cpu") and k.endswith("_busy"))
+    cpu_names = sorted(
+        k[: -len("_busy")] for k in s1 if k.startswith("cpu") and k.endswith("_busy")
+    )
 
     def busy(s: dict[str, Any]) -> str:
         return " / ".join(
-            f"{fmt(s.get(f'{c}_busy'), '.2f')} ({fmt(s.get(f'{c}_softirq'), '.2f')})" for c in cpus
+            f"{fmt(s.get(f'{c}_busy'), '.2f')} ({fmt(s.get(f'{c}_softirq'), '.2f')})"
+            for c in cpu_names
         )
 
     lines += [
@@ -385,10 +388,6 @@ def markdown(s1: dict[str, Any], s2: dict[str, Any], ratios: dict[str, Any], arg
 
 
 # ------------------------------------------------------------------------------------ main
-
-
-def cpu_arg(text: str) -> int | None:
-    return None if text in ("", "none", "-") else int(text)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -491,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or RESULTS / f"scaleout-{started:%Y%m%d-%H%M%S}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    doc = {
+    doc: dict[str, Any] = {
         "benchmark": "scaleout",
         "started": started.isoformat(timespec="seconds"),
         "duration_s": round(time.monotonic() - t_start, 1),
@@ -503,12 +502,9 @@ def main(argv: list[str] | None = None) -> int:
         "rounds": {"1_node": rounds[1], "2_nodes": rounds[2]},
         "table_md": table,
     }
-    out.write_text(json.dumps(doc, indent=2) + "\n")
     if doc["source"]["at_start"] != doc["source"]["at_end"] or source_start.get("chat_uncommitted"):
         print("# WARNING: chat/ was modified or committed during the run: see source in the JSON")
-    print()
-    print(table)
-    print(f"\n# results: {out.relative_to(REPO) if out.is_relative_to(REPO) else out}")
+    write_results(out, doc, table)
     return 0
 
 
