@@ -2,17 +2,17 @@
 
 ::
 
-    client ─ws─> server.py ─> session.py ─> handlers/ ─> journal.py ─> storage/ (PG | SQLite)
+    client ─ws─> server.py ─> protocol.py ─> handlers/ ─> journal.py ─> storage/ (PG | SQLite)
        ^                                                     │ commit, then publish
        └──── fanout.py (Hub: frame once, write to each) <── bus/ (local | Redis)
 
 - ``wire.py``: every frame (pydantic); ``errors.py``: error and close codes.
-- ``session.py``: per-connection protocol state machine, no I/O.
+- ``protocol.py``: per-session protocol state machine (ClientProtocol), no I/O.
 - ``handlers/``: what each request means, and who may do it (``access.py``).
 - ``journal.py``: per-workspace ordered, batched transactions; numbers events (``seq``).
 - ``bus/``: carries numbered events to every node (``local.py`` in-process, ``redis.py``
   Redis Streams); ``replay.py``: what a resuming client missed; ``fanout.py``: local delivery.
-- ``live.py``: presence and typing (ephemeral).
+- ``presence.py``: presence and typing (ephemeral).
 - ``server.py``: websockets I/O, HTTP probes, graceful shutdown; ``__main__.py``: the CLI.
 """
 

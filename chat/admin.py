@@ -11,7 +11,7 @@ from typing import Any
 
 from chat import wire
 from chat.auth import hash_password, issue_token, new_session_id
-from chat.bus import LocalBus
+from chat.bus import Audience, LocalBus
 from chat.config import Settings
 from chat.errors import ChatError, ErrorCode
 from chat.journal import Journal, Tx, now_ms
@@ -89,7 +89,7 @@ class Admin:
                 users.append(user)
                 tx.emit(
                     wire.UserChanged(type="user.created", seq=0, workspace_id=0, ts=0, user=user),
-                    everyone=True,
+                    Audience(everyone=True),
                 )
             return users
 
@@ -117,9 +117,7 @@ class Admin:
                 wire.ChannelChanged(
                     type="channel.created", seq=0, workspace_id=0, ts=0, channel=channel
                 ),
-                channel_id=cid,
-                everyone=not private,
-                joins=tuple(members),
+                Audience(channel_id=cid, everyone=not private, joins=tuple(members)),
             )
             return channel
 

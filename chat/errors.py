@@ -8,7 +8,7 @@
 
 Anything else that escapes a handler is a bug: the client gets ``internal_error`` with no
 details (they may be security-sensitive) and the log gets the traceback. Exceptions become
-frames or close codes in exactly one place, :mod:`chat.session`.
+frames or close codes in exactly one place, :mod:`chat.protocol`.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 The hub keeps, per workspace, the local peers of each user, the channels each local user is a
 member of (only for users connected here), and presence subscriptions. It receives envelopes
 from the bus, frames each payload once (``framer``: the websocket frame header is the same for
-every recipient), and gives the same bytes to every recipient's :class:`Peer`. It does no I/O
+every recipient), and gives the same bytes to every recipient's :class:`Recipient`. It does no I/O
 of its own, so its rules are unit-tested without sockets.
 
 A peer that attaches first buffers events while the server loads its channels; ``ready()``
@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 MAX_SYNC_BUFFER = 10_000
 
 
-class Peer(Protocol):
+class Recipient(Protocol):
     """A delivery target: one authenticated session on this node."""
 
     user_id: int
@@ -51,18 +51,18 @@ class _Syncing:
 @dataclass(slots=True)
 class _Workspace:
     # user -> attached peers (a list: usually one, and a list is a third of a set's size)
-    peers: dict[int, list[Peer]] = field(default_factory=dict)
+    peers: dict[int, list[Recipient]] = field(default_factory=dict)
     user_channels: dict[int, set[int]] = field(default_factory=dict)  # local user -> channels
     # The delivery index: channel -> ready peers of its local members. Kept per peer (not
     # per user) so delivering to a channel is one loop over one set.
-    channel_peers: dict[int, set[Peer]] = field(default_factory=dict)
-    ready: set[Peer] = field(default_factory=set)
-    watchers: dict[int, set[Peer]] = field(default_factory=dict)  # user -> presence watchers
-    syncing: dict[Peer, _Syncing] = field(default_factory=dict)
+    channel_peers: dict[int, set[Recipient]] = field(default_factory=dict)
+    ready: set[Recipient] = field(default_factory=set)
+    watchers: dict[int, set[Recipient]] = field(default_factory=dict)  # user -> presence watchers
+    syncing: dict[Recipient, _Syncing] = field(default_factory=dict)
     # The highest seq delivered here, and peers whose snapshot is ahead of it (the bus lags
     # the database): they must not get events up to their snapshot a second time.
     delivered: int = 0
-    floors: dict[Peer, int] = field(default_factory=dict)
+    floors: dict[Recipient, int] = field(default_factory=dict)
     floor_max: int = 0
 
     def join(self, uid: int, cid: int) -> None:
@@ -90,22 +90,6 @@ def _identity(payload: bytes) -> bytes:
     return payload
 
 
-def _plain(env: Envelope) -> bool:
-    """A durable event for a channel's members and nobody else, changing nothing."""
-    return (
-        env.channel_id is not None
-        and env.seq is not None
-        and not env.everyone
-        and not env.user_ids
-        and not env.joins
-        and not env.leaves
-        and env.presence_of is None
-        and env.exclude_user is None
-        and env.revoke_user is None
-        and not env.droppable
-    )
-
-
 class Hub:
     def __init__(self, framer: Callable[[bytes], bytes] = _identity) -> None:
         self._framer = framer
@@ -115,7 +99,7 @@ class Hub:
 
     # ------------------------------------------------------------------ membership of peers
 
-    def attach(self, workspace_id: int, peer: Peer) -> None:
+    def attach(self, workspace_id: int, peer: Recipient) -> None:
         """Start receiving (buffered) events for the peer; call ``ready()`` next."""
         ws = self._workspaces.get(workspace_id)
         if ws is None:
@@ -128,7 +112,7 @@ class Hub:
     def ready(
         self,
         workspace_id: int,
-        peer: Peer,
+        peer: Recipient,
         channel_ids: Iterable[int],
         as_of: int,
         first: bytes | None = None,
@@ -146,12 +130,12 @@ class Hub:
         for env, decided in sync.buffer:
             if env.seq is None or env.seq <= as_of:
                 continue
-            cid = env.channel_id
-            if cid is not None and uid in env.joins:
+            cid = env.audience.channel_id
+            if cid is not None and uid in env.audience.joins:
                 channels.add(cid)
             if decided if decided is not None else self._receives(env, uid, channels):
                 deliver.append(env)
-            if cid is not None and uid in env.leaves:
+            if cid is not None and uid in env.audience.leaves:
                 channels.discard(cid)
         if uid not in ws.user_channels:
             ws.user_channels[uid] = channels
@@ -163,13 +147,13 @@ class Hub:
         if sync.overflow:
             return False
         for env in deliver:
-            peer.send(self._framer(env.payload), env.droppable)
+            peer.send(self._framer(env.payload), env.audience.droppable)
         if as_of > ws.delivered:
             ws.floors[peer] = as_of
             ws.floor_max = max(ws.floor_max, as_of)
         return True
 
-    def detach(self, workspace_id: int, peer: Peer) -> None:
+    def detach(self, workspace_id: int, peer: Recipient) -> None:
         ws = self._workspaces.get(workspace_id)
         if ws is None:
             return
@@ -199,7 +183,7 @@ class Hub:
             if self.on_last_peer:
                 self.on_last_peer(workspace_id)
 
-    def watch_presence(self, workspace_id: int, peer: Peer, user_ids: Iterable[int]) -> None:
+    def watch_presence(self, workspace_id: int, peer: Recipient, user_ids: Iterable[int]) -> None:
         """Replace the set of users whose presence the peer receives."""
         ws = self._workspaces.get(workspace_id)
         if ws is None:
@@ -234,11 +218,11 @@ class Hub:
             env = envelopes[i]
             ws = self._workspaces.get(env.workspace_id)
             j = i + 1
-            if _plain(env):
+            if env.plain:
                 while (
                     j < n
-                    and _plain(envelopes[j])
-                    and envelopes[j].channel_id == env.channel_id
+                    and envelopes[j].plain
+                    and envelopes[j].audience.channel_id == env.audience.channel_id
                     and envelopes[j].workspace_id == env.workspace_id
                 ):
                     j += 1
@@ -251,8 +235,8 @@ class Hub:
             i = j
 
     def _deliver_run(self, ws: _Workspace, run: Sequence[Envelope]) -> None:
-        assert run[0].channel_id is not None
-        targets = ws.channel_peers.get(run[0].channel_id, ())
+        assert run[0].audience.channel_id is not None
+        targets = ws.channel_peers.get(run[0].audience.channel_id, ())
         if targets:
             framer = self._framer
             frames = b"".join([framer(env.payload) for env in run])
@@ -264,19 +248,20 @@ class Hub:
         ws.delivered = max(ws.delivered, run[-1].seq or 0)
 
     def _deliver_one(self, ws: _Workspace, env: Envelope) -> None:
-        cid = env.channel_id
+        audience = env.audience
+        cid = audience.channel_id
         if cid is not None:
-            for uid in env.joins:
+            for uid in audience.joins:
                 ws.join(uid, cid)
-        targets: Collection[Peer] = ()
-        if env.everyone:
+        targets: Collection[Recipient] = ()
+        if audience.everyone:
             targets = ws.ready
         elif cid is not None:
             targets = ws.channel_peers.get(cid, ())
-        if env.user_ids or env.presence_of is not None:
-            extra = {p for uid in env.user_ids for p in ws.peers.get(uid, ()) if p in ws.ready}
-            if env.presence_of is not None:
-                extra.update(ws.watchers.get(env.presence_of, ()))
+        if audience.user_ids or audience.presence_of is not None:
+            extra = {p for uid in audience.user_ids for p in ws.peers.get(uid, ()) if p in ws.ready}
+            if audience.presence_of is not None:
+                extra.update(ws.watchers.get(audience.presence_of, ()))
             targets = extra.union(targets)
         seq = env.seq
         if seq is not None:
@@ -289,8 +274,8 @@ class Hub:
         if targets:
             # The hot loop: one frame, the same bytes to every peer.
             frame = self._framer(env.payload)
-            droppable = env.droppable
-            excluded = env.exclude_user
+            droppable = audience.droppable
+            excluded = audience.exclude_user
             if excluded is None:
                 for peer in targets:
                     peer.send(frame, droppable)
@@ -301,11 +286,11 @@ class Hub:
         if ws.syncing and env.seq is not None:
             self._buffer(ws, env)
         if cid is not None:
-            for uid in env.leaves:
+            for uid in audience.leaves:
                 ws.leave(uid, cid)
-        if env.revoke_user is not None:
-            for peer in list(ws.peers.get(env.revoke_user, ())):
-                if env.revoke_session is None or peer.session_id == env.revoke_session:
+        if audience.revoke_user is not None:
+            for peer in list(ws.peers.get(audience.revoke_user, ())):
+                if audience.revoke_session in (None, peer.session_id):
                     peer.revoke()
 
     def _buffer(self, ws: _Workspace, env: Envelope) -> None:
@@ -326,11 +311,13 @@ class Hub:
     @staticmethod
     def _receives(env: Envelope, uid: int, channels: set[int]) -> bool:
         """Whether a user with membership ``channels`` is in the envelope's audience."""
-        if uid == env.exclude_user:
+        audience = env.audience
+        if uid == audience.exclude_user:
             return False
-        if env.everyone or uid in env.user_ids:
+        if audience.everyone or uid in audience.user_ids:
             return True
-        return env.channel_id is not None and (env.channel_id in channels or uid in env.leaves)
+        cid = audience.channel_id
+        return cid is not None and (cid in channels or uid in audience.leaves)
 
 
 def visible_backlog(
@@ -341,18 +328,19 @@ def visible_backlog(
     backwards undoes their joins and leaves to find the membership before the first."""
     channels = set(channels_now)
     for env in reversed(events):
-        if env.channel_id is not None:
-            if user_id in env.leaves:
-                channels.add(env.channel_id)
-            if user_id in env.joins:
-                channels.discard(env.channel_id)
+        cid = env.audience.channel_id
+        if cid is not None:
+            if user_id in env.audience.leaves:
+                channels.add(cid)
+            if user_id in env.audience.joins:
+                channels.discard(cid)
     visible = []
     for env in events:
-        cid = env.channel_id
-        if cid is not None and user_id in env.joins:
+        cid = env.audience.channel_id
+        if cid is not None and user_id in env.audience.joins:
             channels.add(cid)
         if Hub._receives(env, user_id, channels):
             visible.append(env)
-        if cid is not None and user_id in env.leaves:
+        if cid is not None and user_id in env.audience.leaves:
             channels.discard(cid)
     return visible

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from chat import wire
-from chat.bus import Bus, Envelope
+from chat.bus import Audience, Bus, Envelope
 from chat.errors import ChatError, ErrorCode
 from chat.storage import Connection, Database, queries
 
@@ -47,13 +47,7 @@ class Draft:
     """An event emitted by an operation, not yet numbered."""
 
     event: wire.Event
-    channel_id: int | None = None
-    user_ids: frozenset[int] = frozenset()
-    everyone: bool = False
-    joins: tuple[int, ...] = ()
-    leaves: tuple[int, ...] = ()
-    revoke_user: int | None = None
-    revoke_session: str | None = None
+    audience: Audience
 
 
 @dataclass(slots=True)
@@ -65,8 +59,8 @@ class Tx:
     now: int
     drafts: list[Draft] = field(default_factory=list)
 
-    def emit(self, event: wire.Event, **audience: Any) -> None:
-        self.drafts.append(Draft(event, **audience))
+    def emit(self, event: wire.Event, audience: Audience) -> None:
+        self.drafts.append(Draft(event, audience))
 
 
 Op = Callable[[Tx], Awaitable[T]]
@@ -148,7 +142,14 @@ class Journal:
                     await queries.insert_events(
                         conn,
                         [
-                            (workspace_id, e.seq or 0, e.type, e.header(), e.payload.decode(), now)
+                            (
+                                workspace_id,
+                                e.seq or 0,
+                                e.type,
+                                e.audience.header(),
+                                e.payload.decode(),
+                                now,
+                            )
                             for e in envelopes
                         ],
                     )
@@ -188,11 +189,5 @@ def _seal(draft: Draft, workspace_id: int, seq: int, now: int) -> Envelope:
         seq=seq,
         type=event.type,  # type: ignore[attr-defined]
         payload=wire.dump(event),
-        channel_id=draft.channel_id,
-        user_ids=draft.user_ids,
-        everyone=draft.everyone,
-        joins=draft.joins,
-        leaves=draft.leaves,
-        revoke_user=draft.revoke_user,
-        revoke_session=draft.revoke_session,
+        audience=draft.audience,
     )

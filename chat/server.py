@@ -2,7 +2,7 @@
 
 ::
 
-    socket ──text──> Session.receive ──Dispatch──> handlers ──> journal ──> DB ──> bus
+    socket ──text──> ClientProtocol.receive ──Dispatch──> handlers ──> journal ──> DB ──> bus
        ^                                                                          │
        └──────── transport.write(frame bytes, built once per event) <── Hub <─────┘
 
@@ -41,10 +41,10 @@ from chat.errors import ChatError, CloseCode, ErrorCode, ProtocolViolation
 from chat.fanout import Hub, visible_backlog
 from chat.handlers import Caller, Services, handle
 from chat.journal import Journal, now_ms
-from chat.live import ClusterPresence, Live
 from chat.metrics import TALLY
+from chat.presence import ClusterPresence, Presence
+from chat.protocol import Authenticate, ClientProtocol, Close, Dispatch, Send
 from chat.replay import DatabaseLog, ReplayLog
-from chat.session import Authenticate, Close, Dispatch, Send, Session
 from chat.storage import Database, open_database, queries, token_secret
 
 log = logging.getLogger(__name__)
@@ -241,8 +241,8 @@ class Node:
             bus, replay = LocalBus(), DatabaseLog(db, s.replay_window_s, s.replay_max_events)
         hub.on_last_peer = self._unsubscribe
         journal = Journal(db, bus, on_commit=metrics.observe_commit)
-        live = Live(bus, s.typing_interval_s, cluster)
-        self.services = Services(settings=s, db=db, journal=journal, hub=hub, live=live)
+        presence = Presence(bus, s.typing_interval_s, cluster)
+        self.services = Services(settings=s, db=db, journal=journal, hub=hub, presence=presence)
         self.replay = replay
         self._bus = bus
         self._server = await serve(
@@ -263,7 +263,7 @@ class Node:
         )
         self.port = self._server.sockets[0].getsockname()[1]
         self.spawn(self._watch_heartbeats())
-        self.spawn(live.run())
+        self.spawn(presence.run())
         log.info("listening", extra={"host": s.host, "port": self.port, "store": db.dialect})
 
     def _origins(self) -> list[Origin | None] | None:
@@ -396,7 +396,7 @@ class Node:
         self._peers.add(peer)
         s = self.settings
         loop = asyncio.get_running_loop()
-        session = Session(
+        session = ClientProtocol(
             now=loop.time(),
             requests_per_10s=s.rate_limit_per_10s,
             disconnect_after=s.rate_limit_disconnect_after,
@@ -430,9 +430,9 @@ class Node:
             if peer.workspace_id:
                 self.services.hub.detach(peer.workspace_id, peer)
                 metrics.SESSIONS.dec()
-                await self.services.live.disconnected(peer.workspace_id, peer.user_id)
+                await self.services.presence.disconnected(peer.workspace_id, peer.user_id)
 
-    async def _open(self, peer: Peer, session: Session) -> bool:
+    async def _open(self, peer: Peer, session: ClientProtocol) -> bool:
         """Hello, then the first frame must authenticate. True once the session is open.
         (A function of its own so the auth frame and token are freed when it returns.)"""
         ws = peer.ws
@@ -476,7 +476,7 @@ class Node:
         peer.close(verdict.code, verdict.reason)
 
     async def _authenticate(
-        self, peer: Peer, session: Session, request: wire.Auth | wire.Login
+        self, peer: Peer, session: ClientProtocol, request: wire.Auth | wire.Login
     ) -> bool:
         try:
             identity = await self._identify(request)
@@ -549,7 +549,7 @@ class Node:
             return False
         if resume_error is not None:
             metrics.RESUMES.labels(outcome=resume_error).inc()
-        await self.services.live.connected(user.workspace_id, user.id)
+        await self.services.presence.connected(user.workspace_id, user.id)
         log.debug("authenticated", extra={"user_id": user.id, "session_id": peer.session_id})
         return True
 
@@ -615,7 +615,7 @@ class Node:
     async def _request(
         self,
         peer: Peer,
-        session: Session,
+        session: ClientProtocol,
         caller: Caller,
         request: wire.Request,
     ) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from chat import fanout
-from chat.bus import Envelope
+from chat.bus import Audience, Envelope
 from chat.fanout import Hub
 
 W = 1  # workspace
@@ -59,12 +59,13 @@ class CountingFramer:
 
 
 def env(seq: int | None, name: str, **kw: object) -> Envelope:
+    workspace_id = kw.pop("workspace_id", W)
     return Envelope(
-        workspace_id=kw.pop("workspace_id", W),  # type: ignore[arg-type]
+        workspace_id=workspace_id,  # type: ignore[arg-type]
         seq=seq,
         type="test",
         payload=name.encode(),
-        **kw,  # type: ignore[arg-type]
+        audience=Audience(**kw),  # type: ignore[arg-type]
     )
 
 

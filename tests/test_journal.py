@@ -11,7 +11,7 @@ import pytest
 import pytest_asyncio
 
 from chat import wire
-from chat.bus import Envelope, LocalBus
+from chat.bus import Audience, Envelope, LocalBus
 from chat.errors import ChatError, ErrorCode
 from chat.journal import Journal, Tx
 from chat.storage import Database, StorageError, open_database, queries
@@ -71,7 +71,7 @@ async def test_operations_commit_in_order_with_contiguous_event_numbers(db: Data
 
     def op(i: int):  # type: ignore[no-untyped-def]
         async def run(tx: Tx) -> int:
-            tx.emit(_event(f"m{i}"), channel_id=1)
+            tx.emit(_event(f"m{i}"), Audience(channel_id=1))
             return i
 
         return run
@@ -99,12 +99,12 @@ async def test_refused_operation_rolls_back_alone(db: Database) -> None:
 
     async def good(tx: Tx) -> str:
         await queries.update_user_profile(tx.conn, uid, {"display_name": "Ada L."})
-        tx.emit(_event("kept"), channel_id=1)
+        tx.emit(_event("kept"), Audience(channel_id=1))
         return "ok"
 
     async def refused(tx: Tx) -> str:
         await queries.update_user_profile(tx.conn, uid, {"real_name": "should vanish"})
-        tx.emit(_event("dropped"), channel_id=1)
+        tx.emit(_event("dropped"), Audience(channel_id=1))
         raise ChatError(ErrorCode.FORBIDDEN)
 
     outcomes = await asyncio.gather(

@@ -5,7 +5,7 @@
 default). A Redis bus, for several nodes, implements the same interface.
 """
 
-from chat.bus.base import Bus, Envelope, Subscriber
+from chat.bus.base import Audience, Bus, Envelope, Subscriber
 from chat.bus.local import LocalBus
 
-__all__ = ["Bus", "Envelope", "LocalBus", "Subscriber"]
+__all__ = ["Audience", "Bus", "Envelope", "LocalBus", "Subscriber"]

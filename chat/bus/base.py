@@ -6,10 +6,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+HEADER_VERSION = 1
+
 
 @dataclass(frozen=True, slots=True)
-class Envelope:
-    """One event, serialized once (``payload`` is the complete frame), and who receives it.
+class Audience:
+    """Who receives an event: the one typed description every layer passes along (handlers
+    emit it, the journal stores it, the bus carries it, the hub and replay judge by it).
 
     Recipients are the union of: the members of ``channel_id``, ``user_ids``, the whole
     workspace when ``everyone``, and connections subscribed to the presence of
@@ -18,12 +21,9 @@ class Envelope:
     ``joins`` become members of ``channel_id`` before delivery and ``leaves`` stop being
     members after it: a joiner sees its own join, a leaver its own leave, and nothing
     after. ``revoke_user``/``revoke_session`` close matching connections after delivery.
+    ``droppable`` events (typing, presence) may be dropped for a slow consumer.
     """
 
-    workspace_id: int
-    seq: int | None
-    type: str
-    payload: bytes
     channel_id: int | None = None
     user_ids: frozenset[int] = frozenset()
     everyone: bool = False
@@ -33,11 +33,28 @@ class Envelope:
     revoke_user: int | None = None
     revoke_session: str | None = None
     exclude_user: int | None = None
-    droppable: bool = field(default=False)
+    droppable: bool = False
+
+    @property
+    def plain(self) -> bool:
+        """For a channel's members and nobody else, changing nothing: such events can be
+        batched into one write per recipient."""
+        return (
+            self.channel_id is not None
+            and not self.everyone
+            and not self.user_ids
+            and not self.joins
+            and not self.leaves
+            and self.presence_of is None
+            and self.exclude_user is None
+            and self.revoke_user is None
+            and not self.droppable
+        )
 
     def header(self) -> str:
-        """Every routing field, compactly: stored beside the payload in the event log and in
-        the Redis stream, so a replayed envelope is routed exactly like the live one."""
+        """Every field, compactly and versioned (``1|c5;u1,2``): stored beside the payload in
+        the event log and in the Redis stream, so a replayed event is routed exactly like
+        the live one."""
         parts = []
         if self.everyone:
             parts.append("w")
@@ -59,14 +76,19 @@ class Envelope:
             parts.append(f"x{self.exclude_user}")
         if self.droppable:
             parts.append("d")
-        return ";".join(parts)
+        return f"{HEADER_VERSION}|" + ";".join(parts)
 
     @classmethod
-    def from_header(
-        cls, workspace_id: int, seq: int | None, type: str, header: str, payload: bytes
-    ) -> Envelope:
+    def from_header(cls, header: str) -> Audience:
+        """Parse :meth:`header`; a header without a version is version 0 (the same fields,
+        written before headers were versioned)."""
+        version, bar, body = header.partition("|")
+        if not bar:
+            version, body = "0", header
+        if version not in ("0", "1"):
+            raise ValueError(f"unknown audience header version {version!r}")
         fields: dict[str, Any] = {}
-        for part in filter(None, header.split(";")):
+        for part in filter(None, body.split(";")):
             key, value = part[0], part[1:]
             if key == "w":
                 fields["everyone"] = True
@@ -89,8 +111,31 @@ class Envelope:
             elif key == "x":
                 fields["exclude_user"] = int(value)
             else:
-                raise ValueError(f"unknown envelope header field {part!r}")
-        return cls(workspace_id=workspace_id, seq=seq, type=type, payload=payload, **fields)
+                raise ValueError(f"unknown audience header field {part!r}")
+        return cls(**fields)
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """One event, serialized once (``payload`` is the complete frame), and its audience.
+    ``seq`` is None for ephemeral events (typing, presence)."""
+
+    workspace_id: int
+    seq: int | None
+    type: str
+    payload: bytes
+    audience: Audience = field(default_factory=Audience)
+    # Precomputed for the delivery hot path: a plain durable channel event.
+    plain: bool = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "plain", self.seq is not None and self.audience.plain)
+
+    @classmethod
+    def from_header(
+        cls, workspace_id: int, seq: int | None, type: str, header: str, payload: bytes
+    ) -> Envelope:
+        return cls(workspace_id, seq, type, payload, Audience.from_header(header))
 
 
 Subscriber = Callable[[Sequence[Envelope]], None]

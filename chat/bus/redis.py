@@ -148,7 +148,7 @@ class RedisBus:
             if env.seq is None:
                 await self._redis.publish(
                     live_channel(env.workspace_id),
-                    env.type + "\n" + env.header() + "\n" + env.payload.decode(),
+                    env.type + "\n" + env.audience.header() + "\n" + env.payload.decode(),
                 )
             else:
                 durable[env.workspace_id].append(env)
@@ -163,7 +163,7 @@ class RedisBus:
         now = str(int(time.time() * 1000))
         args: list[Any] = [first - 1]
         for env in batch:
-            args += [env.seq, env.type, env.header(), env.payload, now]
+            args += [env.seq, env.type, env.audience.header(), env.payload, now]
         ok, top, *_ = await self._append(keys=[stream_key(workspace_id)], args=args)
         if ok:
             return
@@ -175,7 +175,7 @@ class RedisBus:
         missing = [envelope_from_row(workspace_id, r) for r in rows]
         args = [min(int(top), start)]
         for env in [*missing, *batch]:
-            args += [env.seq, env.type, env.header(), env.payload, now]
+            args += [env.seq, env.type, env.audience.header(), env.payload, now]
         await self._append(keys=[stream_key(workspace_id)], args=args)
 
     # ------------------------------------------------------------------ subscribing

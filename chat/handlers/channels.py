@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 from chat import wire
+from chat.bus import Audience
 from chat.errors import ChatError, ErrorCode
 from chat.handlers.access import (
     Action,
@@ -42,7 +43,7 @@ def _channel_event(
         ts=tx.now,
         channel=channel,
     )
-    tx.emit(event, channel_id=channel.id, everyone=channel.kind == "public", joins=joins)
+    tx.emit(event, Audience(channel_id=channel.id, everyone=channel.kind == "public", joins=joins))
 
 
 def _member_event(tx: Tx, kind: str, channel_id: int, user_id: int, by: int) -> None:
@@ -56,9 +57,11 @@ def _member_event(tx: Tx, kind: str, channel_id: int, user_id: int, by: int) -> 
         by_user_id=by,
     )
     if kind == "channel.member_joined":
-        tx.emit(event, channel_id=channel_id, joins=(user_id,))
+        tx.emit(event, Audience(channel_id=channel_id, joins=(user_id,)))
     else:
-        tx.emit(event, channel_id=channel_id, user_ids=frozenset({user_id}), leaves=(user_id,))
+        tx.emit(
+            event, Audience(channel_id=channel_id, user_ids=frozenset({user_id}), leaves=(user_id,))
+        )
 
 
 async def _reload(tx: Tx, channel_id: int) -> wire.Channel:

@@ -10,8 +10,8 @@ from chat.journal import Journal
 from chat.storage import Database
 
 if TYPE_CHECKING:
-    from chat.fanout import Hub, Peer
-    from chat.live import Live
+    from chat.fanout import Hub, Recipient
+    from chat.presence import Presence
 
 
 @dataclass(slots=True)
@@ -20,7 +20,7 @@ class Services:
     db: Database
     journal: Journal
     hub: Hub
-    live: Live
+    presence: Presence
 
 
 @dataclass(slots=True)
@@ -30,4 +30,4 @@ class Caller:
     user_id: int
     workspace_id: int
     session_id: str
-    peer: Peer
+    peer: Recipient

@@ -16,7 +16,7 @@ async def typing(s: Services, c: Caller, req: wire.Typing) -> wire.Empty:
     async with s.db.connection() as conn:
         me = await actor(conn, c.user_id)
         await member_channel(conn, me, req.channel_id)
-    await s.live.typing(c.workspace_id, req.channel_id, c.user_id, req.thread_root_id)
+    await s.presence.typing(c.workspace_id, req.channel_id, c.user_id, req.thread_root_id)
     return wire.Empty()
 
 
@@ -28,5 +28,5 @@ async def presence_subscribe(s: Services, c: Caller, req: wire.PresenceSubscribe
 
 
 async def presence_set(s: Services, c: Caller, req: wire.PresenceSet) -> wire.Empty:
-    await s.live.set_away(c.workspace_id, c.user_id, req.status == "away")
+    await s.presence.set_away(c.workspace_id, c.user_id, req.status == "away")
     return wire.Empty()

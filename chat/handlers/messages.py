@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass
 
 from chat import wire
+from chat.bus import Audience
 from chat.errors import ChatError, ErrorCode
 from chat.handlers.access import (
     Action,
@@ -96,7 +97,7 @@ async def messages_post(s: Services, c: Caller, req: wire.MessagesPost) -> wire.
             return wire.PostResult(message=original, duplicate=True)
         tx.emit(
             wire.MessagePosted(seq=0, workspace_id=0, ts=0, message=message),
-            channel_id=channel.id,
+            Audience(channel_id=channel.id),
         )
         if root is not None:
             count, latest = await queries.refresh_thread(tx.conn, root.id)
@@ -118,7 +119,7 @@ def _thread_event(tx: Tx, channel_id: int, root_id: int, count: int, latest: int
             reply_count=count,
             latest_reply_ts=latest,
         ),
-        channel_id=channel_id,
+        Audience(channel_id=channel_id),
     )
 
 
@@ -135,7 +136,7 @@ async def _notify_mentions(
     if mentions.channel:
         by_kind["channel"] = members - by_kind["user"]
     elif mentions.here:
-        active = s.live.active_users(channel.workspace_id)
+        active = s.presence.active_users(channel.workspace_id)
         by_kind["here"] = (members & active) - by_kind["user"]
     notified: set[int] = set()
     for kind, users in by_kind.items():
@@ -152,7 +153,7 @@ async def _notify_mentions(
                 by_user_id=message.user_id,
                 kind=kind,
             ),
-            user_ids=frozenset(users),
+            Audience(user_ids=frozenset(users)),
         )
     await queries.insert_mentions(tx.conn, message.id, channel.id, message.seq, sorted(notified))
 
@@ -182,7 +183,7 @@ async def messages_edit(s: Services, c: Caller, req: wire.MessagesEdit) -> wire.
         assert edited is not None
         tx.emit(
             wire.MessageEdited(seq=0, workspace_id=0, ts=0, message=edited),
-            channel_id=channel.id,
+            Audience(channel_id=channel.id),
         )
         # Newly mentioned people are told; earlier notifications stand.
         old = set(message.mentions)
@@ -212,7 +213,7 @@ async def messages_delete(s: Services, c: Caller, req: wire.MessagesDelete) -> w
                 message_id=message.id,
                 thread_root_id=message.thread_root_id,
             ),
-            channel_id=channel.id,
+            Audience(channel_id=channel.id),
         )
         if message.thread_root_id is not None:
             count, latest = await queries.refresh_thread(tx.conn, message.thread_root_id)
@@ -300,7 +301,7 @@ async def _react(
                     emoji=emoji,
                     count=count,
                 ),
-                channel_id=channel.id,
+                Audience(channel_id=channel.id),
             )
         return wire.ReactionData(message_id=message.id, reactions=reactions)
 
@@ -325,7 +326,7 @@ async def reads_mark(s: Services, c: Caller, req: wire.ReadsMark) -> wire.ReadMa
             wire.ReadMarkerUpdated(
                 seq=0, workspace_id=0, ts=0, channel_id=channel.id, last_read_seq=seq
             ),
-            user_ids=frozenset({me.id}),
+            Audience(user_ids=frozenset({me.id})),
         )
         return wire.ReadMarker(channel_id=channel.id, last_read_seq=seq)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from chat import wire
+from chat.bus import Audience
 from chat.errors import ChatError, ErrorCode
 from chat.handlers.access import Action, actor, allowed, can_set_role, require
 from chat.handlers.context import Caller, Services
@@ -28,7 +29,7 @@ async def users_info(s: Services, c: Caller, req: wire.UsersInfo) -> wire.Users:
 def _user_event(tx: Tx, user: wire.User, kind: str = "user.updated") -> None:
     tx.emit(
         wire.UserChanged(type=kind, seq=0, workspace_id=tx.workspace_id, ts=tx.now, user=user),
-        everyone=True,
+        Audience(everyone=True),
     )
 
 
@@ -94,9 +95,7 @@ def _revoked_event(tx: Tx, user_id: int, session_id: str | None) -> None:
         wire.SessionRevoked(
             seq=0, workspace_id=tx.workspace_id, ts=tx.now, user_id=user_id, session_id=session_id
         ),
-        user_ids=frozenset({user_id}),
-        revoke_user=user_id,
-        revoke_session=session_id,
+        Audience(user_ids=frozenset({user_id}), revoke_user=user_id, revoke_session=session_id),
     )
 
 

@@ -1,4 +1,4 @@
-"""Unit tests of the sans-I/O connection state machine :class:`chat.session.Session`.
+"""Unit tests of the sans-I/O connection state machine :class:`chat.protocol.ClientProtocol`.
 
 No sockets: frames go in as text, verdicts come out. Time is passed explicitly (``now``), so
 rate limiting is tested with an injected clock.
@@ -13,12 +13,12 @@ import pytest
 
 from chat import wire
 from chat.errors import ChatError, CloseCode, ErrorCode, ProtocolViolation
-from chat.session import (
+from chat.protocol import (
     Authenticate,
+    ClientProtocol,
     Close,
     Dispatch,
     Send,
-    Session,
     State,
     TokenBucket,
 )
@@ -37,8 +37,8 @@ def error_of(data: bytes | None) -> dict[str, Any]:
     return obj
 
 
-def open_session(**kwargs: Any) -> Session:
-    s = Session(now=T0, **kwargs)
+def open_session(**kwargs: Any) -> ClientProtocol:
+    s = ClientProtocol(now=T0, **kwargs)
     assert isinstance(s.receive(frame("auth", "a", token="t"), T0), Authenticate)
     s.authenticated()
     return s
@@ -48,11 +48,11 @@ def open_session(**kwargs: Any) -> Session:
 
 
 def test_starts_awaiting_auth() -> None:
-    assert Session(now=T0).state is State.AWAITING_AUTH
+    assert ClientProtocol(now=T0).state is State.AWAITING_AUTH
 
 
 def test_auth_before_authentication_is_an_authenticate_verdict() -> None:
-    s = Session(now=T0)
+    s = ClientProtocol(now=T0)
     verdict = s.receive(frame("auth", "a1", token="tok"), T0)
     assert isinstance(verdict, Authenticate)
     assert isinstance(verdict.request, wire.Auth)
@@ -62,7 +62,7 @@ def test_auth_before_authentication_is_an_authenticate_verdict() -> None:
 
 
 def test_login_before_authentication_is_an_authenticate_verdict() -> None:
-    s = Session(now=T0)
+    s = ClientProtocol(now=T0)
     verdict = s.receive(frame("login", "l1", workspace="acme", handle="mia", password="pw"), T0)
     assert isinstance(verdict, Authenticate)
     assert isinstance(verdict.request, wire.Login)
@@ -70,7 +70,7 @@ def test_login_before_authentication_is_an_authenticate_verdict() -> None:
 
 
 def test_request_before_auth_closes_1008_with_not_authenticated() -> None:
-    s = Session(now=T0)
+    s = ClientProtocol(now=T0)
     verdict = s.receive(frame("ping", "p1"), T0)
     assert isinstance(verdict, Close)
     assert verdict.code == CloseCode.POLICY_VIOLATION
@@ -83,7 +83,7 @@ def test_request_before_auth_closes_1008_with_not_authenticated() -> None:
 
 
 def test_garbage_before_auth_closes_the_connection() -> None:
-    s = Session(now=T0)
+    s = ClientProtocol(now=T0)
     verdict = s.receive("{not json", T0)
     assert isinstance(verdict, Close)
     assert verdict.code == CloseCode.POLICY_VIOLATION
@@ -124,7 +124,7 @@ def test_auth_again_is_already_authenticated_and_keeps_the_connection(data: str)
 
 
 def test_closed_session_answers_close() -> None:
-    s = Session(now=T0)
+    s = ClientProtocol(now=T0)
     s.receive(frame("ping"), T0)  # not authenticated: closes
     assert s.state is State.CLOSED
     verdict = s.receive(frame("auth", token="t"), T0)
@@ -350,7 +350,7 @@ def test_slow_refusals_do_not_disconnect() -> None:
 
 
 def test_rate_limit_applies_before_auth() -> None:
-    s = Session(now=T0, requests_per_10s=1, disconnect_after=1)
+    s = ClientProtocol(now=T0, requests_per_10s=1, disconnect_after=1)
     assert isinstance(s.receive(frame("auth", "a", token="t"), T0), Authenticate)
     s.authenticated()
     assert isinstance(s.receive(frame("ping", "b"), T0), Send)

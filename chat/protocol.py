@@ -1,9 +1,9 @@
-"""The per-connection protocol state machine, without I/O.
+"""The protocol state machine of one client session, without I/O.
 
-A :class:`Session` takes the text of each received frame and answers with what to do: send an
-error, close with a code, authenticate, or dispatch a request. It owns the auth state, the rate
-limit, in-flight request ids and the conversion of exceptions into frames and close codes
-(the one place where that happens). The server feeds it and carries out its verdicts; tests
+A :class:`ClientProtocol` takes the text of each received frame and answers with what to do:
+send an error, close with a code, authenticate, or dispatch a request. It owns the auth state,
+the rate limit, in-flight request ids and the conversion of exceptions into frames and close
+codes (the one place where that happens). The server feeds it and carries out its verdicts; tests
 drive it directly, with no sockets. The session is not the socket: the same rules serve a
 connection relayed through the edge cache.
 
@@ -81,7 +81,7 @@ class TokenBucket:
         return (1.0 - self._tokens) * self._per / self._rate
 
 
-class Session:
+class ClientProtocol:
     __slots__ = ("_bucket", "_refusals", "inflight", "state")
 
     def __init__(

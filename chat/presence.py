@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 from chat import wire
-from chat.bus import Bus, Envelope
+from chat.bus import Audience, Bus, Envelope
 from chat.journal import now_ms
 
 log = logging.getLogger(__name__)
@@ -86,12 +86,11 @@ def _presence_envelope(workspace_id: int, user_id: int, status: Status) -> Envel
         seq=None,
         type=event.type,
         payload=wire.dump(event),
-        presence_of=user_id,
-        droppable=True,
+        audience=Audience(presence_of=user_id, droppable=True),
     )
 
 
-class Live:
+class Presence:
     def __init__(
         self, bus: Bus, typing_interval_s: float, cluster: ClusterPresence | None = None
     ) -> None:
@@ -176,7 +175,9 @@ class Live:
             user_id=user_id,
             thread_root_id=thread_root_id,
         )
-        await self._publish(event, channel_id=channel_id, exclude_user=user_id)
+        await self._publish(
+            event, Audience(channel_id=channel_id, exclude_user=user_id, droppable=True)
+        )
         return True
 
     async def _changed(self, workspace_id: int, user_id: int, before: Status) -> None:
@@ -192,13 +193,12 @@ class Live:
             return
         await self._bus.publish([_presence_envelope(workspace_id, user_id, after)])
 
-    async def _publish(self, event: wire.Ephemeral, **audience: Any) -> None:
+    async def _publish(self, event: wire.Ephemeral, audience: Audience) -> None:
         envelope = Envelope(
             workspace_id=event.workspace_id,
             seq=None,
             type=event.type,  # type: ignore[attr-defined]
             payload=wire.dump(event),
-            droppable=True,
-            **audience,
+            audience=audience,
         )
         await self._bus.publish([envelope])
