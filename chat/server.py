@@ -24,7 +24,6 @@ import signal
 import struct
 import time
 from collections.abc import Awaitable, Sequence
-from dataclasses import dataclass
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
@@ -34,13 +33,13 @@ from websockets.protocol import State as WsState
 from websockets.typing import Origin
 
 from chat import __version__, metrics, wire
-from chat.auth import issue_token, new_session_id, verify_password, verify_token
 from chat.bus import Bus, Envelope, LocalBus
 from chat.config import Settings
 from chat.errors import ChatError, CloseCode, ErrorCode, ProtocolViolation
 from chat.fanout import Hub, visible_backlog
 from chat.handlers import Caller, Services, handle
-from chat.journal import Journal, now_ms
+from chat.identity import identify
+from chat.journal import Journal
 from chat.metrics import TALLY
 from chat.presence import ClusterPresence, Presence
 from chat.protocol import Authenticate, ClientProtocol, Close, Dispatch, Send
@@ -172,14 +171,6 @@ class Slots:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
         self._waiter = None
-
-
-@dataclass(slots=True)
-class Identity:
-    user: wire.User
-    workspace_name: str
-    session_id: str
-    token: str | None
 
 
 class Node:
@@ -479,7 +470,7 @@ class Node:
         self, peer: Peer, session: ClientProtocol, request: wire.Auth | wire.Login
     ) -> bool:
         try:
-            identity = await self._identify(request)
+            identity = await identify(self.settings, self.services.db, request)
         except ChatError as exc:
             await self._apply(
                 peer,
@@ -574,43 +565,6 @@ class Node:
                     return False
                 await asyncio.sleep(0.005)
         return not peer.closing
-
-    async def _identify(self, request: wire.Auth | wire.Login) -> Identity:
-        s = self.settings
-        db = self.services.db
-        if isinstance(request, wire.Auth):
-            claims = verify_token(s.secret_key, request.token)
-            async with db.connection() as conn:
-                row = await queries.get_session(conn, claims.session_id)
-                user = await queries.get_user(conn, claims.user_id)
-                ws = await queries.get_workspace(conn, claims.workspace_id)
-            if row is None or row["user_id"] != claims.user_id or user is None or ws is None:
-                raise ChatError(ErrorCode.INVALID_AUTH)
-            if row["revoked_at"] is not None:
-                raise ChatError(ErrorCode.TOKEN_REVOKED)
-            if user.deactivated:
-                raise ChatError(ErrorCode.ACCOUNT_INACTIVE)
-            return Identity(user, ws["name"], claims.session_id, None)
-        async with db.connection() as conn:
-            ws = await queries.get_workspace_by_name(conn, request.workspace)
-            login = await queries.get_login(conn, ws["id"], request.handle) if ws else None
-        # argon2 takes tens of milliseconds of CPU: keep it off the event loop.
-        ok = await asyncio.to_thread(
-            verify_password, login["password_hash"] if login else None, request.password
-        )
-        if not ok or login is None or ws is None:
-            raise ChatError(ErrorCode.INVALID_AUTH, "unknown workspace, handle or password")
-        if login["deactivated"]:
-            raise ChatError(ErrorCode.ACCOUNT_INACTIVE)
-        session_id = new_session_id()
-        token, claims = issue_token(s.secret_key, login["id"], ws["id"], session_id, s.token_ttl_s)
-        async with db.transaction() as conn:
-            await queries.create_session(
-                conn, session_id, login["id"], now_ms(), claims.expires_at * 1000
-            )
-            user = await queries.get_user(conn, login["id"])
-        assert user is not None
-        return Identity(user, ws["name"], session_id, token)
 
     async def _request(
         self,
