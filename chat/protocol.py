@@ -16,7 +16,6 @@ connection relayed through the edge cache.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from enum import Enum, auto
@@ -179,22 +178,21 @@ class ClientProtocol:
 
 
 def _request_id(data: str) -> str | None:
-    """The ``id`` of a frame that failed validation, when there is a usable one."""
-    try:
-        obj = json.loads(data)
-    except ValueError:
-        return None
-    rid = obj.get("id") if isinstance(obj, dict) else None
-    return rid if isinstance(rid, str) and 0 < len(rid) <= 64 else None
+    """The ``id`` of a frame that failed validation, when there is a usable one (read
+    without recursion, whatever the frame's depth: :func:`chat.wire.frame_id`)."""
+    return wire.frame_id(data)
 
 
 def _validation_error(exc: pydantic.ValidationError) -> ChatError:
     errors = exc.errors(include_url=False, include_input=False)
     first = errors[0] if errors else {"type": "", "loc": (), "msg": ""}
     kind = first["type"]
-    if kind == "json_invalid" or (
-        kind in ("dict_type", "model_attributes_type") and not first["loc"]
-    ):
+    if kind == "json_invalid":
+        # The parser's reason (position, or the depth limit); it never quotes the input.
+        ctx: dict[str, object] = errors[0].get("ctx", {}) if errors else {}
+        reason = str(ctx.get("error", "")) or "invalid JSON"
+        return ChatError(ErrorCode.INVALID_JSON, f"the frame is not valid JSON: {reason}")
+    if kind in ("dict_type", "model_attributes_type", "model_type") and not first["loc"]:
         return ChatError(ErrorCode.INVALID_JSON, "the frame is not a JSON object")
     if kind == "union_tag_invalid":
         return ChatError(ErrorCode.UNKNOWN_TYPE, "unknown frame type")

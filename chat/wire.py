@@ -10,19 +10,83 @@ Event numbering: every durable event carries ``seq``, the workspace's event posi
 in the database in commit order. Every node (and the edge cache) serializes an event once and
 sends the same bytes to every recipient; a client resumes from the last ``seq`` it saw.
 Ephemeral events (``typing``, ``presence``) carry no ``seq`` and are never replayed.
+
+Input is strict at this edge, so nothing a client sends can surprise a handler or a store:
+client frames are validated in pydantic's strict mode (``true`` is not ``1``, ``3.0`` is not
+``3``, ``"yes"`` is not ``true``); every integer fits a signed 64-bit column; every string
+and list has a maximum length; no string carries a C0 control character other than tab,
+newline and carriage return (PostgreSQL refuses NUL, SQLite would store it: refusing it
+here makes both stores behave alike); and no frame is read deeper than
+:data:`MAX_JSON_DEPTH` levels, without any recursion in Python (:func:`parse_client_frame`,
+:func:`frame_id`).
 """
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, ClassVar, Literal, get_args
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+import pydantic_core
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter
 
 MAX_TEXT_CHARS = 4000
+# A hard bound on message text at the edge, whatever the frame-size setting; between
+# MAX_TEXT_CHARS and this the handler answers the more useful ``msg_too_long``.
+MAX_TEXT_WIRE_CHARS = 4 * MAX_TEXT_CHARS
 MAX_GROUP_DM = 8
+MAX_INT = 2**63 - 1  # the largest value of a BIGINT column, on both stores
+# Frames need 3 levels (frame, resume/list, item); anything deeper is refused unread.
+MAX_JSON_DEPTH = 32
+MAX_URL_CHARS = 500
 
-RequestId = Annotated[str, Field(min_length=1, max_length=64)]
-Id = Annotated[int, Field(ge=1, le=2**63 - 1)]
+# C0 controls but tab, newline and carriage return.
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
+
+
+def _no_controls(value: str) -> str:
+    if (m := _CONTROL.search(value)) is not None:
+        raise ValueError(
+            f"control character U+{ord(m.group()):04X} is not allowed"
+            " (only tab, newline and carriage return are)"
+        )
+    return value
+
+
+def _http_url(value: str) -> str:
+    """Empty, or an absolute http(s) URL: anything else (``javascript:``, ``data:``,
+    relative) could run or leak in a client that renders it."""
+    if not value:
+        return value
+    if any(c.isspace() for c in value):
+        raise ValueError("a URL has no whitespace")
+    try:
+        parts = urlsplit(value)
+    except ValueError as exc:  # e.g. a malformed IPv6 host
+        raise ValueError(f"not a URL: {exc}") from None
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an absolute http:// or https:// URL, or empty")
+    return value
+
+
+Clean = AfterValidator(_no_controls)
+
+RequestId = Annotated[str, Field(min_length=1, max_length=64), Clean]
+Id = Annotated[int, Field(ge=1, le=MAX_INT)]
+Position = Annotated[int, Field(ge=0, le=MAX_INT)]  # seqs and cursors
+Name = Annotated[str, Field(min_length=1, max_length=80), Clean]
+About = Annotated[str, Field(max_length=250), Clean]  # topic, purpose
+ClientMsgId = Annotated[str, Field(min_length=1, max_length=64), Clean]
+Text = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=MAX_TEXT_WIRE_CHARS,
+        description=f"Over {MAX_TEXT_CHARS} characters: ``msg_too_long``.",
+    ),
+    Clean,
+]
+Emoji = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[a-z0-9_+\-]+$"), Clean]
 Role = Literal["owner", "admin", "member", "guest"]
 ChannelKind = Literal["public", "private", "dm", "group_dm"]
 
@@ -114,14 +178,17 @@ class Limits(Obj):
 class Request(Frame):
     """A client request: the server answers with ``reply`` or ``error`` naming ``id``."""
 
+    # Strict: a client's wrong type is refused, never converted.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
     id: RequestId
 
 
 class Resume(Obj):
     """Where a reconnecting client left off: its session and the last ``seq`` it saw."""
 
-    session_id: Annotated[str, Field(min_length=1, max_length=64)]
-    seq: Annotated[int, Field(ge=0)]
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    session_id: Annotated[str, Field(min_length=1, max_length=64), Clean]
+    seq: Position
 
 
 class Auth(Request):
@@ -131,7 +198,7 @@ class Auth(Request):
     and the client must bootstrap afresh."""
 
     type: Literal["auth"]
-    token: Annotated[str, Field(max_length=4096)]
+    token: Annotated[str, Field(max_length=4096), Clean]
     resume: Resume | None = None
     examples = [
         {"type": "auth", "id": "1", "token": "eyJhbGciOiJIUzI1NiJ9.e30.sig"},
@@ -148,9 +215,9 @@ class Login(Request):
     """Alternative first frame: handle + password; the reply carries a fresh token."""
 
     type: Literal["login"]
-    workspace: Annotated[str, Field(min_length=1, max_length=80)]
-    handle: Annotated[str, Field(min_length=1, max_length=80)]
-    password: Annotated[str, Field(min_length=1, max_length=1024)]
+    workspace: Name
+    handle: Name
+    password: Annotated[str, Field(min_length=1, max_length=1024), Clean]
     examples = [
         {"type": "login", "id": "1", "workspace": "acme", "handle": "ada", "password": "pw"}
     ]
@@ -162,7 +229,7 @@ class Ping(Request):
 
 
 class Page(Request):
-    cursor: Annotated[int, Field(ge=0)] = 0
+    cursor: Position = 0
     limit: Annotated[int, Field(ge=1, le=1000)] = 100
 
 
@@ -179,10 +246,21 @@ class UsersInfo(Request):
 
 class UsersUpdateProfile(Request):
     type: Literal["users.update_profile"]
-    display_name: Annotated[str, Field(min_length=1, max_length=80)] | None = None
-    real_name: Annotated[str, Field(max_length=120)] | None = None
-    avatar_url: Annotated[str, Field(max_length=500)] | None = None
-    tz: Annotated[str, Field(max_length=64)] | None = None
+    display_name: Name | None = None
+    real_name: Annotated[str, Field(max_length=120), Clean] | None = None
+    avatar_url: (
+        Annotated[
+            str,
+            Field(
+                max_length=MAX_URL_CHARS,
+                description="An absolute ``http://`` or ``https://`` URL, or empty.",
+            ),
+            Clean,
+            AfterValidator(_http_url),
+        ]
+        | None
+    ) = None
+    tz: Annotated[str, Field(max_length=64), Clean] | None = None
     examples = [{"type": "users.update_profile", "id": "4", "display_name": "Ada L."}]
 
 
@@ -210,10 +288,10 @@ class SessionsRevoke(Request):
 
 class ChannelsCreate(Request):
     type: Literal["channels.create"]
-    name: Annotated[str, Field(min_length=1, max_length=80)]
+    name: Name
     private: bool = False
-    topic: Annotated[str, Field(max_length=250)] = ""
-    purpose: Annotated[str, Field(max_length=250)] = ""
+    topic: About = ""
+    purpose: About = ""
     examples = [{"type": "channels.create", "id": "9", "name": "general", "private": False}]
 
 
@@ -222,9 +300,9 @@ class ChannelsUpdate(Request):
 
     type: Literal["channels.update"]
     channel_id: Id
-    name: Annotated[str, Field(min_length=1, max_length=80)] | None = None
-    topic: Annotated[str, Field(max_length=250)] | None = None
-    purpose: Annotated[str, Field(max_length=250)] | None = None
+    name: Name | None = None
+    topic: About | None = None
+    purpose: About | None = None
     examples = [{"type": "channels.update", "id": "10", "channel_id": 4, "topic": "Launch"}]
 
 
@@ -299,8 +377,8 @@ class MessagesPost(Request):
 
     type: Literal["messages.post"]
     channel_id: Id
-    client_msg_id: Annotated[str, Field(min_length=1, max_length=64)]
-    text: Annotated[str, Field(min_length=1)]
+    client_msg_id: ClientMsgId
+    text: Text
     thread_root_id: Id | None = None
     examples = [
         {
@@ -316,7 +394,7 @@ class MessagesPost(Request):
 class MessagesEdit(Request):
     type: Literal["messages.edit"]
     message_id: Id
-    text: Annotated[str, Field(min_length=1)]
+    text: Text
     examples = [{"type": "messages.edit", "id": "22", "message_id": 40, "text": "hello!"}]
 
 
@@ -334,9 +412,9 @@ class MessagesHistory(Request):
 
     type: Literal["messages.history"]
     channel_id: Id
-    before: Annotated[int, Field(ge=0)] | None = None
-    after: Annotated[int, Field(ge=0)] | None = None
-    around: Annotated[int, Field(ge=0)] | None = None
+    before: Position | None = None
+    after: Position | None = None
+    around: Position | None = None
     limit: Annotated[int, Field(ge=1, le=200)] = 50
     examples = [{"type": "messages.history", "id": "24", "channel_id": 4, "before": 120}]
 
@@ -346,7 +424,7 @@ class MessagesReplies(Request):
 
     type: Literal["messages.replies"]
     message_id: Id
-    after: Annotated[int, Field(ge=0)] = 0
+    after: Position = 0
     limit: Annotated[int, Field(ge=1, le=200)] = 50
     examples = [{"type": "messages.replies", "id": "25", "message_id": 40}]
 
@@ -354,21 +432,21 @@ class MessagesReplies(Request):
 class ReactionsAdd(Request):
     type: Literal["reactions.add"]
     message_id: Id
-    emoji: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[a-z0-9_+\-]+$")]
+    emoji: Emoji
     examples = [{"type": "reactions.add", "id": "26", "message_id": 40, "emoji": "tada"}]
 
 
 class ReactionsRemove(Request):
     type: Literal["reactions.remove"]
     message_id: Id
-    emoji: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[a-z0-9_+\-]+$")]
+    emoji: Emoji
     examples = [{"type": "reactions.remove", "id": "27", "message_id": 40, "emoji": "tada"}]
 
 
 class ReadsMark(Request):
     type: Literal["reads.mark"]
     channel_id: Id
-    seq: Annotated[int, Field(ge=0)]
+    seq: Position
     examples = [{"type": "reads.mark", "id": "28", "channel_id": 4, "seq": 118}]
 
 
@@ -953,8 +1031,71 @@ SERVER_FRAME_ADAPTER: TypeAdapter[ServerFrame] = TypeAdapter(ServerFrame)
 
 
 def parse_client_frame(data: str | bytes) -> ClientFrame:
-    """Parse and validate one client frame; raises ``pydantic.ValidationError``."""
+    """Parse and validate one client frame; raises ``pydantic.ValidationError``.
+
+    A frame nested deeper than :data:`MAX_JSON_DEPTH` fails as ``json_invalid``. The JSON
+    parser (jiter) recurses in Rust with its own bound, never in Python, and no valid frame
+    is more than 3 levels deep; only a frame with more brackets than the limit, which no
+    ordinary frame has, pays for the exact check.
+    """
+    if _brackets(data) > MAX_JSON_DEPTH and _too_deep(data):
+        raise pydantic_core.ValidationError.from_exception_data(
+            "ClientFrame",
+            [
+                {
+                    "type": "json_invalid",
+                    "loc": (),
+                    "input": "",
+                    "ctx": {"error": f"nested deeper than {MAX_JSON_DEPTH} levels"},
+                }
+            ],
+        )
     return CLIENT_FRAME_ADAPTER.validate_json(data)
+
+
+def frame_id(data: str | bytes) -> str | None:
+    """The ``id`` of a frame refused before or during validation, when it has a usable one:
+    a string of 1-64 characters, without control characters, at the top level of a JSON
+    object nested at most :data:`MAX_JSON_DEPTH` deep. Never recurses in Python."""
+    if _brackets(data) > MAX_JSON_DEPTH and _too_deep(data):
+        return None
+    try:
+        obj = pydantic_core.from_json(data, cache_strings=False)
+    except ValueError:
+        return None
+    rid = obj.get("id") if isinstance(obj, dict) else None
+    if isinstance(rid, str) and 0 < len(rid) <= 64 and _CONTROL.search(rid) is None:
+        return rid
+    return None
+
+
+def _brackets(data: str | bytes) -> int:
+    """An upper bound of the nesting depth, counted at C speed."""
+    if isinstance(data, str):
+        return data.count("[") + data.count("{")
+    return data.count(b"[") + data.count(b"{")
+
+
+def _too_deep(data: str | bytes) -> bool:
+    """Whether the JSON value opens more than :data:`MAX_JSON_DEPTH` levels; an iterative
+    parse (jiter, bounded in Rust), then a walk with an explicit stack. Text that is not
+    JSON is not "too deep": validation reports it as it is."""
+    try:
+        root = pydantic_core.from_json(data, cache_strings=False)
+    except ValueError as exc:
+        # jiter's own bound (200 levels) is far above ours.
+        return "recursion limit" in str(exc)
+    stack: list[tuple[Any, int]] = [(root, 0)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict):
+            value = list(value.values())
+        elif not isinstance(value, list):
+            continue
+        if depth + 1 > MAX_JSON_DEPTH:
+            return True
+        stack.extend((v, depth + 1) for v in value if isinstance(v, dict | list))
+    return False
 
 
 def parse_server_frame(data: str | bytes) -> ServerFrame:
