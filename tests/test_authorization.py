@@ -9,13 +9,18 @@ guest, mallory a member who is in no channel. ``general`` is public (everyone bu
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
 
+from chat import wire
 from chat.client import Client
+from chat.handlers.access import Action, can_set_role, may_act_on
+from chat.journal import now_ms
+from chat.storage import queries
 from tests.harness import RunningNode
 from tests.timing import scaled
 
@@ -292,3 +297,146 @@ async def test_logout_gets_its_reply_then_closes(node: RunningNode, all_sessions
         assert frame["data"]["revoked"] == 1
         await asyncio.wait_for(mia.closed.wait(), scaled(5))
         assert (mia.ws.close_code, mia.ws.close_reason) == (1008, "token_revoked")
+
+
+# --------------------------------------------------------------------------- defect 2
+
+
+async def _end_session_behind_the_nodes_back(node: RunningNode, session_id: str, how: str) -> None:
+    """Revoke or expire a session in the database only, with no event: as if the connection
+    had missed the revocation (it raced its connect, or the bus lost it)."""
+    async with node.admin.db.transaction() as conn:
+        if how == "revoked":
+            assert await queries.revoke_session(conn, session_id, now_ms()) == 1
+        else:
+            await conn.execute(
+                "UPDATE sessions SET expires_at = $2 WHERE id = $1", session_id, now_ms() - 1
+            )
+
+
+@pytest.mark.parametrize(
+    ("how", "code"), [("revoked", "token_revoked"), ("expired", "token_expired")]
+)
+async def test_defect_02_requests_recheck_the_session(
+    node: RunningNode, how: str, code: str
+) -> None:
+    async with node.client(MEMBER) as mia:
+        await mia.request("ping")
+        await _end_session_behind_the_nodes_back(node, mia.session["session_id"], how)
+        outcomes = []
+        for op in (post_general, history_general, topic_general):
+            if mia.closed.is_set():
+                break
+            with contextlib.suppress(ConnectionError):
+                outcomes.append(await op(node, mia, MEMBER))
+        # Before the fix the post was accepted; now every request is refused (and the
+        # connection may be closed after the first refusal).
+        assert outcomes and set(outcomes) == {code}, outcomes
+    history = await node_history(node, OWNER, node.general)
+    assert "hello" not in history
+
+
+async def node_history(node: RunningNode, handle: str, channel_id: int) -> list[str]:
+    async with node.client(handle) as c:
+        page = await c.request("messages.history", channel_id=channel_id)
+    return [m["text"] for m in page["messages"]]
+
+
+# --------------------------------------------------------------------------- defect 15
+
+
+async def _new_admin(node: RunningNode) -> int:
+    (user,) = await node.admin.create_users(
+        node.workspace_id, [{"handle": next(_names), "role": "admin"}]
+    )
+    return user.id
+
+
+async def demote_admin(node: RunningNode, c: Client, actor: str) -> str:
+    return await attempt(c, "users.set_role", user_id=await _new_admin(node), role="member")
+
+
+async def deactivate_admin(node: RunningNode, c: Client, actor: str) -> str:
+    return await attempt(c, "users.deactivate", user_id=await _new_admin(node))
+
+
+async def revoke_admin(node: RunningNode, c: Client, actor: str) -> str:
+    return await attempt(c, "sessions.revoke", user_id=await _new_admin(node), all=True)
+
+
+async def promote_to_owner(node: RunningNode, c: Client, actor: str) -> str:
+    return await attempt(c, "users.set_role", user_id=node.users[other(actor)], role="owner")
+
+
+async def own_role(node: RunningNode, c: Client, actor: str) -> str:
+    return await attempt(c, "users.set_role", user_id=node.users[actor], role="guest")
+
+
+# One rule for acting on another user (rank owner > admin > member > guest): an admin acts
+# on admins, members and guests, never owners; an owner on anyone; nobody on their own role.
+TABLE_15: dict[Op, tuple[str, ...]] = {
+    demote_admin: ("ok", "ok", F, F, F),  # before the fix: ("ok", F, F, F, F)
+    deactivate_admin: ("ok", "ok", F, F, F),
+    revoke_admin: ("ok", "ok", F, F, F),
+    promote_to_owner: ("ok", F, F, F, F),
+    own_role: (F, F, F, F, F),
+    demote_owner: (F, F, F, F, F),
+    deactivate_owner: ("invalid_argument", F, F, F, F),  # the owner herself: not herself
+}
+
+
+@pytest.mark.parametrize(
+    ("actor", "op", "expected"),
+    [
+        pytest.param(actor, op, expected, id=f"{op.__name__}-{actor}")
+        for op, outcomes in TABLE_15.items()
+        for actor, expected in zip(ACTORS, outcomes, strict=True)
+    ],
+)
+async def test_defect_15_one_rank_rule_for_acting_on_users(
+    node: RunningNode, actor: str, op: Op, expected: str
+) -> None:
+    async with node.client(actor) as c:
+        outcome = await op(node, c, actor)
+    assert outcome == expected, f"{actor} {op.__name__}: expected {expected}, got {outcome}"
+
+
+ROLES = ("owner", "admin", "member", "guest")
+# actor role -> the target roles it may act on (set_role, deactivate, revoke_others).
+RANK_RULE = {
+    "owner": {"owner", "admin", "member", "guest"},
+    "admin": {"admin", "member", "guest"},
+    "member": set(),
+    "guest": set(),
+}
+
+
+@pytest.mark.parametrize("action", [Action.SET_ROLE, Action.DEACTIVATE, Action.REVOKE_OTHERS])
+@pytest.mark.parametrize("me_role", ROLES)
+@pytest.mark.parametrize("target_role", ROLES)
+def test_defect_15_policy_table_rank_rule(action: Action, me_role: str, target_role: str) -> None:
+    me = _user(1, me_role)
+    target = _user(2, target_role)
+    assert may_act_on(me, target, action) == (target_role in RANK_RULE[me_role])
+    # Nobody changes their own role, whatever the rank.
+    assert not can_set_role(me, _user(1, me_role), "member")
+    assert not may_act_on(_user(1, me_role, deactivated=True), target, action)
+
+
+def test_defect_15_roles_an_admin_may_give() -> None:
+    admin = _user(1, "admin")
+    given = {role for role in ROLES if can_set_role(admin, _user(2, "admin"), role)}
+    assert given == {"member", "guest"}
+    owner = _user(1, "owner")
+    assert {role for role in ROLES if can_set_role(owner, _user(2, "owner"), role)} == set(ROLES)
+
+
+def _user(user_id: int, role: str, *, deactivated: bool = False) -> wire.User:
+    return wire.User(
+        id=user_id,
+        workspace_id=1,
+        handle=f"u{user_id}",
+        display_name=f"U{user_id}",
+        role=role,
+        deactivated=deactivated,
+    )

@@ -12,16 +12,38 @@ Rules (tested as a table in ``tests/test_authorization.py``):
 - Editing a message: its author only. Deleting: its author, or an admin/owner.
 - Renaming or archiving a channel: its creator, or an admin/owner. Topic and purpose: members.
 - Removing someone from a channel: the channel's creator, or an admin/owner.
-- Roles: an owner may set any role; an admin may make members and guests, of non-owners.
+- Acting on another user (set a role, deactivate, revoke their sessions): rank is
+  owner > admin > member > guest; an owner may act on anyone, an admin on admins, members
+  and guests but not owners (``TARGETS``). Nobody changes their own role. Roles an actor
+  may give: an owner any, an admin member or guest (``GRANTS``).
+- Requests act as a session: a revoked or expired session can do nothing (``actor``).
+
+Who *receives* an event is authorization too, and follows the same rules as reads
+(``*_audience`` below; every event the handlers and ``chat/admin.py`` emit uses one):
+
+- ``channel.*`` (created/updated/archived/unarchived) of a public channel: its members and
+  everyone who may ``READ_PUBLIC`` (not guests); of a private channel or DM: its members.
+- ``channel.member_joined/left``: the channel's members (and the one who left).
+- ``message.*``, ``reaction.*``, typing: the channel's members; mentions: the mentioned
+  members; ``read_marker.updated``: the reader.
+- ``user.*``: the whole workspace (guests may list users too); a role change is applied to
+  the user's live connections at that event, so later events are judged by the new role.
+- ``session.revoked``: the user whose sessions they were. Presence: its watchers.
 """
 
 from __future__ import annotations
 
+import time
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
 from chat import wire
+from chat.bus import Audience
 from chat.errors import ChatError, ErrorCode
 from chat.storage import Connection, queries
+
+if TYPE_CHECKING:
+    from chat.handlers.context import Caller
 
 
 class Action(StrEnum):
@@ -51,6 +73,18 @@ POLICY: dict[Action, frozenset[str]] = {
     Action.REVOKE_OTHERS: _ALL_STAFF,
 }
 
+# Acting on another user (SET_ROLE, DEACTIVATE, REVOKE_OTHERS): the roles of the targets each
+# role may act on (by rank: owner > admin > member > guest; admins act on admins).
+TARGETS: dict[str, frozenset[str]] = {
+    "owner": frozenset({"owner", "admin", "member", "guest"}),
+    "admin": frozenset({"admin", "member", "guest"}),
+}
+# The roles each role may give with SET_ROLE.
+GRANTS: dict[str, frozenset[str]] = {
+    "owner": frozenset({"owner", "admin", "member", "guest"}),
+    "admin": frozenset({"member", "guest"}),
+}
+
 
 def allowed(user: wire.User, action: Action) -> bool:
     return not user.deactivated and user.role in POLICY[action]
@@ -61,11 +95,21 @@ def require(user: wire.User, action: Action) -> None:
         raise ChatError(ErrorCode.FORBIDDEN, f"role {user.role!r} may not {action.value}")
 
 
-async def actor(conn: Connection, user_id: int) -> wire.User:
-    """The caller, fresh from the database (role changes and deactivation apply at once)."""
-    user = await queries.get_user(conn, user_id)
-    if user is None or user.deactivated:
+async def actor(conn: Connection, caller: Caller) -> wire.User:
+    """The caller, fresh from the database with its session, in one query: role changes,
+    deactivation, revocation and expiry apply at once, whatever reached the connection."""
+    row = await queries.get_actor(conn, caller.user_id, caller.session_id)
+    if row is None:
         raise ChatError(ErrorCode.ACCOUNT_INACTIVE)
+    user, revoked_at, expires_at = row
+    if user.deactivated:
+        raise ChatError(ErrorCode.ACCOUNT_INACTIVE)
+    if expires_at is None:  # no such session for this user
+        raise ChatError(ErrorCode.INVALID_AUTH)
+    if revoked_at is not None:
+        raise ChatError(ErrorCode.TOKEN_REVOKED)
+    if expires_at <= time.time() * 1000:
+        raise ChatError(ErrorCode.TOKEN_EXPIRED)
     return user
 
 
@@ -112,9 +156,33 @@ def can_manage_channel(user: wire.User, channel: wire.Channel) -> bool:
     return channel.created_by == user.id or allowed(user, Action.MANAGE_ANY_CHANNEL)
 
 
+def may_act_on(user: wire.User, target: wire.User, action: Action) -> bool:
+    """The one rule for acting on another user: the action's roles, then the target's rank."""
+    return allowed(user, action) and target.role in TARGETS.get(user.role, frozenset())
+
+
 def can_set_role(user: wire.User, target: wire.User, role: str) -> bool:
-    if not allowed(user, Action.SET_ROLE) or target.id == user.id:
-        return False
-    if user.role == "owner":
-        return True
-    return target.role != "owner" and role in ("member", "guest") and target.role != "admin"
+    return (
+        target.id != user.id
+        and may_act_on(user, target, Action.SET_ROLE)
+        and role in GRANTS.get(user.role, frozenset())
+    )
+
+
+# ---------------------------------------------------------------------- event audiences
+
+
+def channel_audience(channel: wire.Channel, *, joins: tuple[int, ...] = ()) -> Audience:
+    """``channel.*`` events: whoever may read the channel (``visible_channel``): its members,
+    and for a public channel every role that may ``READ_PUBLIC``."""
+    readers = POLICY[Action.READ_PUBLIC] if channel.kind == "public" else frozenset()
+    return Audience(channel_id=channel.id, roles=readers, joins=joins)
+
+
+def user_audience(user: wire.User, *, role_was: str | None = None) -> Audience:
+    """``user.*`` events: the whole workspace (every role may list users). ``role_was``:
+    the user's role before this event, when it changes it."""
+    change = None
+    if role_was is not None and role_was != user.role:
+        change = (user.id, role_was, user.role)
+    return Audience(everyone=True, role_change=change)

@@ -12,6 +12,7 @@ from chat.handlers.access import (
     actor,
     allowed,
     can_manage_channel,
+    channel_audience,
     member_channel,
     require,
     visible_channel,
@@ -35,7 +36,7 @@ def _is_dm(channel: wire.Channel) -> bool:
 def _channel_event(
     tx: Tx, kind: str, channel: wire.Channel, *, joins: tuple[int, ...] = ()
 ) -> None:
-    """Public channels are announced to the workspace; private ones and DMs to members."""
+    """To whoever may read the channel (``access.channel_audience``)."""
     event = wire.ChannelChanged(
         type=kind,
         seq=0,
@@ -43,7 +44,7 @@ def _channel_event(
         ts=tx.now,
         channel=channel,
     )
-    tx.emit(event, Audience(channel_id=channel.id, everyone=channel.kind == "public", joins=joins))
+    tx.emit(event, channel_audience(channel, joins=joins))
 
 
 def _member_event(tx: Tx, kind: str, channel_id: int, user_id: int, by: int) -> None:
@@ -74,7 +75,7 @@ async def channels_create(s: Services, c: Caller, req: wire.ChannelsCreate) -> w
     _check_name(req.name)
 
     async def op(tx: Tx) -> wire.ChannelData:
-        me = await actor(tx.conn, c.user_id)
+        me = await actor(tx.conn, c)
         require(me, Action.CREATE_CHANNEL)
         try:
             async with tx.conn.savepoint():
@@ -104,7 +105,7 @@ async def channels_update(s: Services, c: Caller, req: wire.ChannelsUpdate) -> w
     changes = req.model_dump(include={"name", "topic", "purpose"}, exclude_none=True)
 
     async def op(tx: Tx) -> wire.ChannelData:
-        me = await actor(tx.conn, c.user_id)
+        me = await actor(tx.conn, c)
         channel = await member_channel(tx.conn, me, req.channel_id)
         if _is_dm(channel) and "name" in changes:
             raise ChatError(ErrorCode.NOT_ALLOWED_FOR_DM)
@@ -126,7 +127,7 @@ async def _set_archived(
     s: Services, c: Caller, channel_id: int, archived: bool
 ) -> wire.ChannelData:
     async def op(tx: Tx) -> wire.ChannelData:
-        me = await actor(tx.conn, c.user_id)
+        me = await actor(tx.conn, c)
         channel, member = await visible_channel(tx.conn, me, channel_id)
         if _is_dm(channel):
             raise ChatError(ErrorCode.NOT_ALLOWED_FOR_DM)
@@ -154,7 +155,7 @@ async def channels_unarchive(
 
 async def channels_join(s: Services, c: Caller, req: wire.ChannelsJoin) -> wire.ChannelData:
     async def op(tx: Tx) -> wire.ChannelData:
-        me = await actor(tx.conn, c.user_id)
+        me = await actor(tx.conn, c)
         channel, member = await visible_channel(tx.conn, me, req.channel_id)
         if _is_dm(channel):
             raise ChatError(ErrorCode.NOT_ALLOWED_FOR_DM)
@@ -172,7 +173,7 @@ async def channels_join(s: Services, c: Caller, req: wire.ChannelsJoin) -> wire.
 
 async def channels_leave(s: Services, c: Caller, req: wire.ChannelsLeave) -> wire.ChannelData:
     async def op(tx: Tx) -> wire.ChannelData:
-        me = await actor(tx.conn, c.user_id)
+        me = await actor(tx.conn, c)
         channel, member = await visible_channel(tx.conn, me, req.channel_id)
         if _is_dm(channel):
             raise ChatError(ErrorCode.NOT_ALLOWED_FOR_DM)
@@ -187,7 +188,7 @@ async def channels_leave(s: Services, c: Caller, req: wire.ChannelsLeave) -> wir
 
 async def channels_invite(s: Services, c: Caller, req: wire.ChannelsInvite) -> wire.ChannelData:
     async def op(tx: Tx) -> wire.ChannelData:
-        me = await actor(tx.conn, c.user_id)
+        me = await actor(tx.conn, c)
         channel = await member_channel(tx.conn, me, req.channel_id)
         if _is_dm(channel):
             raise ChatError(ErrorCode.NOT_ALLOWED_FOR_DM)
@@ -205,7 +206,7 @@ async def channels_invite(s: Services, c: Caller, req: wire.ChannelsInvite) -> w
 
 async def channels_remove(s: Services, c: Caller, req: wire.ChannelsRemove) -> wire.ChannelData:
     async def op(tx: Tx) -> wire.ChannelData:
-        me = await actor(tx.conn, c.user_id)
+        me = await actor(tx.conn, c)
         channel = await member_channel(tx.conn, me, req.channel_id, writable=False)
         if _is_dm(channel):
             raise ChatError(ErrorCode.NOT_ALLOWED_FOR_DM)
@@ -221,7 +222,7 @@ async def channels_remove(s: Services, c: Caller, req: wire.ChannelsRemove) -> w
 
 async def channels_list(s: Services, c: Caller, req: wire.ChannelsList) -> wire.ChannelPage:
     async with s.db.connection() as conn:
-        me = await actor(conn, c.user_id)
+        me = await actor(conn, c)
         member_only = req.member_only or not allowed(me, Action.READ_PUBLIC)
         channels = await queries.list_channels(
             conn,
@@ -237,14 +238,14 @@ async def channels_list(s: Services, c: Caller, req: wire.ChannelsList) -> wire.
 
 async def channels_info(s: Services, c: Caller, req: wire.ChannelsInfo) -> wire.ChannelData:
     async with s.db.connection() as conn:
-        me = await actor(conn, c.user_id)
+        me = await actor(conn, c)
         channel, _ = await visible_channel(conn, me, req.channel_id)
     return wire.ChannelData(channel=channel)
 
 
 async def channels_members(s: Services, c: Caller, req: wire.ChannelsMembers) -> wire.MemberPage:
     async with s.db.connection() as conn:
-        me = await actor(conn, c.user_id)
+        me = await actor(conn, c)
         await visible_channel(conn, me, req.channel_id)
         ids = await queries.members_page(conn, req.channel_id, req.cursor, req.limit)
     return wire.MemberPage(user_ids=ids, next_cursor=ids[-1] if len(ids) == req.limit else None)
@@ -257,7 +258,7 @@ async def dms_open(s: Services, c: Caller, req: wire.DmsOpen) -> wire.ChannelDat
     key = ",".join(map(str, members))
 
     async def op(tx: Tx) -> wire.ChannelData:
-        await actor(tx.conn, c.user_id)
+        await actor(tx.conn, c)
         existing = await queries.find_dm(tx.conn, c.workspace_id, key)
         if existing is not None:
             return wire.ChannelData(channel=await _reload(tx, existing))

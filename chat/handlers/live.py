@@ -14,7 +14,7 @@ async def ping(s: Services, c: Caller, req: wire.Ping) -> wire.Pong:
 
 async def typing(s: Services, c: Caller, req: wire.Typing) -> wire.Empty:
     async with s.db.connection() as conn:
-        me = await actor(conn, c.user_id)
+        me = await actor(conn, c)
         await member_channel(conn, me, req.channel_id)
     await s.presence.typing(c.workspace_id, req.channel_id, c.user_id, req.thread_root_id)
     return wire.Empty()

@@ -69,7 +69,7 @@ async def messages_post(s: Services, c: Caller, req: wire.MessagesPost) -> wire.
     _check_text(req.text)
 
     async def op(tx: Tx) -> wire.PostResult:
-        me = await actor(tx.conn, c.user_id)
+        me = await actor(tx.conn, c)
         channel = await member_channel(tx.conn, me, req.channel_id)
         root: wire.Message | None = None
         if req.thread_root_id is not None:
@@ -162,7 +162,7 @@ async def messages_edit(s: Services, c: Caller, req: wire.MessagesEdit) -> wire.
     _check_text(req.text)
 
     async def op(tx: Tx) -> wire.MessageData:
-        me = await actor(tx.conn, c.user_id)
+        me = await actor(tx.conn, c)
         message, channel, _member = await visible_message(tx.conn, me, req.message_id)
         if message.deleted:
             raise ChatError(ErrorCode.MESSAGE_NOT_FOUND, "the message was deleted")
@@ -196,7 +196,7 @@ async def messages_edit(s: Services, c: Caller, req: wire.MessagesEdit) -> wire.
 
 async def messages_delete(s: Services, c: Caller, req: wire.MessagesDelete) -> wire.MessageData:
     async def op(tx: Tx) -> wire.MessageData:
-        me = await actor(tx.conn, c.user_id)
+        me = await actor(tx.conn, c)
         message, channel, member = await visible_message(tx.conn, me, req.message_id)
         if message.deleted:
             return wire.MessageData(message=message)
@@ -230,7 +230,7 @@ async def messages_history(s: Services, c: Caller, req: wire.MessagesHistory) ->
     if len(positions) > 1:
         raise ChatError(ErrorCode.INVALID_ARGUMENT, "give at most one of before/after/around")
     async with s.db.connection() as conn:
-        me = await actor(conn, c.user_id)
+        me = await actor(conn, c)
         channel, _ = await visible_channel(conn, me, req.channel_id)
         if req.around is not None:
             half = req.limit // 2
@@ -262,7 +262,7 @@ async def messages_history(s: Services, c: Caller, req: wire.MessagesHistory) ->
 
 async def messages_replies(s: Services, c: Caller, req: wire.MessagesReplies) -> wire.History:
     async with s.db.connection() as conn:
-        me = await actor(conn, c.user_id)
+        me = await actor(conn, c)
         root, _, _ = await visible_message(conn, me, req.message_id)
         if root.thread_root_id is not None:
             raise ChatError(ErrorCode.INVALID_ARGUMENT, "not a thread root")
@@ -277,7 +277,7 @@ async def _react(
     s: Services, c: Caller, message_id: int, emoji: str, add: bool
 ) -> wire.ReactionData:
     async def op(tx: Tx) -> wire.ReactionData:
-        me = await actor(tx.conn, c.user_id)
+        me = await actor(tx.conn, c)
         message, channel, _member = await visible_message(tx.conn, me, message_id)
         if message.deleted:
             raise ChatError(ErrorCode.MESSAGE_NOT_FOUND, "the message was deleted")
@@ -318,7 +318,7 @@ async def reactions_remove(s: Services, c: Caller, req: wire.ReactionsRemove) ->
 
 async def reads_mark(s: Services, c: Caller, req: wire.ReadsMark) -> wire.ReadMarker:
     async def op(tx: Tx) -> wire.ReadMarker:
-        me = await actor(tx.conn, c.user_id)
+        me = await actor(tx.conn, c)
         channel = await member_channel(tx.conn, me, req.channel_id, writable=False)
         seq = min(req.seq, channel.last_seq)
         await queries.set_read_marker(tx.conn, channel.id, me.id, seq)
@@ -335,6 +335,6 @@ async def reads_mark(s: Services, c: Caller, req: wire.ReadsMark) -> wire.ReadMa
 
 async def reads_counts(s: Services, c: Caller, req: wire.ReadsCounts) -> wire.Counts:
     async with s.db.connection() as conn:
-        await actor(conn, c.user_id)
+        await actor(conn, c)
         counts = await queries.unread_counts(conn, c.user_id)
     return wire.Counts(channels=counts)

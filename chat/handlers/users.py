@@ -5,7 +5,15 @@ from __future__ import annotations
 from chat import wire
 from chat.bus import Audience
 from chat.errors import ChatError, ErrorCode
-from chat.handlers.access import Action, actor, allowed, can_set_role, require
+from chat.handlers.access import (
+    Action,
+    actor,
+    allowed,
+    can_set_role,
+    may_act_on,
+    require,
+    user_audience,
+)
 from chat.handlers.context import Caller, Services
 from chat.journal import Tx
 from chat.storage import queries
@@ -13,7 +21,7 @@ from chat.storage import queries
 
 async def users_list(s: Services, c: Caller, req: wire.UsersList) -> wire.UserPage:
     async with s.db.connection() as conn:
-        await actor(conn, c.user_id)
+        await actor(conn, c)
         users = await queries.list_users(conn, c.workspace_id, req.cursor, req.limit)
     next_cursor = users[-1].id if len(users) == req.limit else None
     return wire.UserPage(users=users, next_cursor=next_cursor)
@@ -21,15 +29,17 @@ async def users_list(s: Services, c: Caller, req: wire.UsersList) -> wire.UserPa
 
 async def users_info(s: Services, c: Caller, req: wire.UsersInfo) -> wire.Users:
     async with s.db.connection() as conn:
-        await actor(conn, c.user_id)
+        await actor(conn, c)
         users = await queries.get_users(conn, c.workspace_id, req.user_ids)
     return wire.Users(users=users)
 
 
-def _user_event(tx: Tx, user: wire.User, kind: str = "user.updated") -> None:
+def _user_event(
+    tx: Tx, user: wire.User, kind: str = "user.updated", *, role_was: str | None = None
+) -> None:
     tx.emit(
         wire.UserChanged(type=kind, seq=0, workspace_id=tx.workspace_id, ts=tx.now, user=user),
-        Audience(everyone=True),
+        user_audience(user, role_was=role_was),
     )
 
 
@@ -41,7 +51,7 @@ async def users_update_profile(
     )
 
     async def op(tx: Tx) -> wire.UserData:
-        await actor(tx.conn, c.user_id)
+        await actor(tx.conn, c)
         user = await queries.update_user_profile(tx.conn, c.user_id, changes)
         assert user is not None
         _user_event(tx, user)
@@ -59,13 +69,13 @@ async def _target(tx: Tx, me: wire.User, user_id: int) -> wire.User:
 
 async def users_set_role(s: Services, c: Caller, req: wire.UsersSetRole) -> wire.UserData:
     async def op(tx: Tx) -> wire.UserData:
-        me = await actor(tx.conn, c.user_id)
+        me = await actor(tx.conn, c)
         target = await _target(tx, me, req.user_id)
         if not can_set_role(me, target, req.role):
             raise ChatError(ErrorCode.FORBIDDEN, "you may not give this user that role")
         user = await queries.set_user_role(tx.conn, target.id, req.role)
         assert user is not None
-        _user_event(tx, user)
+        _user_event(tx, user, role_was=target.role)
         return wire.UserData(user=user)
 
     return await s.journal.run(c.workspace_id, op)
@@ -73,11 +83,11 @@ async def users_set_role(s: Services, c: Caller, req: wire.UsersSetRole) -> wire
 
 async def users_deactivate(s: Services, c: Caller, req: wire.UsersDeactivate) -> wire.UserData:
     async def op(tx: Tx) -> wire.UserData:
-        me = await actor(tx.conn, c.user_id)
+        me = await actor(tx.conn, c)
         require(me, Action.DEACTIVATE)
         target = await _target(tx, me, req.user_id)
-        if target.role == "owner" and me.role != "owner":
-            raise ChatError(ErrorCode.FORBIDDEN, "only an owner may deactivate an owner")
+        if not may_act_on(me, target, Action.DEACTIVATE):
+            raise ChatError(ErrorCode.FORBIDDEN, "you may not deactivate this user")
         if target.id == me.id:
             raise ChatError(ErrorCode.INVALID_ARGUMENT, "you cannot deactivate yourself")
         user = await queries.deactivate_user(tx.conn, target.id)
@@ -103,14 +113,14 @@ async def sessions_revoke(s: Services, c: Caller, req: wire.SessionsRevoke) -> w
     """Log out: this session, all of your sessions, or (admins) all of someone else's."""
 
     async def op(tx: Tx) -> wire.Revoked:
-        me = await actor(tx.conn, c.user_id)
+        me = await actor(tx.conn, c)
         target_id = req.user_id or me.id
         if target_id != me.id:
             if not allowed(me, Action.REVOKE_OTHERS):
                 raise ChatError(ErrorCode.FORBIDDEN, "only admins revoke other users' sessions")
             target = await _target(tx, me, target_id)
-            if target.role == "owner" and me.role != "owner":
-                raise ChatError(ErrorCode.FORBIDDEN, "only an owner may revoke an owner")
+            if not may_act_on(me, target, Action.REVOKE_OTHERS):
+                raise ChatError(ErrorCode.FORBIDDEN, "you may not revoke this user's sessions")
         if req.all or target_id != me.id:
             count = await queries.revoke_user_sessions(tx.conn, target_id, tx.now)
             _revoked_event(tx, target_id, None)

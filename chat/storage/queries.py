@@ -211,6 +211,35 @@ async def get_session(conn: Connection, session_id: str) -> Record | None:
     )
 
 
+async def get_actor(
+    conn: Connection, user_id: int, session_id: str
+) -> tuple[wire.User, int | None, int | None] | None:
+    """The user with its session's (revoked_at, expires_at), in one statement; both None
+    when the session does not exist or is another user's. None when there is no user."""
+    row = await conn.fetchrow(
+        f"SELECT {', '.join('u.' + c for c in _USER_COLS.split(', '))},"
+        " s.revoked_at AS session_revoked_at, s.expires_at AS session_expires_at"
+        " FROM users u LEFT JOIN sessions s ON s.id = $2 AND s.user_id = u.id WHERE u.id = $1",
+        user_id,
+        session_id,
+    )
+    if row is None:
+        return None
+    fields = dict(row)
+    revoked_at = fields.pop("session_revoked_at")
+    expires_at = fields.pop("session_expires_at")
+    return _user(fields), revoked_at, expires_at
+
+
+async def get_meta(conn: Connection, key: str) -> str | None:
+    value: str | None = await conn.fetchval("SELECT value FROM meta WHERE key = $1", key)
+    return value
+
+
+async def delete_meta(conn: Connection, key: str) -> None:
+    await conn.execute("DELETE FROM meta WHERE key = $1", key)
+
+
 async def revoke_session(conn: Connection, session_id: str, now: int) -> int:
     rows = await conn.fetch(
         "UPDATE sessions SET revoked_at = $2 WHERE id = $1 AND revoked_at IS NULL RETURNING id",
