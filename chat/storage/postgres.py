@@ -1,14 +1,75 @@
-"""PostgreSQL through an asyncpg pool: the production store."""
+"""PostgreSQL through an asyncpg pool: the production store.
+
+Every asyncpg exception is mapped onto the store's vocabulary (:mod:`chat.storage.base`)
+here, in one place: a lost or refused connection is :class:`Unavailable`, a deadlock or
+serialization failure is :class:`TransactionConflict`, and a connection lost while COMMIT was
+in flight is :class:`OutcomeUnknown` (the server cannot know whether it committed).
+"""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from typing import Any
 
 import asyncpg
 
-from chat.storage.base import Connection, Dialect, Record, StorageError, UniqueViolation
+from chat.storage.base import (
+    Connection,
+    Dialect,
+    OutcomeUnknown,
+    Record,
+    StorageError,
+    TransactionConflict,
+    Unavailable,
+    UniqueViolation,
+)
+
+# The server refused or dropped the connection: nothing the client did, retry later.
+_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    OSError,  # refused, reset, unreachable
+    TimeoutError,  # pool acquire or command_timeout
+    asyncpg.PostgresConnectionError,  # 08xxx, ConnectionDoesNotExistError (lost mid-query)
+    asyncpg.CannotConnectNowError,  # 57P03: starting up or shutting down
+    asyncpg.AdminShutdownError,  # 57P01
+    asyncpg.CrashShutdownError,  # 57P02
+    asyncpg.TooManyConnectionsError,  # 53300
+)
+_CONFLICT: tuple[type[BaseException], ...] = (
+    asyncpg.DeadlockDetectedError,  # 40P01
+    asyncpg.SerializationError,  # 40001
+)
+
+
+def classify(exc: BaseException) -> BaseException | None:
+    """The store's exception for an asyncpg/OS exception; None when it is not one of ours
+    (cancellation and bugs pass through unchanged)."""
+    if isinstance(exc, StorageError):
+        return None
+    if isinstance(exc, asyncpg.UniqueViolationError):
+        return UniqueViolation(str(exc))
+    if isinstance(exc, _CONFLICT):
+        return TransactionConflict(f"{type(exc).__name__}: {exc}")
+    if isinstance(exc, _UNAVAILABLE) or _closed_connection(exc):
+        return Unavailable(f"{type(exc).__name__}: {exc}")
+    if isinstance(exc, asyncpg.PostgresError | asyncpg.InterfaceError):
+        return StorageError(f"{type(exc).__name__}: {exc}")
+    return None
+
+
+def commit_failure(exc: BaseException) -> BaseException | None:
+    """The store's exception for a failure of COMMIT itself. The server's definite answers
+    (a deferred constraint, a serialization failure) mean "not committed"; a connection lost
+    or a timeout while COMMIT was in flight means nobody knows."""
+    mapped = classify(exc)
+    if isinstance(mapped, Unavailable):
+        return OutcomeUnknown(f"connection lost during COMMIT: {mapped}")
+    return mapped
+
+
+def _closed_connection(exc: BaseException) -> bool:
+    # asyncpg raises a bare InterfaceError for a connection it already knows is closed.
+    return isinstance(exc, asyncpg.InterfaceError) and "connection is closed" in str(exc)
 
 
 class PgConnection:
@@ -49,24 +110,64 @@ class PgConnection:
 class PostgresDatabase:
     dialect: Dialect = "postgres"
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, *, acquire_timeout_s: float | None = None) -> None:
         self._pool = pool
+        self._acquire_timeout_s = acquire_timeout_s
 
     @classmethod
-    async def connect(cls, dsn: str, *, min_size: int = 2, max_size: int = 20) -> PostgresDatabase:
-        pool = await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size)
-        return cls(pool)
+    async def connect(
+        cls,
+        dsn: str,
+        *,
+        min_size: int = 2,
+        max_size: int = 20,
+        command_timeout_s: float | None = None,
+        statement_cache_size: int = 100,
+        acquire_timeout_s: float | None = None,
+    ) -> PostgresDatabase:
+        with _translate_errors():
+            pool = await asyncpg.create_pool(
+                dsn,
+                min_size=min_size,
+                max_size=max_size,
+                command_timeout=command_timeout_s,
+                statement_cache_size=statement_cache_size,
+            )
+        return cls(pool, acquire_timeout_s=acquire_timeout_s)
+
+    @asynccontextmanager
+    async def _acquire(self) -> AsyncIterator[asyncpg.Connection]:
+        with _translate_errors():
+            conn = await self._pool.acquire(timeout=self._acquire_timeout_s)
+        try:
+            yield conn
+        finally:
+            await self._pool.release(conn)
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Connection]:
-        async with self._pool.acquire() as conn:
+        async with self._acquire() as conn:
+            tr = conn.transaction()
             with _translate_errors():
-                async with conn.transaction():
-                    yield PgConnection(conn)
+                await tr.start()
+            try:
+                yield PgConnection(conn)
+            except BaseException:
+                # Best effort: on a dead connection the server rolls back by itself.
+                with suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+                    await tr.rollback()
+                raise
+            try:
+                await tr.commit()
+            except Exception as exc:
+                mapped = commit_failure(exc)
+                if mapped is None:
+                    raise
+                raise mapped from exc
 
     @asynccontextmanager
     async def connection(self) -> AsyncIterator[Connection]:
-        async with self._pool.acquire() as conn:
+        async with self._acquire() as conn:
             yield PgConnection(conn)
 
     async def ping(self) -> None:
@@ -84,7 +185,8 @@ class _translate_errors:
         return None
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
-        if isinstance(exc, asyncpg.UniqueViolationError):
-            raise UniqueViolation(str(exc)) from exc
-        if isinstance(exc, (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)):
-            raise StorageError(f"{type(exc).__name__}: {exc}") from exc
+        if exc is None:
+            return
+        mapped = classify(exc)
+        if mapped is not None:
+            raise mapped from exc

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from chat import wire
@@ -35,6 +36,15 @@ async def get_workspace_by_name(conn: Connection, name: str) -> Record | None:
     return await conn.fetchrow(
         "SELECT id, name, last_event_seq FROM workspaces WHERE name = $1", name
     )
+
+
+async def lock_workspace(conn: Connection, workspace_id: int) -> None:
+    """Take the workspace row lock first thing in a journal transaction. Every batch of a
+    workspace then takes its locks (channel rows, then the workspace row again to number
+    events) behind this one, so batches on different nodes are serialized and can never
+    wait for each other in opposite orders (no deadlock by design). SQLite: the statement
+    is a plain read; ``BEGIN IMMEDIATE`` already serializes writers."""
+    await conn.fetchval("SELECT id FROM workspaces WHERE id = $1 FOR UPDATE", workspace_id)
 
 
 async def allocate_event_seqs(conn: Connection, workspace_id: int, count: int) -> int:
@@ -729,3 +739,72 @@ async def event_positions(conn: Connection, workspace_ids: Sequence[int]) -> dic
         list(workspace_ids),
     )
     return {r["id"]: r["last_event_seq"] for r in rows}
+
+
+# --------------------------------------------------------------------------- bus and replay
+
+
+async def events_range(
+    conn: Connection, workspace_id: int, after_seq: int, up_to: int, limit: int
+) -> list[Record]:
+    """At most ``limit`` event log entries with after_seq < seq <= up_to, in order: replay
+    and catch-up read in bounded chunks."""
+    return await conn.fetch(
+        "SELECT seq, type, audience, payload, created_at FROM events WHERE workspace_id = $1"
+        " AND seq > $2 AND seq <= $3 ORDER BY seq LIMIT $4",
+        workspace_id,
+        after_seq,
+        up_to,
+        limit,
+    )
+
+
+async def notify_events(conn: Connection, workspace_id: int, last_seq: int) -> None:
+    """PostgreSQL only: tell every listening node, at commit, that the workspace's log
+    moved to ``last_seq`` (chat/storage/changes.py listens)."""
+    await conn.execute("SELECT pg_notify('chat_events', $1)", f"{workspace_id}:{last_seq}")
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectState:
+    """What a connecting session's snapshot read, all in one statement."""
+
+    as_of: int  # the workspace's event position
+    channel_ids: list[int]  # the user's channels as of that position
+    role: str
+    session: str  # "ok", or why not: "revoked", "expired", "missing", "inactive"
+
+
+async def connect_snapshot(
+    conn: Connection, workspace_id: int, user_id: int, session_id: str, now: int
+) -> ConnectState:
+    """The workspace position, the user's channels and the state of the session and user,
+    read in ONE statement so all come from the same instant: a revocation or membership
+    change either shows here or commits after ``as_of`` (and arrives as an event)."""
+    rows = await conn.fetch(
+        "SELECT w.last_event_seq, u.role, u.deactivated, s.revoked_at, s.expires_at,"
+        " m.channel_id"
+        " FROM workspaces w"
+        " JOIN users u ON u.id = $2 AND u.workspace_id = w.id"
+        " LEFT JOIN sessions s ON s.id = $3 AND s.user_id = u.id"
+        " LEFT JOIN channel_members m ON m.user_id = u.id"
+        " WHERE w.id = $1",
+        workspace_id,
+        user_id,
+        session_id,
+    )
+    if not rows:
+        return ConnectState(0, [], "guest", "missing")
+    first = rows[0]
+    if first["expires_at"] is None:
+        state = "missing"
+    elif first["revoked_at"] is not None:
+        state = "revoked"
+    elif first["expires_at"] <= now:
+        state = "expired"
+    elif first["deactivated"]:
+        state = "inactive"
+    else:
+        state = "ok"
+    channels = [r["channel_id"] for r in rows if r["channel_id"] is not None]
+    return ConnectState(int(first["last_event_seq"]), channels, first["role"], state)

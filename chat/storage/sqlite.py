@@ -2,7 +2,8 @@
 
 One connection, guarded by a lock: SQLite serializes writers anyway, and a single connection
 keeps read-your-writes simple. Queries arrive in PostgreSQL's dialect and are translated:
-``$n`` becomes ``?n`` and ``= ANY($n::bigint[])`` becomes a ``json_each`` over a JSON array.
+``$n`` becomes ``?n``, ``= ANY($n::bigint[])`` becomes a ``json_each`` over a JSON array, and
+``FOR UPDATE`` is dropped.
 """
 
 from __future__ import annotations
@@ -19,11 +20,20 @@ from typing import Any
 
 import aiosqlite
 
-from chat.storage.base import Connection, Dialect, Record, StorageError, UniqueViolation
+from chat.storage.base import (
+    Connection,
+    Dialect,
+    Record,
+    StorageError,
+    Unavailable,
+    UniqueViolation,
+)
 
 _ANY = re.compile(r"= ANY\(\$(\d+)::\w+\[\]\)")
 _PARAM = re.compile(r"\$(\d+)")
 _CAST = re.compile(r"::\w+")
+# Row locks: SQLite has none (BEGIN IMMEDIATE takes the database's write lock instead).
+_FOR_UPDATE = re.compile(r"\s+FOR UPDATE\b")
 
 
 @lru_cache(maxsize=512)
@@ -31,6 +41,7 @@ def translate(sql: str) -> str:
     """PostgreSQL dialect -> SQLite, for the subset the queries use."""
     sql = _ANY.sub(r"IN (SELECT value FROM json_each($\1))", sql)
     sql = _CAST.sub("", sql)
+    sql = _FOR_UPDATE.sub("", sql)
     return _PARAM.sub(r"?\1", sql)
 
 
@@ -101,7 +112,8 @@ class SqliteDatabase:
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Connection]:
         async with self._lock:
-            await self._conn.execute("BEGIN IMMEDIATE")
+            with _translate_errors():
+                await self._conn.execute("BEGIN IMMEDIATE")
             try:
                 yield SqliteConnection(self._conn)
             except BaseException:
@@ -130,5 +142,8 @@ class _translate_errors:
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
         if isinstance(exc, sqlite3.IntegrityError) and "UNIQUE" in str(exc):
             raise UniqueViolation(str(exc)) from exc
+        if isinstance(exc, sqlite3.OperationalError) and "database is locked" in str(exc):
+            # Another process (``chat admin``) held the write lock past busy_timeout.
+            raise Unavailable(str(exc)) from exc
         if isinstance(exc, sqlite3.Error):
             raise StorageError(f"{type(exc).__name__}: {exc}") from exc

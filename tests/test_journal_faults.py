@@ -1,0 +1,115 @@
+"""The journal and the stores under faults, on real PostgreSQL: cross-node lock order
+(defect 1), concurrent DM opens (defect 6), commit ambiguity (defect 9), a stopped database
+(defect 22), and Redis down while posting (defect 10).
+
+"Two nodes", as far as the database is concerned, are two connection pools over the same
+database; each test below gives every simulated node its own :class:`PostgresDatabase` and
+its own :class:`Journal`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator, Sequence
+
+import asyncpg
+import pytest
+
+from chat import wire
+from chat.bus import Audience, Envelope, LocalBus
+from chat.journal import Journal, Tx
+from chat.storage import Database, open_database, queries
+from chat.storage.base import OutcomeUnknown, Unavailable
+from tests.conftest import PostgresFixture
+from tests.pg import TempPostgres, unique_database_name
+from tests.timing import scaled
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.seen: list[Envelope] = []
+
+    def __call__(self, envelopes: Sequence[Envelope]) -> None:
+        self.seen.extend(envelopes)
+
+
+@contextlib.asynccontextmanager
+async def _nodes(pg: PostgresFixture, n: int) -> AsyncIterator[list[Database]]:
+    """``n`` independent pools over one fresh, migrated database."""
+    name = unique_database_name("faults")
+    dsn = await pg.create_database(name)
+    dbs: list[Database] = []
+    try:
+        for _ in range(n):
+            dbs.append(await open_database(dsn, ""))
+        yield dbs
+    finally:
+        for db in dbs:
+            await db.close()
+        await pg.drop_database(name)
+
+
+async def _workspace_with_channels(db: Database, n_channels: int) -> tuple[int, int, list[int]]:
+    async with db.transaction() as conn:
+        wid = await queries.create_workspace(conn, unique_database_name("ws"), 0)
+        user = await queries.create_user(conn, wid, "ada", "Ada", "owner", 0)
+        channels = [
+            await queries.create_channel(conn, wid, "public", f"c{i}", user.id, 0)
+            for i in range(n_channels)
+        ]
+    return wid, user.id, channels
+
+
+def _bump(channel_id: int):  # type: ignore[no-untyped-def]
+    """An op that does what a post does to locks: the channel row, then (at the end of the
+    batch) the workspace row."""
+
+    async def op(tx: Tx) -> int:
+        seq = await queries.next_channel_seq(tx.conn, channel_id)
+        message = wire.Message(
+            id=1, channel_id=channel_id, seq=seq, user_id=1, client_msg_id="x", text="x", ts=0
+        )
+        tx.emit(
+            wire.MessagePosted(seq=0, workspace_id=0, ts=0, message=message),
+            Audience(channel_id=channel_id),
+        )
+        # Hold the channel lock a little while the batch goes on, as a real batch does.
+        await asyncio.sleep(0.001)
+        return seq
+
+    return op
+
+
+async def test_defect_01_two_nodes_posting_in_opposite_channel_orders_never_fail(
+    postgres_server: PostgresFixture,
+) -> None:
+    async with _nodes(postgres_server, 3) as dbs:
+        wid, _, channels = await _workspace_with_channels(dbs[0], 8)
+        journals = [Journal(db, LocalBus()) for db in dbs]
+        orders = [channels, channels[::-1], channels[2:] + channels[:2]]
+        rounds = 10
+
+        async def node(i: int) -> list[object]:
+            out: list[object] = []
+            for _ in range(rounds):
+                # Submitted together: one batch per round holding every channel's lock.
+                out += await asyncio.gather(
+                    *(journals[i].run(wid, _bump(c)) for c in orders[i]), return_exceptions=True
+                )
+            return out
+
+        results = await asyncio.wait_for(
+            asyncio.gather(*(node(i) for i in range(3))), scaled(90)
+        )
+        for j in journals:
+            await j.close()
+        errors = [r for rs in results for r in rs if isinstance(r, BaseException)]
+        assert errors == []
+        async with dbs[0].connection() as conn:
+            last = await queries.get_workspace(conn, wid)
+            seqs = [r["seq"] for r in await queries.events_after(conn, wid, 0, 10_000)]
+        assert last is not None
+        total = 3 * rounds * len(channels)
+        assert seqs == list(range(1, total + 1)) and last["last_event_seq"] == total
