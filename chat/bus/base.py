@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -15,13 +16,16 @@ class Audience:
     emit it, the journal stores it, the bus carries it, the hub and replay judge by it).
 
     Recipients are the union of: the members of ``channel_id``, ``user_ids``, the whole
-    workspace when ``everyone``, and connections subscribed to the presence of
-    ``presence_of``, less ``exclude_user`` (a typist does not see itself).
+    workspace when ``everyone``, every connection whose user's role is in ``roles`` (the
+    roles come from ``access.POLICY``: who may read it), and connections subscribed to the
+    presence of ``presence_of``, less ``exclude_user`` (a typist does not see itself).
 
     ``joins`` become members of ``channel_id`` before delivery and ``leaves`` stop being
     members after it: a joiner sees its own join, a leaver its own leave, and nothing
     after. ``revoke_user``/``revoke_session`` close matching connections after delivery.
     ``droppable`` events (typing, presence) may be dropped for a slow consumer.
+    ``role_change`` is (user_id, old_role, new_role): the hub updates that user's
+    connections before delivery, and a replay judges each event with the role of its time.
     """
 
     channel_id: int | None = None
@@ -34,6 +38,8 @@ class Audience:
     revoke_session: str | None = None
     exclude_user: int | None = None
     droppable: bool = False
+    roles: frozenset[str] = frozenset()
+    role_change: tuple[int, str, str] | None = None
 
     @property
     def plain(self) -> bool:
@@ -49,6 +55,8 @@ class Audience:
             and self.exclude_user is None
             and self.revoke_user is None
             and not self.droppable
+            and not self.roles
+            and self.role_change is None
         )
 
     def header(self) -> str:
@@ -76,6 +84,10 @@ class Audience:
             parts.append(f"x{self.exclude_user}")
         if self.droppable:
             parts.append("d")
+        if self.roles:
+            parts.append("g" + ",".join(sorted(self.roles)))
+        if self.role_change is not None:
+            parts.append("s" + ",".join(map(str, self.role_change)))
         return f"{HEADER_VERSION}|" + ";".join(parts)
 
     @classmethod
@@ -110,6 +122,11 @@ class Audience:
                 fields["revoke_session"] = session or None
             elif key == "x":
                 fields["exclude_user"] = int(value)
+            elif key == "g":
+                fields["roles"] = frozenset(value.split(","))
+            elif key == "s":
+                user, old, new = value.split(",")
+                fields["role_change"] = (int(user), old, new)
             else:
                 raise ValueError(f"unknown audience header field {part!r}")
         return cls(**fields)
@@ -153,3 +170,12 @@ class Bus(Protocol):
     def unsubscribe(self, workspace_id: int, subscriber: Subscriber) -> None: ...
 
     async def close(self) -> None: ...
+
+
+def raise_if_cancelling() -> None:
+    """For loops that catch ``Exception`` to retry: stop if this task was cancelled, even when
+    a library turned the CancelledError into an ordinary error while it disconnected (a
+    swallowed cancellation made a node's shutdown wait forever on its presence loop)."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError

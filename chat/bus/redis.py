@@ -17,6 +17,11 @@
 - The stream is the replay window: entries are trimmed once they are both older than
   ``window_s`` and more than ``max_events`` behind the top.
 - Typing and presence (ephemeral) go over pub/sub: at-most-once is what they deserve.
+- Replay (:class:`chat.replay.ReplayLog`) reads the stream in bounded chunks (``XRANGE ..
+  COUNT``) and takes from the event log whatever the stream does not hold: after a Redis
+  restart the stream starts over at a later seq, yet a resume inside the window succeeds.
+- Every blocking read has a socket timeout above its block time, so a half-open connection
+  is noticed; :attr:`RedisBus.healthy` says whether the last read worked (for ``/readyz``).
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import contextlib
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -36,11 +41,16 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from chat.bus.base import Envelope, Subscriber
-from chat.replay import DatabaseLog, envelope_from_row
+from chat.bus.base import Envelope, Subscriber, raise_if_cancelling
+from chat.replay import CHUNK, DatabaseLog, collect, envelope_from_row
 from chat.storage import Database, queries
 
 log = logging.getLogger(__name__)
+
+# The stream reader blocks this long per XREAD; its socket times out well after that, so a
+# read that hangs (Redis stopped, a half-open connection) fails and is retried.
+READ_BLOCK_MS = 100
+READER_SOCKET_TIMEOUT_S = 5.0
 
 # KEYS[1]: stream. ARGV[1]: the top the batch needs (below it: refuse, say the top).
 # ARGV[2..]: seq, type, header, payload, time quadruples, in seq order.
@@ -106,14 +116,21 @@ class RedisBus:
             retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 3),
             retry_on_error=[RedisConnectionError, RedisTimeoutError],
         )
-        self._reader_redis: Any = aioredis.from_url(url, socket_connect_timeout=2)
+        self._reader_redis: Any = aioredis.from_url(
+            url, socket_timeout=READER_SOCKET_TIMEOUT_S, socket_connect_timeout=2
+        )
         self._append = self._redis.register_script(_APPEND)
         self._subscribers: defaultdict[int, list[Subscriber]] = defaultdict(list)
         self._positions: dict[int, int] = {}  # workspace -> last seq delivered here
         self._tasks: list[asyncio.Task[None]] = []
         self._pubsub: Any = None
         self._db_log = DatabaseLog(db, window_s, max_events)
-        self.healthy = False
+        self._healthy = False
+
+    @property
+    def healthy(self) -> bool:
+        """Whether the last stream read succeeded: the node's ``/readyz`` reports it."""
+        return self._healthy
 
     @property
     def client(self) -> Any:
@@ -122,7 +139,7 @@ class RedisBus:
 
     async def start(self) -> None:
         await self._redis.ping()
-        self.healthy = True
+        self._healthy = True
         self._pubsub = self._reader_redis.pubsub(ignore_subscribe_messages=True)
         self._tasks = [
             asyncio.create_task(self._read_streams(), name="redis-streams"),
@@ -225,11 +242,12 @@ class RedisBus:
             streams = {stream_key(w): f"{p}-0" for w, p in self._positions.items()}
             try:
                 # A short block, so workspaces subscribed meanwhile join the next read.
-                response = await self._reader_redis.xread(streams, count=1000, block=100)
-                self.healthy = True
+                response = await self._reader_redis.xread(streams, count=1000, block=READ_BLOCK_MS)
+                self._healthy = True
                 backoff = 0.1
             except (RedisError, OSError) as exc:
-                self.healthy = False
+                raise_if_cancelling()
+                self._healthy = False
                 log.warning("redis read failed; retrying", extra={"error": str(exc)})
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
@@ -274,6 +292,7 @@ class RedisBus:
             try:
                 message = await self._pubsub.get_message(timeout=0.5)
             except (RedisError, OSError, RuntimeError):
+                raise_if_cancelling()
                 await asyncio.sleep(0.5)
                 continue
             if not message or message.get("type") != "message":
@@ -305,8 +324,10 @@ class RedisBus:
                     for workspace_id in workspaces:
                         await self._trim(workspace_id)
             except (RedisError, OSError) as exc:
+                raise_if_cancelling()
                 log.warning("sweep failed", extra={"error": str(exc)})
             except Exception:
+                raise_if_cancelling()
                 log.exception("sweep failed")
 
     async def _repair(self, workspaces: list[int], behind: dict[int, int]) -> None:
@@ -349,37 +370,53 @@ class RedisBus:
 
     # ------------------------------------------------------------------ replay
 
+    async def holds(self, workspace_id: int, after_seq: int, up_to: int) -> bool:
+        """The stream holds the first missed event, or else the event log decides by the
+        window rule (the stream may have lost what the window still covers)."""
+        if after_seq >= up_to:
+            return True
+        first = f"{after_seq + 1}-0"
+        try:
+            entry = await self._redis.xrange(stream_key(workspace_id), min=first, max=first)
+        except (RedisError, OSError):
+            raise_if_cancelling()
+            entry = []
+        if entry:
+            return True
+        return await self._db_log.holds(workspace_id, after_seq, up_to)
+
+    async def read(
+        self, workspace_id: int, after_seq: int, up_to: int, *, chunk: int = CHUNK
+    ) -> AsyncIterator[Sequence[Envelope]]:
+        """From the stream where it holds the range, else from the event log, in chunks of
+        at most ``chunk`` (one ``XRANGE .. COUNT`` or one query each)."""
+        key = stream_key(workspace_id)
+        position = after_seq
+        while position < up_to:
+            try:
+                entries = await self._redis.xrange(
+                    key, min=f"{position + 1}-0", max=f"{up_to}-0", count=chunk
+                )
+            except (RedisError, OSError):
+                raise_if_cancelling()
+                entries = []
+            batch: list[Envelope] = []
+            for entry_id, fields in entries:
+                if _seq(entry_id) != position + 1 + len(batch):
+                    break
+                batch.append(_decode(workspace_id, entry_id, fields))
+            if not batch:
+                # Not in the stream (lost, trimmed, or not yet appended): the log has it,
+                # up to where the stream takes over again.
+                resumes = _seq(entries[0][0]) - 1 if entries else up_to
+                batch = await self._db_log.chunk(
+                    workspace_id, position, min(resumes, position + chunk)
+                )
+            position += len(batch)
+            yield batch
+
     async def replay(
         self, workspace_id: int, after_seq: int, up_to: int
     ) -> Sequence[Envelope] | None:
-        """From the stream when it holds the range; the log fills the tail not yet appended
-        (and everything, within the window, when Redis has lost the stream)."""
-        if after_seq >= up_to:
-            return []
-        try:
-            entries = await self._redis.xrange(
-                stream_key(workspace_id), min=f"{after_seq + 1}-0", max=f"{up_to}-0"
-            )
-        except RedisError:
-            entries = []
-        if not entries or _seq(entries[0][0]) != after_seq + 1:
-            try:
-                head = await self._redis.xrange(stream_key(workspace_id), count=1)
-            except RedisError:
-                head = []
-            if head and _seq(head[0][0]) > after_seq + 1:
-                return None  # trimmed: outside the window
-            # No stream (Redis lost it) or it has not caught up: the log, same window rule.
-            return await self._db_log.replay(workspace_id, after_seq, up_to)
-        events = []
-        expected = after_seq + 1
-        for entry_id, fields in entries:
-            if _seq(entry_id) != expected:
-                break
-            events.append(_decode(workspace_id, entry_id, fields))
-            expected += 1
-        if expected <= up_to:
-            async with self._db.connection() as conn:
-                rows = await queries.events_between(conn, workspace_id, expected - 1, up_to)
-            events += [envelope_from_row(workspace_id, r) for r in rows]
-        return events
+        """Deprecated: :func:`chat.replay.collect` over :meth:`holds` and :meth:`read`."""
+        return await collect(self, workspace_id, after_seq, up_to)
