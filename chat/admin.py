@@ -11,9 +11,10 @@ from typing import Any
 
 from chat import wire
 from chat.auth import hash_password, issue_token, new_session_id
-from chat.bus import Audience, LocalBus
+from chat.bus import LocalBus
 from chat.config import Settings
 from chat.errors import ChatError, ErrorCode
+from chat.handlers.access import channel_audience, user_audience
 from chat.journal import Journal, Tx, now_ms
 from chat.storage import Database, UniqueViolation, open_database, queries, token_secret
 
@@ -89,7 +90,7 @@ class Admin:
                 users.append(user)
                 tx.emit(
                     wire.UserChanged(type="user.created", seq=0, workspace_id=0, ts=0, user=user),
-                    Audience(everyone=True),
+                    user_audience(user),
                 )
             return users
 
@@ -117,7 +118,7 @@ class Admin:
                 wire.ChannelChanged(
                     type="channel.created", seq=0, workspace_id=0, ts=0, channel=channel
                 ),
-                Audience(channel_id=cid, everyone=not private, joins=tuple(members)),
+                channel_audience(channel, joins=tuple(members)),
             )
             return channel
 

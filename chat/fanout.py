@@ -30,6 +30,10 @@ class Recipient(Protocol):
 
     user_id: int
     session_id: str
+    # The user's role, kept current by the hub (``Audience.role_change``): events whose
+    # audience names roles (``Audience.roles``) are judged by it.
+    role: str
+    revoked: bool  # set by revoke(): the connect sequence refuses to go live after it
 
     def send(self, frame: bytes, droppable: bool) -> None:
         """Queue a framed event; never blocks. May drop it (droppable) or cut the peer off."""
@@ -46,6 +50,7 @@ class _Syncing:
     # when it is judged in ready() against the membership snapshot.
     buffer: list[tuple[Envelope, bool | None]] = field(default_factory=list)
     overflow: bool = False
+    role: str = ""  # the peer's role at attach; ready() follows the buffer's role changes
 
 
 @dataclass(slots=True)
@@ -107,7 +112,7 @@ class Hub:
             if self.on_first_peer:
                 self.on_first_peer(workspace_id)
         ws.peers.setdefault(peer.user_id, []).append(peer)
-        ws.syncing[peer] = _Syncing()
+        ws.syncing[peer] = _Syncing(role=peer.role)
 
     def ready(
         self,
@@ -116,27 +121,33 @@ class Hub:
         channel_ids: Iterable[int],
         as_of: int,
         first: bytes | None = None,
+        role: str | None = None,
     ) -> bool:
-        """Apply the user's channel list as of workspace position ``as_of``, send ``first``
-        (if given), then the buffered events after ``as_of``. False if the buffer
-        overflowed (the caller should close the connection)."""
+        """Apply the user's channel list (and ``role``, when given) as of workspace position
+        ``as_of``, send ``first`` (if given), then the buffered events after ``as_of``. False
+        if the buffer overflowed (the caller should close the connection)."""
         ws = self._workspaces[workspace_id]
         sync = ws.syncing.pop(peer)
         uid = peer.user_id
         # Replay the buffer over the snapshot, so each event is judged by the membership
         # the user had when it happened.
         channels = set(channel_ids)
+        role = sync.role if role is None else role
         deliver: list[Envelope] = []
         for env, decided in sync.buffer:
+            change = env.audience.role_change
+            if change is not None and change[0] == uid:
+                role = change[2]
             if env.seq is None or env.seq <= as_of:
                 continue
             cid = env.audience.channel_id
             if cid is not None and uid in env.audience.joins:
                 channels.add(cid)
-            if decided if decided is not None else self._receives(env, uid, channels):
+            if decided if decided is not None else self._receives(env, uid, role, channels):
                 deliver.append(env)
             if cid is not None and uid in env.audience.leaves:
                 channels.discard(cid)
+        peer.role = role
         if uid not in ws.user_channels:
             ws.user_channels[uid] = channels
         ws.ready.add(peer)
@@ -253,11 +264,19 @@ class Hub:
         if cid is not None:
             for uid in audience.joins:
                 ws.join(uid, cid)
+        change = audience.role_change
+        if change is not None:
+            # Before delivery: the event that changes a role is judged by the new one.
+            for peer in ws.peers.get(change[0], ()):
+                peer.role = change[2]
         targets: Collection[Recipient] = ()
         if audience.everyone:
             targets = ws.ready
         elif cid is not None:
             targets = ws.channel_peers.get(cid, ())
+        if audience.roles and not audience.everyone:
+            roles = audience.roles
+            targets = {p for p in ws.ready if p.role in roles}.union(targets)
         if audience.user_ids or audience.presence_of is not None:
             extra = {p for uid in audience.user_ids for p in ws.peers.get(uid, ()) if p in ws.ready}
             if audience.presence_of is not None:
@@ -300,7 +319,7 @@ class Hub:
             channels = ws.user_channels.get(peer.user_id)
             decided: bool | None = None
             if channels is not None:
-                if not self._receives(env, peer.user_id, channels):
+                if not self._receives(env, peer.user_id, peer.role, channels):
                     continue
                 decided = True
             if len(sync.buffer) >= MAX_SYNC_BUFFER:
@@ -309,24 +328,27 @@ class Hub:
                 sync.buffer.append((env, decided))
 
     @staticmethod
-    def _receives(env: Envelope, uid: int, channels: set[int]) -> bool:
-        """Whether a user with membership ``channels`` is in the envelope's audience."""
+    def _receives(env: Envelope, uid: int, role: str, channels: set[int]) -> bool:
+        """Whether a user with ``role`` and membership ``channels`` is in the envelope's
+        audience."""
         audience = env.audience
         if uid == audience.exclude_user:
             return False
-        if audience.everyone or uid in audience.user_ids:
+        if audience.everyone or uid in audience.user_ids or role in audience.roles:
             return True
         cid = audience.channel_id
         return cid is not None and (cid in channels or uid in audience.leaves)
 
 
 def visible_backlog(
-    user_id: int, channels_now: Iterable[int], events: Sequence[Envelope]
+    user_id: int, role_now: str, channels_now: Iterable[int], events: Sequence[Envelope]
 ) -> list[Envelope]:
-    """The events of a replay that ``user_id`` may see, judged with the membership the user had
-    at each event. ``channels_now`` is the membership after the last event; walking the events
-    backwards undoes their joins and leaves to find the membership before the first."""
+    """The events of a replay that ``user_id`` may see, judged with the role and membership
+    the user had at each event. ``role_now`` and ``channels_now`` are those after the last
+    event; walking the events backwards undoes their role changes, joins and leaves to find
+    the role and membership before the first."""
     channels = set(channels_now)
+    role = role_now
     for env in reversed(events):
         cid = env.audience.channel_id
         if cid is not None:
@@ -334,12 +356,18 @@ def visible_backlog(
                 channels.add(cid)
             if user_id in env.audience.joins:
                 channels.discard(cid)
+        change = env.audience.role_change
+        if change is not None and change[0] == user_id:
+            role = change[1]
     visible = []
     for env in events:
         cid = env.audience.channel_id
         if cid is not None and user_id in env.audience.joins:
             channels.add(cid)
-        if Hub._receives(env, user_id, channels):
+        change = env.audience.role_change
+        if change is not None and change[0] == user_id:
+            role = change[2]
+        if Hub._receives(env, user_id, role, channels):
             visible.append(env)
         if cid is not None and user_id in env.audience.leaves:
             channels.discard(cid)

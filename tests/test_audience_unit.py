@@ -18,12 +18,21 @@ FULL = Audience(
     revoke_session="s-1",
     exclude_user=8,
     droppable=True,
+    roles=frozenset({"owner", "member"}),
+    role_change=(4, "guest", "member"),
 )
 
 
 @pytest.mark.parametrize(
     "audience",
-    [Audience(), Audience(channel_id=1), FULL, Audience(revoke_user=3)],
+    [
+        Audience(),
+        Audience(channel_id=1),
+        FULL,
+        Audience(revoke_user=3),
+        Audience(channel_id=2, roles=frozenset({"admin"})),
+        Audience(everyone=True, role_change=(1, "member", "admin")),
+    ],
 )
 def test_header_round_trip(audience: Audience) -> None:
     header = audience.header()
@@ -49,3 +58,10 @@ def test_plain_is_precomputed_on_the_envelope() -> None:
     assert plain.plain
     assert not Envelope(1, None, "typing", b"{}", Audience(channel_id=3)).plain
     assert not Envelope(1, 5, "channel.member_joined", b"{}", Audience(3, joins=(4,))).plain
+
+
+def test_defect_12_role_audiences_are_not_plain() -> None:
+    # A plain event goes to channel members only; one that also reaches readers by role
+    # (a public channel's metadata) must take the per-recipient path.
+    assert not Audience(channel_id=3, roles=frozenset({"member"})).plain
+    assert not Audience(channel_id=3, role_change=(1, "guest", "member")).plain

@@ -6,7 +6,7 @@ import pytest
 
 from chat import fanout
 from chat.bus import Audience, Envelope
-from chat.fanout import Hub
+from chat.fanout import Hub, visible_backlog
 
 W = 1  # workspace
 X, Y = 10, 20  # channels
@@ -16,9 +16,16 @@ ALICE, BOB, CAROL = 100, 200, 300
 class FakePeer:
     """Records what the hub hands it; hashable by identity like the real Peer."""
 
-    def __init__(self, user_id: int, session_id: str = "", log: list[object] | None = None):
+    def __init__(
+        self,
+        user_id: int,
+        session_id: str = "",
+        log: list[object] | None = None,
+        role: str = "member",
+    ):
         self.user_id = user_id
         self.session_id = session_id or f"s{user_id}"
+        self.role = role
         self.sent: list[tuple[bytes, bool]] = []
         self.revoked = 0
         self._log = log
@@ -525,3 +532,75 @@ def test_a_peer_whose_snapshot_is_ahead_of_the_bus_gets_nothing_twice(hub: Hub) 
     assert late.frames == framed("m3")
     hub.deliver([env(4, "m4", channel_id=X), env(5, "m5", channel_id=X)])
     assert late.frames == framed("m3", "m4", "m5")
+
+
+# --------------------------------------------------------------------------- defect 12
+
+READERS = frozenset({"owner", "admin", "member"})  # access.POLICY[Action.READ_PUBLIC]
+
+
+def test_defect_12_public_channel_metadata_reaches_readers_and_members_not_guests(
+    hub: Hub,
+) -> None:
+    member, guest, guest_in_x = (
+        FakePeer(ALICE),
+        FakePeer(BOB, role="guest"),
+        FakePeer(CAROL, role="guest"),
+    )
+    connect(hub, member, [])
+    connect(hub, guest, [])
+    connect(hub, guest_in_x, [X])
+    hub.deliver([env(1, "x-updated", channel_id=X, roles=READERS)])
+    assert member.frames == framed("x-updated")  # may read public channels: not a member
+    assert guest.frames == []
+    assert guest_in_x.frames == framed("x-updated")  # a member, whatever the role
+
+
+def test_defect_12_a_role_change_applies_from_its_own_event_on(hub: Hub) -> None:
+    guest, other = FakePeer(BOB, role="guest"), FakePeer(ALICE)
+    connect(hub, guest, [])
+    connect(hub, other, [])
+    hub.deliver(
+        [
+            env(1, "before", channel_id=X, roles=READERS),
+            env(2, "promoted", everyone=True, role_change=(BOB, "guest", "member")),
+            env(3, "after", channel_id=X, roles=READERS),
+            env(4, "demoted", everyone=True, role_change=(BOB, "member", "guest")),
+            env(5, "after-demotion", channel_id=X, roles=READERS),
+        ]
+    )
+    assert guest.frames == framed("promoted", "after", "demoted")
+    assert guest.role == "guest"
+    assert other.frames == framed("before", "promoted", "after", "demoted", "after-demotion")
+
+
+def test_defect_12_a_syncing_peer_judges_its_buffer_by_the_role_at_each_event(hub: Hub) -> None:
+    guest = FakePeer(BOB, role="guest")
+    hub.attach(W, guest)
+    hub.deliver(
+        [
+            env(7, "before", channel_id=X, roles=READERS),
+            env(8, "promoted", everyone=True, role_change=(BOB, "guest", "member")),
+            env(9, "after", channel_id=X, roles=READERS),
+        ]
+    )
+    assert hub.ready(W, guest, [], as_of=6)
+    assert guest.frames == framed("promoted", "after")
+    assert guest.role == "member"
+    hub.deliver([env(10, "live", channel_id=Y, roles=READERS)])
+    assert guest.frames[-1] == b"<live>"
+
+
+def test_defect_12_replay_judges_each_event_by_the_role_of_its_time() -> None:
+    events = [
+        env(1, "before", channel_id=X, roles=READERS),
+        env(2, "promoted", everyone=True, role_change=(BOB, "guest", "member")),
+        env(3, "after", channel_id=X, roles=READERS),
+        env(4, "demoted", everyone=True, role_change=(BOB, "member", "guest")),
+        env(5, "last", channel_id=X, roles=READERS),
+    ]
+    seen = visible_backlog(BOB, "guest", [], events)
+    assert [e.payload for e in seen] == [b"promoted", b"after", b"demoted"]
+    # Someone else's role change does not change this user's view.
+    seen = visible_backlog(ALICE, "member", [], events)
+    assert len(seen) == 5
