@@ -65,5 +65,32 @@ class Settings(BaseSettings):
     # told to come back after a random delay, so a deploy does not cause a reconnect storm.
     drain_period_s: float = 5.0
     shutdown_grace_s: float = 5.0
+
+    # security
+    # Password login (argon2id: ~200 ms and 64 MiB each) is limited per node: attempts per
+    # client IP and per account (workspace + handle) within login_window_s (only failures
+    # count), and hashing runs on login_hash_concurrency threads with at most
+    # login_hash_queue attempts waiting; beyond any limit: rate_limited with retry_after_ms.
+    login_attempts_per_ip: int = Field(default=20, ge=1)
+    login_attempts_per_account: int = Field(default=5, ge=1)
+    login_window_s: float = Field(default=60.0, gt=0)
+    login_hash_concurrency: int = Field(default=2, ge=1)
+    login_hash_queue: int = Field(default=8, ge=0)
+    # Where a generated signing secret is kept (mode 0600) when secret_key is unset. Empty:
+    # "chat.secret" beside the SQLite file, or in the working directory with PostgreSQL.
+    secret_key_file: str = ""
+
+    # bus and presence
+    # Presence changes are written to Redis in batches at most this often (a connect costs
+    # O(1)); without Redis, a node polls the store this often for events committed by other
+    # processes (PostgreSQL also notifies at once).
+    presence_flush_s: float = Field(default=0.25, gt=0)
+    change_poll_s: float = Field(default=0.5, gt=0)
+
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "text"] = "json"
+
+
+def default_node_id() -> str:
+    """Host name, PID and a random suffix: unique even where every server is PID 1."""
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
