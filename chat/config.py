@@ -6,6 +6,8 @@ Every limit the server enforces lives here, so an operator can see and change it
 from __future__ import annotations
 
 import os
+import secrets
+import socket
 from typing import Literal
 
 from pydantic import Field
@@ -25,7 +27,9 @@ class Settings(BaseSettings):
     database_url: str = ""
     sqlite_path: str = "chat.sqlite3"
     redis_url: str = ""
-    node_id: str = Field(default_factory=lambda: f"node-{os.getpid()}")
+    # Unique by default (bus and presence): in containers every server is PID 1, and two
+    # nodes with one id would overwrite each other's presence.
+    node_id: str = Field(default_factory=lambda: default_node_id())
 
     # Tokens are HMAC-signed with this secret. Unset: one is generated once and kept in the
     # database, so the server and the admin command agree without configuration.
