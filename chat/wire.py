@@ -31,9 +31,10 @@ import pydantic_core
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter
 
 MAX_TEXT_CHARS = 4000
-# A hard bound on message text at the edge, whatever the frame-size setting; between
-# MAX_TEXT_CHARS and this the handler answers the more useful ``msg_too_long``.
-MAX_TEXT_WIRE_CHARS = 4 * MAX_TEXT_CHARS
+# A hard bound on message text at the edge, whatever the frame-size setting. It is above
+# any text a default 16 KiB frame can carry, so over MAX_TEXT_CHARS the answer stays the
+# handler's more useful ``msg_too_long``.
+MAX_TEXT_WIRE_CHARS = 65_536
 MAX_GROUP_DM = 8
 MAX_INT = 2**63 - 1  # the largest value of a BIGINT column, on both stores
 # Frames need 3 levels (frame, resume/list, item); anything deeper is refused unread.

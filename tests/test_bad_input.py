@@ -11,15 +11,20 @@ import asyncio
 import contextlib
 import itertools
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import pydantic
 import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from chat import wire
 from chat.auth import issue_token
 from chat.client import Client
+from chat.errors import CloseCode
+from chat.protocol import Authenticate, ClientProtocol, Close, Send, Verdict
 from tests.harness import SECRET, RunningNode, running_node
 from tests.timing import scaled
 
@@ -466,3 +471,468 @@ async def test_http_probes(node: RunningNode) -> None:
             if line.startswith("chat_connections ")
         ]
         assert connections and connections[0] >= 1
+
+
+# =========================================================================== issue 6: strict input
+#
+# Defects 16a, 17, 18 and 19 of issue 6. Unit tests drive the wire models and the sans-I/O
+# ClientProtocol (no sockets); the node tests prove the same on both stores, with the log
+# free of errors and the connection still serving.
+
+_MAX = 2**63 - 1
+_ALL_CLIENT_TYPES = sorted(wire.frame_types(wire.ClientFrame))
+
+
+def _frame(type_: str, **overrides: Any) -> dict[str, Any]:
+    """The first documented example of ``type_`` (a valid frame), with ``overrides``."""
+    example = dict(wire.frame_types(wire.ClientFrame)[type_].examples[0])
+    example.update(overrides)
+    return example
+
+
+def _opened() -> ClientProtocol:
+    p = ClientProtocol(now=0.0)
+    assert isinstance(p.receive(json.dumps(_frame("auth")), 0.0), Authenticate)
+    p.authenticated()
+    return p
+
+
+def _refusal(verdict: Verdict) -> dict[str, Any]:
+    assert isinstance(verdict, Send), verdict
+    error: dict[str, Any] = json.loads(verdict.frame)
+    assert error["type"] == "error"
+    return error
+
+
+def _nested(depth: int, id_: str = "deep") -> str:
+    """A ping whose extra field holds arrays nested so that the frame is ``depth`` deep."""
+    inner = depth - 1  # the frame object is the first level
+    return f'{{"type": "ping", "id": "{id_}", "pad": ' + "[" * inner + "]" * inner + "}"
+
+
+# (type, field overrides, field named in the error). Every client frame type appears in both
+# tables (test_defect_18_19_tables_cover_every_client_frame_type).
+WRONG_TYPES: list[tuple[str, dict[str, Any], str]] = [
+    ("auth", {"token": 5}, "token"),
+    ("auth", {"resume": {"session_id": "s", "seq": 1.0}}, "resume.seq"),
+    ("login", {"password": True}, "password"),
+    ("ping", {"id": 7}, "id"),
+    ("users.list", {"cursor": "0"}, "cursor"),
+    ("users.list", {"limit": 10.0}, "limit"),
+    ("users.info", {"user_ids": [True]}, "user_ids.0"),
+    ("users.update_profile", {"display_name": 5}, "display_name"),
+    ("users.set_role", {"user_id": True}, "user_id"),
+    ("users.deactivate", {"user_id": 3.0}, "user_id"),
+    ("sessions.revoke", {"all": "yes"}, "all"),
+    ("sessions.revoke", {"all": 1}, "all"),
+    ("channels.create", {"private": "yes"}, "private"),
+    ("channels.create", {"private": 1}, "private"),
+    ("channels.update", {"channel_id": "4"}, "channel_id"),
+    ("channels.archive", {"channel_id": True}, "channel_id"),
+    ("channels.unarchive", {"channel_id": 4.0}, "channel_id"),
+    ("channels.join", {"channel_id": [4]}, "channel_id"),
+    ("channels.leave", {"channel_id": None}, "channel_id"),
+    ("channels.invite", {"user_ids": ["5"]}, "user_ids.0"),
+    ("channels.remove", {"user_id": 5.5}, "user_id"),
+    ("channels.list", {"member_only": "true"}, "member_only"),
+    ("channels.info", {"channel_id": True}, "channel_id"),
+    ("channels.members", {"limit": True}, "limit"),
+    ("dms.open", {"user_ids": 3}, "user_ids"),
+    ("messages.post", {"channel_id": True}, "channel_id"),
+    ("messages.post", {"channel_id": 4.0}, "channel_id"),
+    ("messages.edit", {"text": ["x"]}, "text"),
+    ("messages.delete", {"message_id": "40"}, "message_id"),
+    ("messages.history", {"before": 1.0}, "before"),
+    ("messages.replies", {"after": False}, "after"),
+    ("reactions.add", {"emoji": 1}, "emoji"),
+    ("reactions.remove", {"message_id": {"id": 40}}, "message_id"),
+    ("reads.mark", {"seq": "118"}, "seq"),
+    ("reads.counts", {"id": 29}, "id"),
+    ("typing", {"thread_root_id": True}, "thread_root_id"),
+    ("presence.subscribe", {"user_ids": [2.0]}, "user_ids.0"),
+    ("presence.set", {"status": True}, "status"),
+]
+
+OUT_OF_RANGE: list[tuple[str, dict[str, Any], str]] = [
+    ("auth", {"resume": {"session_id": "s", "seq": 2**64}}, "resume.seq"),
+    ("auth", {"token": "t" * 4097}, "token"),
+    ("login", {"workspace": ""}, "workspace"),
+    ("login", {"handle": "h" * 81}, "handle"),
+    ("ping", {"id": "i" * 65}, "id"),
+    ("users.list", {"cursor": 2**64}, "cursor"),
+    ("users.list", {"limit": 1001}, "limit"),
+    ("users.info", {"user_ids": []}, "user_ids"),
+    ("users.info", {"user_ids": list(range(1, 1002))}, "user_ids"),
+    ("users.info", {"user_ids": [0]}, "user_ids.0"),
+    ("users.update_profile", {"tz": "z" * 65}, "tz"),
+    ("users.update_profile", {"avatar_url": "https://a.example/" + "x" * 500}, "avatar_url"),
+    ("users.set_role", {"user_id": _MAX + 1}, "user_id"),
+    ("users.deactivate", {"user_id": 0}, "user_id"),
+    ("sessions.revoke", {"user_id": -1}, "user_id"),
+    ("channels.create", {"name": "n" * 81}, "name"),
+    ("channels.create", {"topic": "t" * 251}, "topic"),
+    ("channels.update", {"channel_id": 2**64}, "channel_id"),
+    ("channels.archive", {"channel_id": 0}, "channel_id"),
+    ("channels.unarchive", {"channel_id": -5}, "channel_id"),
+    ("channels.join", {"channel_id": _MAX + 1}, "channel_id"),
+    ("channels.leave", {"channel_id": 0}, "channel_id"),
+    ("channels.invite", {"user_ids": list(range(1, 1002))}, "user_ids"),
+    ("channels.remove", {"user_id": 2**64}, "user_id"),
+    ("channels.list", {"cursor": -1}, "cursor"),
+    ("channels.info", {"channel_id": 2**64}, "channel_id"),
+    ("channels.members", {"limit": 1001}, "limit"),
+    ("dms.open", {"user_ids": list(range(2, 10))}, "user_ids"),
+    ("messages.post", {"client_msg_id": "c" * 65}, "client_msg_id"),
+    ("messages.post", {"text": ""}, "text"),
+    ("messages.post", {"text": "x" * (wire.MAX_TEXT_WIRE_CHARS + 1)}, "text"),
+    ("messages.edit", {"message_id": 2**64}, "message_id"),
+    ("messages.delete", {"message_id": 0}, "message_id"),
+    ("messages.history", {"around": 2**64}, "around"),
+    ("messages.history", {"limit": 201}, "limit"),
+    ("messages.replies", {"after": -1}, "after"),
+    ("messages.replies", {"limit": 0}, "limit"),
+    ("reactions.add", {"emoji": "e" * 65}, "emoji"),
+    ("reactions.remove", {"emoji": "Tada!"}, "emoji"),
+    ("reads.mark", {"seq": _MAX + 1}, "seq"),
+    ("reads.counts", {"id": ""}, "id"),
+    ("typing", {"thread_root_id": 0}, "thread_root_id"),
+    ("presence.subscribe", {"user_ids": list(range(1, 502))}, "user_ids"),
+    ("presence.set", {"status": "busy"}, "status"),
+]
+
+
+def test_defect_18_19_tables_cover_every_client_frame_type() -> None:
+    assert sorted({t for t, _, _ in WRONG_TYPES}) == _ALL_CLIENT_TYPES
+    assert sorted({t for t, _, _ in OUT_OF_RANGE}) == _ALL_CLIENT_TYPES
+
+
+@pytest.mark.parametrize("type_", _ALL_CLIENT_TYPES)
+def test_defect_18_19_every_example_is_accepted(type_: str) -> None:
+    """The baseline of both tables: each frame, unmodified, validates."""
+    wire.parse_client_frame(json.dumps(_frame(type_)))
+
+
+def _refused_as_invalid_frame(frame: dict[str, Any], field: str) -> None:
+    error = _refusal(_opened().receive(json.dumps(frame), 0.0))
+    assert error["code"] == "invalid_frame", error
+    rid = frame["id"] if isinstance(frame["id"], str) and 0 < len(frame["id"]) <= 64 else None
+    assert error["reply_to"] == rid
+    assert error["message"].startswith(f"{field}:"), error
+
+
+@pytest.mark.parametrize(
+    ("type_", "overrides", "field"), WRONG_TYPES, ids=[f"{t}-{f}" for t, _, f in WRONG_TYPES]
+)
+def test_defect_18_wrong_types_are_refused_not_converted(
+    type_: str, overrides: dict[str, Any], field: str
+) -> None:
+    _refused_as_invalid_frame(_frame(type_, **overrides), field)
+
+
+@pytest.mark.parametrize(
+    ("type_", "overrides", "field"), OUT_OF_RANGE, ids=[f"{t}-{f}" for t, _, f in OUT_OF_RANGE]
+)
+def test_defect_19_out_of_range_values_are_refused(
+    type_: str, overrides: dict[str, Any], field: str
+) -> None:
+    _refused_as_invalid_frame(_frame(type_, **overrides), field)
+
+
+@pytest.mark.parametrize(
+    ("type_", "overrides"),
+    [
+        ("users.list", {"cursor": _MAX}),
+        ("channels.info", {"channel_id": _MAX}),
+        ("messages.history", {"before": _MAX, "limit": 200}),
+        ("reads.mark", {"seq": _MAX}),
+        ("auth", {"resume": {"session_id": "s", "seq": _MAX}}),
+        ("messages.post", {"text": "tab\there\r\nnew line"}),
+    ],
+)
+def test_defect_19_values_at_the_bounds_are_accepted(type_: str, overrides: dict[str, Any]) -> None:
+    wire.parse_client_frame(json.dumps(_frame(type_, **overrides)))
+
+
+def _string_fields(type_: str) -> list[tuple[str, str]]:
+    """Fields of ``type_`` (other than ``type``) that accept a plain string, each with a
+    string it accepts."""
+    model = wire.frame_types(wire.ClientFrame)[type_]
+    out = []
+    for name in model.model_fields:
+        for sample in ("ok", "https://ok.example/ok"):
+            if name != "type" and _accepts(_frame(type_, **{name: sample})):
+                out.append((name, sample))
+                break
+    return out
+
+
+def _accepts(frame: dict[str, Any]) -> bool:
+    try:
+        wire.parse_client_frame(json.dumps(frame))
+    except pydantic.ValidationError:
+        return False
+    return True
+
+
+_STRING_FIELDS = [(t, f, v) for t in _ALL_CLIENT_TYPES for f, v in _string_fields(t)]
+
+
+@pytest.mark.parametrize("char", ["\x00", "\x01", "\x08", "\x0b", "\x0c", "\x1b", "\x1f"])
+@pytest.mark.parametrize(
+    ("type_", "field", "sample"), _STRING_FIELDS, ids=[f"{t}-{f}" for t, f, _ in _STRING_FIELDS]
+)
+def test_defect_19_control_characters_are_refused_in_every_string(
+    type_: str, field: str, sample: str, char: str
+) -> None:
+    frame = _frame(type_, **{field: sample[:-1] + char + sample[-1]})
+    with pytest.raises(pydantic.ValidationError) as info:
+        wire.parse_client_frame(json.dumps(frame))
+    assert [e["loc"][1:] for e in info.value.errors()] == [(field,)]
+
+
+def test_defect_19_control_characters_are_refused_in_nested_strings() -> None:
+    frame = _frame("auth", resume={"session_id": "s\x00", "seq": 1})
+    with pytest.raises(pydantic.ValidationError, match="control character"):
+        wire.parse_client_frame(json.dumps(frame))
+
+
+def test_defect_19_string_field_discovery_is_not_vacuous() -> None:
+    fields = {(t, f) for t, f, _ in _STRING_FIELDS}
+    assert {("messages.post", "text"), ("users.update_profile", "avatar_url")} <= fields
+    assert ("reactions.add", "emoji") in fields
+    assert len({t for t, _ in fields}) == len(_ALL_CLIENT_TYPES)  # every frame has an id
+
+
+def _unbounded(node: Any, defs: dict[str, Any], path: str) -> list[str]:
+    """Paths of strings without maxLength, arrays without maxItems, integers without a
+    maximum, in a client frame's JSON schema."""
+    if not isinstance(node, dict):
+        return []
+    if "$ref" in node:
+        return _unbounded(defs[node["$ref"].removeprefix("#/$defs/")], defs, path)
+    out: list[str] = []
+    for branch in node.get("anyOf", []):
+        out += _unbounded(branch, defs, path)
+    kind = node.get("type")
+    if kind == "string" and "maxLength" not in node and "enum" not in node and "const" not in node:
+        out.append(path)
+    if kind == "integer" and "maximum" not in node:
+        out.append(path)
+    if kind == "array":
+        if "maxItems" not in node:
+            out.append(path)
+        out += _unbounded(node.get("items"), defs, path + "[]")
+    for name, prop in node.get("properties", {}).items():
+        out += _unbounded(prop, defs, f"{path}.{name}")
+    return out
+
+
+@pytest.mark.parametrize("type_", _ALL_CLIENT_TYPES)
+def test_defect_19_every_client_string_list_and_integer_is_bounded(type_: str) -> None:
+    schema = wire.frame_types(wire.ClientFrame)[type_].model_json_schema()
+    assert _unbounded(schema, schema.get("$defs", {}), type_) == []
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "javascript:alert(1)",
+        "JavaScript:alert(1)",
+        " javascript:alert(1)",
+        "data:text/html,<script>alert(1)</script>",
+        "vbscript:msgbox(1)",
+        "ftp://files.example/a.png",
+        "//cdn.example/a.png",
+        "/avatars/a.png",
+        "http://",
+        "https:///path-only",
+        "https://a.example/a b.png",
+        "https://a.example/" + "x" * 500,
+    ],
+)
+def test_defect_16a_avatar_url_must_be_absolute_http_or_https(url: str) -> None:
+    _refused_as_invalid_frame(_frame("users.update_profile", avatar_url=url), "avatar_url")
+
+
+@pytest.mark.parametrize(
+    "url", ["", "https://a.example/a.png", "http://a.example:8080/u/1?s=64", "HTTPS://A.EXAMPLE/"]
+)
+def test_defect_16a_http_and_https_avatar_urls_and_empty_are_accepted(url: str) -> None:
+    frame = wire.parse_client_frame(json.dumps(_frame("users.update_profile", avatar_url=url)))
+    assert isinstance(frame, wire.UsersUpdateProfile)
+    assert frame.avatar_url == url
+
+
+@pytest.mark.parametrize("depth", [33, 201, 1100, 100_000])
+def test_defect_17_deep_json_is_invalid_json_without_recursion(depth: int) -> None:
+    # Before: json.loads in the id recovery raised RecursionError (1011, traceback).
+    data = _nested(depth)
+    opened = _refusal(_opened().receive(data, 0.0))
+    assert (opened["code"], opened["reply_to"]) == ("invalid_json", None)
+    assert "nested deeper than 32 levels" in opened["message"]
+    before_auth = ClientProtocol(now=0.0).receive(data, 0.0)
+    assert isinstance(before_auth, Close)
+    assert (before_auth.code, before_auth.reason) == (CloseCode.POLICY_VIOLATION, "invalid_json")
+    assert wire.frame_id(data) is None
+
+
+def test_defect_17_depth_32_is_read_and_judged_on_its_fields() -> None:
+    error = _refusal(_opened().receive(_nested(32), 0.0))
+    assert (error["code"], error["reply_to"]) == ("invalid_frame", "deep")
+    assert error["message"].startswith("pad:")
+
+
+@pytest.mark.parametrize("tail", ["[" * 100_000, "{" * 100_000, '{"a":' * 50_000])
+def test_defect_17_deep_unterminated_json_is_invalid_json(tail: str) -> None:
+    error = _refusal(_opened().receive('{"type": "ping", "id": "u", "pad": ' + tail, 0.0))
+    assert (error["code"], error["reply_to"]) == ("invalid_json", None)
+
+
+def test_defect_17_rate_limited_deep_frame_is_refused_without_recursion() -> None:
+    # A refused (rate-limited) frame is read only for its id: a deep one has none.
+    p = ClientProtocol(now=0.0, requests_per_10s=1, disconnect_after=5)
+    assert isinstance(p.receive(json.dumps(_frame("auth")), 0.0), Authenticate)
+    p.authenticated()
+    error = _refusal(p.receive(_nested(100_000), 0.0))
+    assert (error["code"], error["reply_to"]) == ("rate_limited", None)
+    error = _refusal(p.receive(json.dumps(_frame("ping", id="named")), 0.0))
+    assert (error["code"], error["reply_to"]) == ("rate_limited", "named")
+
+
+# --------------------------------------------------------------------------- the same, on a node
+
+
+@contextlib.contextmanager
+def no_errors_logged(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    """Bad input is the client's problem: nothing at ERROR, no traceback, in the log."""
+    with caplog.at_level(logging.WARNING):
+        yield
+    bad = [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    assert not bad, [r.getMessage() for r in bad]
+
+
+# 8,000 levels is as deep as a frame gets under the default 16 KiB limit.
+@pytest.mark.parametrize("depth", [33, 1100, 8000])
+async def test_defect_17_deeply_nested_json_is_invalid_json_not_1011(
+    node: RunningNode, caplog: pytest.LogCaptureFixture, depth: int
+) -> None:
+    with no_errors_logged(caplog):
+        async with bystanders(node) as check:
+            async with node.client("max") as c:
+                errors = await raw_then_ping(c, _nested(depth))
+                assert [(e["code"], e["reply_to"]) for e in errors] == [("invalid_json", None)]
+            async with Client.connect(node.url) as c:  # before auth: the first frame
+                await c.send_raw(_nested(depth))
+                assert await closed(c) == (1008, "invalid_json")
+                assert [e["code"] for e in c.errors] == ["invalid_json"]
+            await check()
+
+
+@pytest.mark.parametrize(
+    ("type_", "fields", "field"),
+    [
+        ("messages.history", {"channel_id": True}, "channel_id"),
+        ("messages.history", {"channel_id": 1.0}, "channel_id"),
+        ("channels.info", {"channel_id": True}, "channel_id"),
+        ("channels.create", {"name": "yes-private", "private": "yes"}, "private"),
+        ("sessions.revoke", {"all": 1}, "all"),
+        ("users.list", {"limit": 2.0}, "limit"),
+    ],
+)
+async def test_defect_18_wrong_types_are_invalid_frame_on_a_node(
+    node: RunningNode,
+    caplog: pytest.LogCaptureFixture,
+    type_: str,
+    fields: dict[str, Any],
+    field: str,
+) -> None:
+    with no_errors_logged(caplog):
+        async with bystanders(node) as check, node.client("max") as c:
+            frame = await c.request_frame(type_, id="wt-1", **fields)
+            assert (frame["type"], frame["code"], frame["reply_to"]) == (
+                "error",
+                "invalid_frame",
+                "wt-1",
+            )
+            assert frame["message"].startswith(f"{field}:")
+            listed = await c.request("channels.list", member_only=True)
+            assert "yes-private" not in {ch["name"] for ch in listed["channels"]}
+            await check()
+
+
+@pytest.mark.parametrize(
+    ("type_", "fields", "field"),
+    [
+        ("users.list", {"cursor": 2**64}, "cursor"),
+        ("channels.list", {"cursor": _MAX + 1}, "cursor"),
+        ("channels.members", {"cursor": 2**64}, "cursor"),
+        ("messages.history", {"before": 2**64}, "before"),
+        ("messages.replies", {"message_id": 2**64}, "message_id"),
+        ("reads.mark", {"seq": 2**64}, "seq"),
+        ("users.info", {"user_ids": [2**64]}, "user_ids.0"),
+        ("messages.post", {"client_msg_id": "nul", "text": "a\x00b"}, "text"),
+        ("messages.post", {"client_msg_id": "n\x00l", "text": "ab"}, "client_msg_id"),
+        ("channels.update", {"topic": "t\x00"}, "topic"),
+        ("users.update_profile", {"display_name": "M\x00x"}, "display_name"),
+    ],
+)
+async def test_defect_19_out_of_range_values_and_nul_are_invalid_frame_on_both_stores(
+    node: RunningNode,
+    caplog: pytest.LogCaptureFixture,
+    type_: str,
+    fields: dict[str, Any],
+    field: str,
+) -> None:
+    # Before: 2**64 reached the database (internal_error and a traceback per request), and
+    # NUL was stored by SQLite but internal_error on PostgreSQL.
+    targets = {"channel_id": node.general, "message_id": 1}
+    base = {
+        k: v
+        for k, v in targets.items()
+        if k in wire.frame_types(wire.ClientFrame)[type_].model_fields
+    }
+    with no_errors_logged(caplog):
+        async with bystanders(node) as check, node.client("max") as c:
+            frame = await c.request_frame(type_, id="oor-1", **{**base, **fields})
+            assert (frame["type"], frame["code"], frame["reply_to"]) == (
+                "error",
+                "invalid_frame",
+                "oor-1",
+            )
+            assert frame["message"].startswith(f"{field}:")
+            await c.request("ping")
+            await check()
+
+
+async def test_defect_19_largest_integers_are_served_not_internal_error(
+    node: RunningNode, caplog: pytest.LogCaptureFixture
+) -> None:
+    with no_errors_logged(caplog):
+        async with node.client("max") as c:
+            page = await c.request("users.list", cursor=_MAX)
+            assert page["users"] == []
+            history = await c.request("messages.history", channel_id=node.general, before=_MAX)
+            assert isinstance(history["messages"], list)
+            frame = await c.request_frame("channels.info", channel_id=_MAX)
+            assert (frame["type"], frame["code"]) == ("error", "channel_not_found")
+
+
+async def test_defect_16a_avatar_url_javascript_is_refused_https_is_kept(
+    node: RunningNode, caplog: pytest.LogCaptureFixture
+) -> None:
+    with no_errors_logged(caplog):
+        async with node.client("max") as c:
+            frame = await c.request_frame(
+                "users.update_profile", id="av-1", avatar_url="javascript:alert(document.cookie)"
+            )
+            assert (frame["type"], frame["code"], frame["reply_to"]) == (
+                "error",
+                "invalid_frame",
+                "av-1",
+            )
+            assert frame["message"].startswith("avatar_url:")
+            url = "https://avatars.example/max.png"
+            updated = await c.request("users.update_profile", avatar_url=url)
+            assert updated["user"]["avatar_url"] == url
+            cleared = await c.request("users.update_profile", avatar_url="")
+            assert cleared["user"]["avatar_url"] == ""
