@@ -3,14 +3,16 @@
 ::
 
     socket ──text──> ClientProtocol.receive ──Dispatch──> handlers ──> journal ──> DB ──> bus
-       ^                                                                          │
-       └──────── transport.write(frame bytes, built once per event) <── Hub <─────┘
+       ^                                                                               │
+       └──────── FrameWriter.write(frame bytes, built once per event) <── Hub <─────────┘
 
-Events are written straight to each connection's transport as pre-built websocket frames
-(server frames are unmasked, so the bytes are the same for every recipient); replies take the
-same path, so a connection's frames leave in the order they were produced. A connection whose
-write buffer passes the soft mark loses droppable frames (typing, presence); past the hard mark
-it is closed with 4001 (reconnect and resume) instead of slowing anyone else.
+The rules live in sans-I/O units: :mod:`chat.protocol` (each frame), :mod:`chat.connect` (the
+connect and resume sequence), :mod:`chat.fanout` (who receives an event). This module only
+performs the I/O they ask for. Events are written straight to each connection's transport as
+pre-built websocket frames (:mod:`chat.transport`); replies take the same path, so a
+connection's frames leave in the order they were produced. A connection whose write buffer
+passes the soft mark loses droppable frames (typing, presence); past the hard mark it is
+closed with 4001 (reconnect and resume) instead of slowing anyone else.
 """
 
 from __future__ import annotations
@@ -21,61 +23,72 @@ import http
 import logging
 import random
 import signal
-import struct
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
-from websockets.protocol import State as WsState
 from websockets.typing import Origin
 
 from chat import __version__, metrics, wire
 from chat.bus import Bus, Envelope, LocalBus
 from chat.config import Settings
-from chat.errors import ChatError, CloseCode, ErrorCode, ProtocolViolation
-from chat.fanout import Hub, visible_backlog
+from chat.connect import (
+    CheckWindow,
+    Connect,
+    Effect,
+    Identify,
+    Live,
+    ScanReplay,
+    Snapshot,
+    StreamReplay,
+    Subscribe,
+    TakeSnapshot,
+)
+from chat.errors import ChatError, CloseCode, ErrorCode
+from chat.fanout import Hub
 from chat.handlers import Caller, Services, handle
-from chat.identity import identify
-from chat.journal import Journal
+from chat.identity import Identifier
+from chat.journal import Journal, now_ms
 from chat.metrics import TALLY
 from chat.presence import ClusterPresence, Presence
 from chat.protocol import Authenticate, ClientProtocol, Close, Dispatch, Send
 from chat.replay import DatabaseLog, ReplayLog
 from chat.storage import Database, open_database, queries, token_secret
+from chat.transport import OPEN, Connection, FrameWriter, text_frame
 
 log = logging.getLogger(__name__)
 
-_OPEN = WsState.OPEN
 _CLOSE_TIMEOUT_S = 2.0
+# Requests already accepted get their replies before a close for flooding or revocation;
+# this bounds how long the close waits for them.
+_FINISH_REQUESTS_S = 10.0
+_READY_CACHE_S = 1.0
+# The state of the session and user as of the snapshot -> why the connect is refused.
+_REFUSALS = {
+    "revoked": ErrorCode.TOKEN_REVOKED,
+    "expired": ErrorCode.TOKEN_EXPIRED,
+    "missing": ErrorCode.INVALID_AUTH,
+    "inactive": ErrorCode.ACCOUNT_INACTIVE,
+}
+
+__all__ = ["Node", "Peer", "run", "text_frame"]
 
 
-def text_frame(payload: bytes) -> bytes:
-    """A complete unmasked websocket text frame (FIN set) carrying ``payload``."""
-    n = len(payload)
-    if n < 126:
-        return bytes((0x81, n)) + payload
-    if n < 65536:
-        return struct.pack("!BBH", 0x81, 126, n) + payload
-    return struct.pack("!BBQ", 0x81, 127, n) + payload
-
-
-class Peer:
+class Peer(FrameWriter):
     """One websocket connection, as the hub sees it once authenticated."""
 
     __slots__ = (
         "_hard",
         "_node",
-        "_protocol",
         "_soft",
-        "_transport",
         "closer",
         "closing",
-        "last_seen",
         "requests",
         "revoked",
+        "role",
         "session_id",
         "user_id",
         "workspace_id",
@@ -83,30 +96,29 @@ class Peer:
     )
 
     def __init__(self, node: Node, ws: ServerConnection) -> None:
+        super().__init__(ws)
         self._node = node
         self.ws = ws
-        self._protocol = ws.protocol
-        self._transport = ws.transport
         self._soft = node.settings.send_buffer_soft_bytes
         self._hard = node.settings.send_buffer_hard_bytes
         self.user_id = 0
         self.workspace_id = 0
         self.session_id = ""
+        self.role = "guest"
         self.closing = False
-        self.last_seen = asyncio.get_running_loop().time()
         self.revoked = False
         self.closer: asyncio.Task[object] | None = None
         self.requests = Slots(node.settings.max_inflight_requests)
 
     def send(self, frame: bytes, droppable: bool) -> None:
-        # The per-recipient hot path of fan-out: keep it short.
-        if self.closing or self.revoked or self._protocol.state is not _OPEN:
+        # The per-recipient hot path of fan-out: keep it short (FrameWriter's fields, inline).
+        if self.closing or self.revoked or self._protocol.state is not OPEN:
             return
         self._write(frame, droppable)
 
     def reply(self, frame: bytes) -> None:
         """A reply or error frame: still sent after revocation, to requests made before."""
-        if self.closing or self._protocol.state is not _OPEN:
+        if self.closing or self._protocol.state is not OPEN:
             return
         self._write(frame, False)
 
@@ -124,11 +136,24 @@ class Peer:
         TALLY.frames_out += 1
 
     def revoke(self) -> None:
-        """No more events; close once requests already in flight have their replies (the
-        revocation may be one of them)."""
+        """No more events, no new requests; close once the requests already in flight have
+        their replies (the revocation may be one of them)."""
+        if self.revoked:
+            return
         self.revoked = True
+        self.close_when_idle(CloseCode.POLICY_VIOLATION, ErrorCode.TOKEN_REVOKED.value)
+
+    def close_when_idle(self, code: CloseCode, reason: str) -> None:
         if not self.requests.busy:
-            self.close(CloseCode.POLICY_VIOLATION, ErrorCode.TOKEN_REVOKED.value)
+            self.close(code, reason)
+            return
+
+        async def later() -> None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.requests.idle(), _FINISH_REQUESTS_S)
+            self.close(code, reason)
+
+        self._node.spawn(later())
 
     def close(self, code: CloseCode, reason: str) -> None:
         if self.closing:
@@ -143,18 +168,19 @@ class Peer:
         try:
             await asyncio.wait_for(self.ws.close(code, reason), _CLOSE_TIMEOUT_S)
         except TimeoutError:
-            self._transport.abort()
+            self.abort()
 
 
 class Slots:
     """A per-connection bound on requests in flight; a lighter asyncio.Semaphore (there is
     one per connection, and most never wait)."""
 
-    __slots__ = ("_free", "_size", "_waiter")
+    __slots__ = ("_free", "_idle", "_size", "_waiter")
 
     def __init__(self, size: int) -> None:
         self._free = self._size = size
         self._waiter: asyncio.Future[None] | None = None
+        self._idle: asyncio.Future[None] | None = None
 
     @property
     def busy(self) -> bool:
@@ -171,6 +197,18 @@ class Slots:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
         self._waiter = None
+        if self._free == self._size and self._idle is not None:
+            if not self._idle.done():
+                self._idle.set_result(None)
+            self._idle = None
+
+    async def idle(self) -> None:
+        """Wait until no request is in flight."""
+        if not self.busy:
+            return
+        if self._idle is None:
+            self._idle = asyncio.get_running_loop().create_future()
+        await asyncio.shield(self._idle)
 
 
 class Node:
@@ -183,14 +221,18 @@ class Node:
         self._db = db
         self._bus = bus
         self._server: Server | None = None
+        self._metrics_server: Server | None = None
         self._tasks: set[asyncio.Task[object]] = set()
         self._draining = False
+        self._ready_cache: tuple[float, str | None] = (-1e9, None)
         self._subscribed: set[int] = set()
         self._subscribe_locks: dict[int, asyncio.Lock] = {}
         self._peers: set[Peer] = set()
         self.services: Services
+        self._identifier: Identifier
         self.replay: ReplayLog
         self.port = 0
+        self.metrics_port: int | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -234,12 +276,14 @@ class Node:
         journal = Journal(db, bus, on_commit=metrics.observe_commit)
         presence = Presence(bus, s.typing_interval_s, cluster)
         self.services = Services(settings=s, db=db, journal=journal, hub=hub, presence=presence)
+        self._identifier = Identifier(s, db)
         self.replay = replay
         self._bus = bus
         self._server = await serve(
             self._connection,
             s.host,
             s.port,
+            create_connection=Connection,
             process_request=self._process_request,
             compression=None,
             max_size=s.max_frame_bytes,
@@ -253,9 +297,26 @@ class Node:
             server_header=f"chat/{__version__}",
         )
         self.port = self._server.sockets[0].getsockname()[1]
+        if s.metrics_port is not None:
+            self._metrics_server = await serve(
+                self._refuse_websocket,
+                s.metrics_host,
+                s.metrics_port,
+                process_request=self._process_metrics_request,
+                server_header=f"chat/{__version__}",
+            )
+            self.metrics_port = self._metrics_server.sockets[0].getsockname()[1]
         self.spawn(self._watch_heartbeats())
         self.spawn(presence.run())
-        log.info("listening", extra={"host": s.host, "port": self.port, "store": db.dialect})
+        log.info(
+            "listening",
+            extra={
+                "host": s.host,
+                "port": self.port,
+                "metrics_port": self.metrics_port,
+                "store": db.dialect,
+            },
+        )
 
     def _origins(self) -> list[Origin | None] | None:
         if "*" in self.settings.allowed_origins:
@@ -263,23 +324,32 @@ class Node:
         return [None, *(Origin(o) for o in self.settings.allowed_origins)]
 
     async def stop(self) -> None:
-        """Graceful: stop accepting, finish in-flight writes, close sockets with 1012."""
+        """Graceful and bounded: refuse new connections (the listener stays open, so probes
+        answer 503 "draining"), finish queued writes, close sockets with 1012 spread over the
+        drain period, then cancel what is left. Whatever is stuck, this returns within about
+        ``shutdown_grace_s + drain_period_s`` plus a few close timeouts."""
         if self._server is None:
             return
         self._draining = True
         grace = self.settings.shutdown_grace_s
-        self._server.close(close_connections=False)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.services.journal.close(), grace / 2)
         await self._drain(list(self._server.connections))
+        self._server.close(close_connections=False)
+        if self._metrics_server is not None:
+            self._metrics_server.close()
         for task in list(self._tasks):
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._tasks:
+            _, stuck = await asyncio.wait(list(self._tasks), timeout=grace / 2)
+            for task in stuck:
+                log.error("task did not stop when cancelled", extra={"task": repr(task)})
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._server.wait_closed(), 1)
+        self._identifier.close()
         assert self._bus is not None
-        await self._bus.close()
-        await self.services.db.close()
+        await _bounded(self._bus.close(), grace / 2, "bus close")
+        await _bounded(self.services.db.close(), grace / 2, "database close")
         self._server = None
         log.info("stopped")
 
@@ -295,32 +365,37 @@ class Node:
             hint = wire.Goodbye(
                 reason="service_restart", reconnect_after_ms=random.randint(0, 1000)
             )
-            if ws.protocol.state is WsState.OPEN:
-                ws.transport.write(text_frame(wire.dump(hint)))
+            writer = FrameWriter(ws)
+            if writer.open:
+                writer.write(text_frame(wire.dump(hint)))
             try:
                 await asyncio.wait_for(
                     ws.close(CloseCode.SERVICE_RESTART, "service_restart"), _CLOSE_TIMEOUT_S
                 )
             except TimeoutError:
-                ws.transport.abort()
+                writer.abort()
 
         n = len(connections)
         tasks = [
             asyncio.ensure_future(drain_one(ws, period * i / n)) for i, ws in enumerate(connections)
         ]
         if tasks:
-            await asyncio.wait(tasks, timeout=period + _CLOSE_TIMEOUT_S + 1)
+            _, late = await asyncio.wait(tasks, timeout=period + _CLOSE_TIMEOUT_S + 1)
+            for task in late:
+                task.cancel()
 
     async def _watch_heartbeats(self) -> None:
-        """Close connections that sent nothing for two heartbeat intervals (4000): a dead
-        client, or a zombie connection; the client reconnects and resumes."""
+        """Close connections that sent nothing at all (no frame, not even a websocket ping or
+        pong) for two heartbeat intervals (4000): a dead client, or a zombie connection; the
+        client reconnects and resumes."""
         limit = 2 * self.settings.heartbeat_interval_ms / 1000
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(min(limit / 4, 5.0))
             now = loop.time()
             for peer in list(self._peers):
-                if now - peer.last_seen > limit:
+                last_seen = getattr(peer.ws, "last_seen", now)
+                if now - last_seen > limit:
                     peer.close(CloseCode.HEARTBEAT_TIMEOUT, "heartbeat_timeout")
 
     async def _subscribe(self, workspace_id: int) -> None:
@@ -355,23 +430,51 @@ class Node:
         if path == "/healthz":
             return ws.respond(http.HTTPStatus.OK, "ok\n")
         if path == "/readyz":
-            try:
-                await asyncio.wait_for(self.services.db.ping(), 2)
-            except Exception:
-                return ws.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, "database unavailable\n")
-            if self._draining:
-                return ws.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, "draining\n")
+            problem = await self._not_ready()
+            if problem is not None:
+                return ws.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, problem + "\n")
             return ws.respond(http.HTTPStatus.OK, "ready\n")
-        if path == "/metrics":
-            body = metrics.render()
-            headers = Headers(
-                [
-                    ("Content-Type", "text/plain; version=0.0.4; charset=utf-8"),
-                    ("Content-Length", str(len(body))),
-                ]
-            )
-            return Response(200, "OK", headers, body)
+        if self._draining:
+            # Still listening so that probes see the drain; new sessions go elsewhere.
+            response = ws.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, "draining\n")
+            response.headers["Retry-After"] = "1"
+            return response
         return None
+
+    async def _not_ready(self) -> str | None:
+        """Why this node should get no new clients, or None. The database ping is cached
+        briefly: a load balancer probing often must not cost a query each time."""
+        if self._draining:
+            return "draining"
+        bus_healthy = getattr(self._bus, "healthy", True)
+        if not bus_healthy:
+            return "bus unavailable"
+        loop = asyncio.get_running_loop()
+        checked_at, problem = self._ready_cache
+        if loop.time() - checked_at < _READY_CACHE_S:
+            return problem
+        try:
+            await asyncio.wait_for(self.services.db.ping(), 2)
+            problem = None
+        except Exception:
+            problem = "database unavailable"
+        self._ready_cache = (loop.time(), problem)
+        return problem
+
+    async def _process_metrics_request(self, ws: ServerConnection, request: Request) -> Response:
+        if request.path.split("?", 1)[0] != "/metrics":
+            return ws.respond(http.HTTPStatus.NOT_FOUND, "not found\n")
+        body = metrics.render()
+        headers = Headers(
+            [
+                ("Content-Type", "text/plain; version=0.0.4; charset=utf-8"),
+                ("Content-Length", str(len(body))),
+            ]
+        )
+        return Response(200, "OK", headers, body)
+
+    async def _refuse_websocket(self, ws: ServerConnection) -> None:
+        await ws.close(CloseCode.POLICY_VIOLATION, "not a websocket endpoint")
 
     # ------------------------------------------------------------------ connections
 
@@ -387,26 +490,39 @@ class Node:
         self._peers.add(peer)
         s = self.settings
         loop = asyncio.get_running_loop()
-        session = ClientProtocol(
+        protocol = ClientProtocol(
             now=loop.time(),
             requests_per_10s=s.rate_limit_per_10s,
             disconnect_after=s.rate_limit_disconnect_after,
         )
+        sequence = Connect(protocol, self.services.hub, peer)
         try:
-            if not await self._open(peer, session):
+            if not await self._open(peer, protocol, sequence):
                 return
+            metrics.SESSIONS.inc()
             caller = Caller(peer.user_id, peer.workspace_id, peer.session_id, peer)
             async for message in ws:
                 TALLY.frames_in += 1
-                peer.last_seen = loop.time()
-                verdict = session.receive(message, loop.time())
+                verdict = protocol.receive(message, loop.time())
                 if isinstance(verdict, Dispatch):
+                    if peer.revoked:
+                        # Revoked while earlier requests finish: refuse new ones.
+                        revoked = ChatError(ErrorCode.TOKEN_REVOKED)
+                        self._apply(peer, protocol.fail(verdict.request.id, revoked))
+                        continue
                     # Bounded concurrency per connection: past the limit we stop reading,
                     # and TCP pushes back on the client.
                     await peer.requests.acquire()
-                    self.spawn(self._request(peer, session, caller, verdict.request))
-                elif isinstance(verdict, Send | Close):
-                    await self._apply(peer, verdict)
+                    self.spawn(self._request(peer, protocol, caller, verdict.request))
+                elif isinstance(verdict, Close):
+                    # Flooding: every request accepted before gets its reply first.
+                    if verdict.frame is not None:
+                        self._reply(peer, verdict.frame)
+                    await _bounded(peer.requests.idle(), _FINISH_REQUESTS_S, "requests")
+                    peer.close(verdict.code, verdict.reason)
+                    return
+                elif isinstance(verdict, Send):
+                    self._reply(peer, verdict.frame)
                 if peer.closing:
                     return
         except ConnectionClosed:
@@ -418,16 +534,15 @@ class Node:
                 with contextlib.suppress(Exception):
                     await asyncio.shield(peer.closer)
             metrics.CONNECTIONS.dec()
-            if peer.workspace_id:
-                self.services.hub.detach(peer.workspace_id, peer)
+            if sequence.close():  # detached from the hub; True only if it had gone live
                 metrics.SESSIONS.dec()
                 await self.services.presence.disconnected(peer.workspace_id, peer.user_id)
 
-    async def _open(self, peer: Peer, session: ClientProtocol) -> bool:
-        """Hello, then the first frame must authenticate. True once the session is open.
+    async def _open(self, peer: Peer, protocol: ClientProtocol, sequence: Connect) -> bool:
+        """Hello, then the first frame must authenticate. True once the session is live.
         (A function of its own so the auth frame and token are freed when it returns.)"""
         ws = peer.ws
-        ws.transport.write(text_frame(wire.dump(self._hello())))
+        peer.write(text_frame(wire.dump(self._hello())))
         try:
             async with asyncio.timeout(self.settings.auth_timeout_s):
                 first = await ws.recv()
@@ -435,13 +550,110 @@ class Node:
             peer.close(CloseCode.POLICY_VIOLATION, "auth_timeout")
             return False
         TALLY.frames_in += 1
-        verdict = session.receive(first, asyncio.get_running_loop().time())
+        verdict = protocol.receive(first, asyncio.get_running_loop().time())
         if isinstance(verdict, Send | Close):
-            await self._apply(peer, verdict)
+            self._apply(peer, verdict)
             return False
         if not isinstance(verdict, Authenticate):  # never: no dispatch before auth
             raise AssertionError(verdict)
-        return await self._authenticate(peer, session, verdict.request)
+        return await self._connect(peer, sequence, sequence.start(verdict.request))
+
+    async def _connect(self, peer: Peer, sequence: Connect, effects: list[Effect]) -> bool:
+        """Carry out the connect sequence: its effects, and the I/O of each step."""
+        while True:
+            action: Effect | None = None
+            for effect in effects:
+                if isinstance(effect, Send):
+                    peer.reply(text_frame(effect.frame))
+                elif isinstance(effect, Close):
+                    self._apply(peer, effect)
+                    return False
+                elif isinstance(effect, Live):
+                    await self.services.presence.connected(effect.workspace_id, effect.user_id)
+                    return True
+                else:
+                    action = effect
+            if peer.closing:
+                return False
+            try:
+                effects = await self._perform(peer, sequence, action)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                effects = sequence.failed(exc)
+
+    async def _perform(self, peer: Peer, sequence: Connect, action: Effect | None) -> list[Effect]:
+        if isinstance(action, Identify):
+            address = peer.ws.remote_address
+            peer_ip = str(address[0]) if address else None
+            identity = await self._identifier.identify(action.request, peer_ip=peer_ip)
+            user = identity.user
+            peer.user_id, peer.workspace_id = user.id, user.workspace_id
+            peer.session_id, peer.role = identity.session_id, user.role
+            return sequence.identified(identity)
+        if isinstance(action, Subscribe):
+            await self._subscribe(action.workspace_id)
+            return sequence.subscribed()
+        if isinstance(action, TakeSnapshot):
+            async with self.services.db.connection() as conn:
+                row = await queries.connect_snapshot(
+                    conn, action.workspace_id, action.user_id, action.session_id, now_ms()
+                )
+            refusal = _REFUSALS.get(row.session)
+            snapshot = Snapshot(row.as_of, frozenset(row.channel_ids), row.role, refusal)
+            return sequence.snapshot_taken(snapshot)
+        if isinstance(action, CheckWindow):
+            holds = await self.replay.holds(action.workspace_id, action.after_seq, action.up_to)
+            return sequence.window_checked(holds)
+        if isinstance(action, ScanReplay):
+            async for chunk in self._read(action.workspace_id, action.after_seq, action.up_to):
+                sequence.scan(chunk)
+            return sequence.scanned()
+        if isinstance(action, StreamReplay):
+            chunks = action.cached or self._read(
+                action.workspace_id, action.after_seq, action.up_to
+            )
+            if not await self._stream(peer, sequence, chunks):
+                return [Close(CloseCode.SLOW_CONSUMER, "slow_consumer")]
+            return sequence.streamed()
+        raise AssertionError(f"no action to perform: {action!r}")
+
+    def _read(
+        self, workspace_id: int, after_seq: int, up_to: int
+    ) -> AsyncIterator[Sequence[Envelope]]:
+        return self.replay.read(workspace_id, after_seq, up_to)
+
+    async def _stream(
+        self,
+        peer: Peer,
+        sequence: Connect,
+        chunks: AsyncIterator[Sequence[Envelope]] | Sequence[Sequence[Envelope]],
+    ) -> bool:
+        """Write a replay with flow control: a long backlog must not look like a slow
+        consumer, nor sit in memory all at once. False if the client stopped reading."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30.0
+        soft = self.settings.send_buffer_soft_bytes
+
+        async def each() -> AsyncIterator[Sequence[Envelope]]:
+            if isinstance(chunks, Sequence):
+                for chunk in chunks:
+                    yield chunk
+            else:
+                async for chunk in chunks:
+                    yield chunk
+
+        async for chunk in each():
+            payloads = sequence.visible(chunk)
+            if payloads:
+                peer.reply(b"".join([text_frame(p) for p in payloads]))
+            while peer.buffered() > soft:
+                if peer.closing or loop.time() > deadline:
+                    return False
+                await asyncio.sleep(0.005)
+            if peer.closing:
+                return False
+        return True
 
     def _hello(self) -> wire.Hello:
         s = self.settings
@@ -456,120 +668,20 @@ class Node:
             ),
         )
 
-    async def _apply(self, peer: Peer, verdict: Send | Close) -> None:
-        if isinstance(verdict, Send):
-            metrics.count_error(verdict.frame)
-            peer.reply(text_frame(verdict.frame))
-            return
+    def _reply(self, peer: Peer, frame: bytes) -> None:
+        metrics.count_error(frame)
+        peer.reply(text_frame(frame))
+
+    def _apply(self, peer: Peer, verdict: Send | Close) -> None:
         if verdict.frame is not None:
-            metrics.count_error(verdict.frame)
-            peer.reply(text_frame(verdict.frame))
-        peer.close(verdict.code, verdict.reason)
-
-    async def _authenticate(
-        self, peer: Peer, session: ClientProtocol, request: wire.Auth | wire.Login
-    ) -> bool:
-        try:
-            identity = await identify(self.settings, self.services.db, request)
-        except ChatError as exc:
-            await self._apply(
-                peer,
-                session.fail(
-                    request.id, ProtocolViolation(exc.code, CloseCode.POLICY_VIOLATION, exc.message)
-                ),
-            )
-            return False
-        except Exception as exc:
-            await self._apply(peer, session.fail(request.id, exc))
-            peer.close(CloseCode.INTERNAL_ERROR, "internal_error")
-            return False
-        user = identity.user
-        peer.user_id, peer.workspace_id, peer.session_id = (
-            user.id,
-            user.workspace_id,
-            identity.session_id,
-        )
-        hub = self.services.hub
-        await self._subscribe(user.workspace_id)  # before the snapshot below
-        hub.attach(user.workspace_id, peer)  # events from here on are buffered for the peer
-        metrics.SESSIONS.inc()
-        async with self.services.db.connection() as conn:
-            as_of, channel_ids = await queries.membership_snapshot(conn, user.workspace_id, user.id)
-        backlog: list[Envelope] = []
-        resume_error: wire.ResumeError | None = None
-        resume = request.resume if isinstance(request, wire.Auth) else None
-        if resume is not None:
-            if resume.session_id != identity.session_id:
-                resume_error = "session_mismatch"
-            elif resume.seq > as_of:
-                resume_error = "future_seq"
-            else:
-                missed = await self.replay.replay(user.workspace_id, resume.seq, as_of)
-                if missed is None:
-                    resume_error = "too_old"
-                else:
-                    backlog = visible_backlog(user.id, channel_ids, missed)
-        session.authenticated()
-        peer.reply(
-            text_frame(
-                session.reply(
-                    request.id,
-                    wire.SessionInfo(
-                        user=user,
-                        workspace_id=user.workspace_id,
-                        workspace_name=identity.workspace_name,
-                        session_id=identity.session_id,
-                        seq=as_of,
-                        token=identity.token,
-                        resumed=resume is not None and resume_error is None,
-                        resume_error=resume_error,
-                    ),
-                )
-            )
-        )
-        if backlog and not await self._stream(peer, backlog):
-            return False
-        if resume is not None and resume_error is None:
-            # Caught up to the snapshot: what follows (buffered since, then live) is live.
-            marker = wire.Resumed(seq=as_of, replayed=len(backlog))
-            peer.reply(text_frame(wire.dump(marker)))
-            metrics.RESUMES.labels(outcome="resumed").inc()
-        # Events committed since the snapshot were buffered; they follow.
-        if not hub.ready(user.workspace_id, peer, channel_ids, as_of):
-            peer.close(CloseCode.SLOW_CONSUMER, "sync_overflow")
-            return False
-        if resume_error is not None:
-            metrics.RESUMES.labels(outcome=resume_error).inc()
-        await self.services.presence.connected(user.workspace_id, user.id)
-        log.debug("authenticated", extra={"user_id": user.id, "session_id": peer.session_id})
-        return True
-
-    async def _stream(self, peer: Peer, backlog: Sequence[Envelope]) -> bool:
-        """Write a replay with flow control: a long backlog must not look like a slow
-        consumer, nor sit in memory all at once. False if the client stopped reading."""
-        chunk: list[bytes] = []
-        size = 0
-        deadline = asyncio.get_running_loop().time() + 30.0
-        transport = peer.ws.transport
-        for i, env in enumerate(backlog):
-            frame = text_frame(env.payload)
-            chunk.append(frame)
-            size += len(frame)
-            if size < 64 * 1024 and i + 1 < len(backlog):
-                continue
-            peer.reply(b"".join(chunk))
-            chunk, size = [], 0
-            while transport.get_write_buffer_size() > self.settings.send_buffer_soft_bytes:
-                if peer.closing or asyncio.get_running_loop().time() > deadline:
-                    peer.close(CloseCode.SLOW_CONSUMER, "slow_consumer")
-                    return False
-                await asyncio.sleep(0.005)
-        return not peer.closing
+            self._reply(peer, verdict.frame)
+        if isinstance(verdict, Close):
+            peer.close(verdict.code, verdict.reason)
 
     async def _request(
         self,
         peer: Peer,
-        session: ClientProtocol,
+        protocol: ClientProtocol,
         caller: Caller,
         request: wire.Request,
     ) -> None:
@@ -579,16 +691,24 @@ class Node:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            await self._apply(peer, session.fail(request.id, exc))
+            verdict = protocol.fail(request.id, exc)
+            if isinstance(exc, ChatError) and exc.code is ErrorCode.TOKEN_REVOKED:
+                peer.revoke()  # the session was revoked: a handler noticed it first
+            self._apply(peer, verdict)
         else:
-            peer.reply(text_frame(session.reply(request.id, data)))
+            peer.reply(text_frame(protocol.reply(request.id, data)))
         finally:
             peer.requests.release()
-            if peer.revoked and not peer.requests.busy:
-                peer.revoke()
             metrics.REQUESTS.labels(type=request.type).observe(  # type: ignore[attr-defined]
                 time.perf_counter() - started
             )
+
+
+async def _bounded(awaitable: Awaitable[object], timeout: float, what: str) -> None:
+    try:
+        await asyncio.wait_for(awaitable, timeout)
+    except TimeoutError:
+        log.warning("gave up waiting", extra={"for": what, "timeout_s": timeout})
 
 
 async def run(settings: Settings) -> None:
