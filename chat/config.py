@@ -55,6 +55,11 @@ class Settings(BaseSettings):
     send_buffer_hard_bytes: int = 2 * 1024 * 1024
     listen_backlog: int = 4096
 
+    # Operations: Prometheus /metrics is served on its own listener, never on the client port
+    # (None: not served; 0: a free port, logged at start).
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int | None = None
+
     # Replay window for resume: events are kept while they are among the last
     # replay_max_events of their workspace OR younger than replay_window_s (both minimums).
     replay_window_s: float = 900.0
