@@ -16,7 +16,14 @@ from chat.config import Settings
 from chat.errors import ChatError, ErrorCode
 from chat.handlers.access import channel_audience, user_audience
 from chat.journal import Journal, Tx, now_ms
-from chat.storage import Database, UniqueViolation, open_database, queries, token_secret
+from chat.storage import (
+    Database,
+    UniqueViolation,
+    open_database,
+    queries,
+    secret_key_path,
+    token_secret,
+)
 
 _FIRST = """
 ada grace alan edsger barbara donald ken dennis margaret linus guido bjarne radia frances
@@ -46,7 +53,10 @@ class Admin:
     async def open(cls, settings: Settings) -> Admin:
         db = await open_database(settings.database_url, settings.sqlite_path)
         try:
-            secret = await token_secret(db, settings.secret_key)
+            path = secret_key_path(
+                settings.database_url, settings.sqlite_path, settings.secret_key_file
+            )
+            secret = await token_secret(db, settings.secret_key, path)
         except BaseException:
             await db.close()
             raise

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import stat
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,6 +17,7 @@ import pytest_asyncio
 from chat.client import Client
 from chat.errors import ChatError, ErrorCode
 from chat.identity import HashPool, LoginGuard, TokenBuckets
+from chat.storage import open_database, queries
 from tests.conftest import PostgresFixture
 from tests.harness import RunningNode, running_node
 from tests.pg import unique_database_name
@@ -197,3 +200,55 @@ async def test_defect_13_bad_passwords_from_one_ip_are_rate_limited(
     # Token authentication costs no hashing and is not limited.
     async with node.client("mia") as mia:
         assert await mia.request("ping")
+
+
+# --------------------------------------------------------------------------- defect 14
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+async def test_defect_14_generated_secret_is_in_a_private_file_not_the_database(
+    tmp_path: Path,
+) -> None:
+    db_path = tmp_path / "chat.sqlite3"
+    # The harness opens the store twice without a configured secret: once as `chat admin`
+    # (seeding, issuing tokens), once as `chat serve`; the tokens must work on the node.
+    async with running_node(sqlite_path=str(db_path), secret_key="") as node:
+        async with node.client("mia") as mia:
+            assert await mia.request("ping")
+        secret_file = tmp_path / "chat.secret"
+        secret = secret_file.read_text().strip()
+        assert secret == node.node.settings.secret_key == node.admin.settings.secret_key
+        assert mode(secret_file) == 0o600
+        files = [db_path, *(p for p in (tmp_path / "chat.sqlite3-wal",) if p.exists())]
+        files += [p for p in (tmp_path / "chat.sqlite3-shm",) if p.exists()]
+        for path in files:
+            assert mode(path) == 0o600, path  # before the fix: 0644
+        async with node.admin.db.connection() as conn:
+            assert await queries.get_meta(conn, "token_secret") is None
+        for path in files:
+            assert secret.encode() not in path.read_bytes(), path
+
+
+async def test_defect_14_a_secret_kept_in_meta_moves_to_the_file(tmp_path: Path) -> None:
+    db_path = tmp_path / "chat.sqlite3"
+    db_path.touch(mode=0o644)
+    db_path.chmod(0o644)  # as created by an older version
+    legacy = "legacy-secret-from-the-meta-table-0123456789abcdef"
+    db = await open_database("", str(db_path))
+    try:
+        async with db.transaction() as conn:
+            assert await queries.get_or_set_meta(conn, "token_secret", legacy) == legacy
+    finally:
+        await db.close()
+    async with running_node(sqlite_path=str(db_path), secret_key="") as node:
+        # Tokens signed with the old secret stay valid.
+        assert node.node.settings.secret_key == legacy
+        assert (tmp_path / "chat.secret").read_text().strip() == legacy
+        async with node.admin.db.connection() as conn:
+            assert await queries.get_meta(conn, "token_secret") is None
+        assert mode(db_path) == 0o600
+        async with node.client("olivia") as olivia:
+            assert await olivia.request("ping")

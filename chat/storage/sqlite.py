@@ -9,8 +9,10 @@ keeps read-your-writes simple. Queries arrive in PostgreSQL's dialect and are tr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
+import os
 import re
 import sqlite3
 from collections.abc import AsyncIterator, Sequence
@@ -101,9 +103,19 @@ class SqliteDatabase:
 
     @classmethod
     async def connect(cls, path: str) -> SqliteDatabase:
+        on_disk = path != ":memory:" and not path.startswith("file:")
+        if on_disk:
+            # Private from the start: the database holds password hashes and session ids.
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
         conn = await aiosqlite.connect(path, isolation_level=None)
         conn.row_factory = sqlite3.Row
         await conn.execute("PRAGMA journal_mode=WAL")
+        if on_disk:
+            # SQLite gives -wal/-shm the database's mode; also tighten files made by older
+            # versions (0644).
+            for name in (path, path + "-wal", path + "-shm"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.chmod(name, 0o600)
         await conn.execute("PRAGMA synchronous=NORMAL")
         await conn.execute("PRAGMA foreign_keys=ON")
         await conn.execute("PRAGMA busy_timeout=5000")
