@@ -31,8 +31,8 @@ class Settings(BaseSettings):
     # nodes with one id would overwrite each other's presence.
     node_id: str = Field(default_factory=lambda: default_node_id())
 
-    # Tokens are HMAC-signed with this secret. Unset: one is generated once and kept in the
-    # database, so the server and the admin command agree without configuration.
+    # Tokens are HMAC-signed with this secret. Unset: one is generated once and kept in
+    # secret_key_file (below), so the server and the admin command agree without configuration.
     secret_key: str = ""
     token_ttl_s: int = 30 * 24 * 3600
 
