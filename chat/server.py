@@ -56,7 +56,7 @@ from chat.metrics import TALLY
 from chat.presence import ClusterPresence, Presence
 from chat.protocol import Authenticate, ClientProtocol, Close, Dispatch, Send
 from chat.replay import DatabaseLog, ReplayLog
-from chat.storage import Database, open_database, queries, token_secret
+from chat.storage import Database, open_database, queries, secret_key_path, token_secret
 from chat.transport import OPEN, Connection, FrameWriter, text_frame
 
 log = logging.getLogger(__name__)
@@ -247,7 +247,13 @@ class Node:
             raise
 
     async def _start(self, db: Database) -> None:
-        secret = await token_secret(db, self.settings.secret_key)
+        secret = await token_secret(
+            db,
+            self.settings.secret_key,
+            secret_key_path(
+                self.settings.database_url, self.settings.sqlite_path, self.settings.secret_key_file
+            ),
+        )
         self.settings = s = self.settings.model_copy(update={"secret_key": secret})
         bus: Bus
         replay: ReplayLog
@@ -434,6 +440,8 @@ class Node:
             if problem is not None:
                 return ws.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, problem + "\n")
             return ws.respond(http.HTTPStatus.OK, "ready\n")
+        if path == "/metrics":
+            return ws.respond(http.HTTPStatus.NOT_FOUND, "served on the metrics listener\n")
         if self._draining:
             # Still listening so that probes see the drain; new sessions go elsewhere.
             response = ws.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, "draining\n")

@@ -101,6 +101,7 @@ class TempRedis:
         """
         self._port = port
         self._fixed_port = port is not None
+        self.metrics_port = free_port()  # /metrics has its own listener (never the client port)
         self._executable = Path(executable) if executable is not None else None
         self.startup_timeout = startup_timeout if startup_timeout is not None else scaled(10)
         self.stop_timeout = stop_timeout if stop_timeout is not None else scaled(5)
@@ -427,6 +428,7 @@ class ChatNodeProcess:
             CHAT_REDIS_URL=self.redis_url,
             CHAT_NODE_ID=self.name,
             CHAT_SECRET_KEY=self.secret_key,
+            CHAT_METRICS_PORT=str(self.metrics_port),
             CHAT_LOG_FORMAT="text",
             CHAT_LOG_LEVEL="info",
             PYTHONUNBUFFERED="1",
@@ -510,8 +512,10 @@ class ChatNodeProcess:
             time.sleep(0.02)
 
     def http_get(self, path: str, timeout: float = 2.0) -> tuple[int, bytes] | None:
-        """``GET path`` on this node: (status, body), or None if nothing answers."""
-        return http_get(self.port, path, timeout=timeout)
+        """``GET path`` on this node: (status, body), or None if nothing answers. ``/metrics``
+        goes to the node's metrics listener."""
+        port = self.metrics_port if path.split("?", 1)[0] == "/metrics" else self.port
+        return http_get(port, path, timeout=timeout)
 
     def kill(self) -> int | None:
         """SIGKILL by PID and wait: a crash. Returns the exit status (None if not running)."""

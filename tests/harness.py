@@ -65,6 +65,7 @@ def settings_for(**overrides: Any) -> Settings:
         "log_level": "warning",
         "shutdown_grace_s": 2.0,
         "drain_period_s": 0.2,
+        "metrics_port": 0,
     }
     base.update(overrides)
     return Settings(**base)

@@ -460,7 +460,10 @@ async def test_http_probes(node: RunningNode) -> None:
         assert status == 200
         status, body = await http_get(node.node.port, "/readyz")
         assert status == 200
-        status, body = await http_get(node.node.port, "/metrics")
+        status, _ = await http_get(node.node.port, "/metrics")
+        assert status == 404  # never on the client port (defect 16)
+        assert node.node.metrics_port is not None
+        status, body = await http_get(node.node.metrics_port, "/metrics")
         assert status == 200
         text = body.decode()
         assert "chat_connections" in text

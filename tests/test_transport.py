@@ -1,0 +1,56 @@
+"""The websockets internals that :mod:`chat.transport` relies on. If a websockets upgrade
+moves one of them, these fail here, by name, instead of fan-out breaking somewhere else."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+
+from websockets.asyncio.client import connect
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.protocol import State
+
+from chat.transport import Connection, FrameWriter, text_frame
+from tests.timing import scaled
+
+
+def test_server_connection_exposes_what_the_adapter_uses() -> None:
+    assert "create_connection" in inspect.signature(serve).parameters
+    assert callable(ServerConnection.data_received)
+    assert callable(ServerConnection.connection_made)
+    assert issubclass(Connection, ServerConnection)
+    assert State.OPEN.name == "OPEN"
+
+
+def test_text_frame_headers_for_each_length_class() -> None:
+    assert text_frame(b"hi") == b"\x81\x02hi"
+    assert text_frame(b"x" * 200)[:4] == b"\x81\x7e\x00\xc8"
+    assert text_frame(b"x" * 70000)[:10] == b"\x81\x7f" + (70000).to_bytes(8, "big")
+
+
+async def test_raw_frames_interleave_with_the_library_and_pings_count_as_traffic() -> None:
+    """Frames written through FrameWriter arrive intact and in order between frames that
+    websockets sends itself; a client's PING (a control frame, no data) moves ``last_seen``."""
+    connections: list[Connection] = []
+    done = asyncio.Event()
+
+    async def handler(ws: ServerConnection) -> None:
+        assert isinstance(ws, Connection)
+        connections.append(ws)
+        writer = FrameWriter(ws)
+        assert writer.open and writer.buffered() == 0
+        await ws.send("library-1")
+        writer.write(text_frame(b"raw-2") + text_frame(b"raw-3" * 100))
+        await ws.send("library-4")
+        await done.wait()
+
+    async with serve(handler, "127.0.0.1", 0, create_connection=Connection) as server:
+        port = server.sockets[0].getsockname()[1]
+        async with connect(f"ws://127.0.0.1:{port}/", ping_interval=None) as client:
+            got = [await asyncio.wait_for(client.recv(), scaled(5)) for _ in range(4)]
+            assert got == ["library-1", "raw-2", "raw-3" * 100, "library-4"]
+            before = connections[0].last_seen
+            await asyncio.sleep(0.05)
+            await asyncio.wait_for(await client.ping(), scaled(5))  # the pong came back
+            assert connections[0].last_seen > before
+            done.set()
