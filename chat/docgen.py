@@ -25,6 +25,7 @@ from typing import Any, get_args
 from pydantic import TypeAdapter, ValidationError
 
 from chat import wire
+from chat.config import Settings
 from chat.errors import CLOSE_DESCRIPTIONS, ERROR_DESCRIPTIONS, CloseCode, ErrorCode
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,7 +46,21 @@ BANNER = (
     "Do not edit by hand: edit those modules and regenerate. -->"
 )
 
-INTRO = """\
+
+def _default(name: str) -> Any:
+    """A setting's default, as a server started without configuration uses it."""
+    return Settings.model_fields[name].default
+
+
+_FLOOD = _default("rate_limit_disconnect_after")
+_DUPLICATE_CLIENT_MSG_ID = getattr(ErrorCode, "DUPLICATE_CLIENT_MSG_ID", None)
+_CLIENT_MSG_ID_CONFLICT = (
+    f"`{_DUPLICATE_CLIENT_MSG_ID.value}`"
+    if _DUPLICATE_CLIENT_MSG_ID is not None
+    else "an `error`, never a `duplicate: true` reply"
+)
+
+INTRO = f"""\
 # Chat websocket protocol
 
 This is the complete wire protocol between chat clients and the chat server. It is generated
@@ -57,12 +72,20 @@ contract; `python -m chat.docgen --check` fails when this file drifts from them.
 ### Connecting
 
 The server has one websocket endpoint, `ws://host:port/`: any path is accepted except the plain
-HTTP endpoints `/healthz`, `/readyz` and `/metrics`. Browsers send an `Origin` header, which
-must be in the server's configured allow-list; otherwise the handshake is refused with HTTP 403.
+HTTP endpoints `/healthz` and `/readyz` (`/metrics` is not served on this port but on the
+operator's metrics listener). Browsers send an `Origin` header, which must be in the server's
+configured allow-list; otherwise the handshake is refused with HTTP 403.
+
+`/healthz` answers 200 `ok` while the process runs, draining included. `/readyz` answers 200
+`ready` when the node takes new clients, and 503 with the reason otherwise: `draining` (the
+node got SIGTERM and is closing its connections), `database unavailable`, or `bus
+unavailable`. While a node drains, a websocket handshake is refused with 503 `draining` and
+`Retry-After: 1`: connect to another node.
 
 Every message, in both directions, is a JSON object in a websocket **text** frame, with a
-string `type` that says which frame it is. Client frames are validated strictly: unknown
-fields, missing required fields and wrong types are refused.
+string `type` that says which frame it is. A **binary** frame is refused with an `error`
+`invalid_frame` (`reply_to` null), whatever it contains. Client frames are validated
+strictly (see [Input rules](#input-rules)).
 
 ### Handshake
 
@@ -88,9 +111,32 @@ frame:
   [Error codes](#error-codes)), `message` is for humans, and `retry_after_ms`, when not null,
   says how long to wait before retrying.
 
-A frame that cannot be parsed (not JSON, not an object, unknown `type`, bad fields) gets an
-`error` with `reply_to` null. Replies and events are interleaved on the same connection: match
-replies to requests by `reply_to`, not by order.
+A refused frame is answered by an `error` naming its `id` whenever it has a usable one, even
+when the frame is otherwise wrong (unknown `type`, a missing or bad field, an unknown field,
+over the rate limit): usable means a top-level `id` that is a string of 1-64 characters
+without control characters, in a JSON object nested at most {wire.MAX_JSON_DEPTH} levels deep.
+Otherwise `reply_to` is null: the frame is binary, not JSON, nested deeper than
+{wire.MAX_JSON_DEPTH} levels, not an object, or its `id` is missing, not a string, empty,
+longer than 64 characters or holds a control character. Replies and events are interleaved on
+the same connection: match replies to requests by `reply_to`, not by order.
+
+### Input rules
+
+Client frames are validated in strict mode, and everything refused here is an `error`
+(`invalid_json` when the frame cannot be read as a JSON object, `invalid_frame` naming the
+field otherwise), never a close once authenticated:
+
+- **Types are not converted.** `true` is not an integer, `3.0` is not an integer, `"4"` is not
+  an integer, `1` and `"yes"` are not booleans, `7` is not a string.
+- **Integers fit a signed 64-bit column.** Ids are 1..2^63-1, positions (`seq`, `cursor`,
+  `before`, `after`, `around`) 0..2^63-1, and page sizes have the ranges listed per field.
+- **Strings and lists have maximum lengths**, listed per field (lengths count characters).
+- **No control characters.** No string may contain a C0 control character other than tab,
+  newline and carriage return (U+0000-U+0008, U+000B, U+000C, U+000E-U+001F are refused,
+  NUL included). Lone UTF-16 surrogates (`"\\ud800"`) are not valid JSON text.
+- **Depth.** A frame nested deeper than {wire.MAX_JSON_DEPTH} levels (the frame object is level
+  1; no valid frame needs more than 3) is refused as `invalid_json` with `reply_to` null.
+- **URLs.** `avatar_url` is empty or an absolute `http://` or `https://` URL.
 
 ### Events and numbering
 
@@ -110,14 +156,47 @@ The limits are announced in `hello` (`limits`):
 
 - A frame larger than `max_frame_bytes` closes the connection with 1009.
 - A text frame that is not valid UTF-8 closes the connection with 1007.
-- Requests are rate-limited by a token bucket refilled at `requests_per_10s` requests per
-  10 seconds. A request over the limit is refused with a `rate_limited` error carrying
-  `retry_after_ms`; sustained flooding closes the connection with 1008, reason `rate_limited`.
+- Requests are rate-limited by a token bucket of `requests_per_10s` requests, refilled at
+  `requests_per_10s` per 10 seconds. A request over the limit is refused with a `rate_limited`
+  error naming it and carrying `retry_after_ms`. Refusals have a bucket of their own, of
+  {_FLOOD} refusals refilled at {_FLOOD} per 10 seconds: the server tolerates {_FLOOD}
+  refused requests within 10 seconds, and one more ({_FLOOD + 1} refusals in 10 seconds)
+  closes the connection with 1008, reason `rate_limited`. ({_FLOOD} is the default of the
+  server setting `rate_limit_disconnect_after`.)
 - Message text is limited to `max_text_chars` characters (`msg_too_long`).
 
 Before the server closes a connection it would like to see back (for example when a node
 restarts) it sends `goodbye` with `reconnect_after_ms`. Whether to reconnect after a close is
 listed under [Close codes](#close-codes); reconnect with backoff.
+
+### What the server does, in cases worth stating
+
+- **Your own events.** Events go to every connection whose user may see them, including the
+  author's: you receive your own `message.posted`, `reaction.added`, `channel.member_joined`
+  and so on, on the connection that made the request as well as your other ones, besides
+  the `reply`. De-duplicate by `message.id` (or by `seq`). The exception is `typing`, which
+  goes to the other members only.
+- **Public channels you are not in.** Any member, admin or owner (not a guest) may read a
+  public channel without joining: `channels.info`, `channels.members`, `messages.history`
+  and `messages.replies`. Posting, editing, reacting, `typing` and `reads.mark` need
+  membership (`not_in_channel`); join first. Non-members receive no `message.*`,
+  `reaction.*` or `typing` events of the channel; they do receive its `channel.*` events.
+  A private channel or DM you are not in does not exist for you (`channel_not_found`).
+- **Unread counts** (`reads.counts`) count top-level messages by *other* users after your
+  read marker, not deleted ones; your own messages are never unread. `mentions` counts
+  mentions of you after the marker. Joining a channel puts your marker at its latest
+  message: older history is not unread.
+- **`reads.mark`** sets your marker to `seq`, backwards as well as forwards (mark a message
+  unread by marking an earlier `seq`). A `seq` past the channel's last message is clamped to
+  it: the reply's `last_read_seq` is the marker actually stored. Each mark sends
+  `read_marker.updated` to all your connections.
+- **`client_msg_id`** makes `messages.post` idempotent per channel and per user: a retry with
+  the same `client_msg_id` in the same channel, with the same content, returns the original
+  message with `duplicate: true` and posts nothing. The same `client_msg_id` in another
+  channel is another message. The same `client_msg_id` in the same channel with different
+  content is refused with {_CLIENT_MSG_ID_CONFLICT}.
+- **Binary frames** are refused (`invalid_frame`, `reply_to` null); before `auth` that closes
+  the connection with 1008 like any other bad first frame.
 
 ### Reading the tables
 
@@ -512,6 +591,134 @@ def _render_errors(doc: _Doc) -> None:
     doc.add(*_table(["Code", "Description"], rows), "")
 
 
+_AUTH_AGAIN = "Do not reconnect with the same credentials."
+
+# (code, reason, when, what to do). Every reason the server gives, by close code;
+# tests/test_protocol_doc.py checks that each literal reason in chat/ is listed here.
+CLOSE_REASONS: list[tuple[CloseCode, str, str, str]] = [
+    (
+        CloseCode.NORMAL_CLOSURE,
+        "closed",
+        "A frame arrived after the server had already decided to close.",
+        "Nothing: the close that matters was announced first.",
+    ),
+    (
+        CloseCode.POLICY_VIOLATION,
+        "auth_timeout",
+        "No `auth` or `login` within `limits.auth_timeout_ms`.",
+        "Reconnect and send `auth` first thing.",
+    ),
+    (
+        CloseCode.POLICY_VIOLATION,
+        "not_authenticated",
+        "The first frame was a request other than `auth` or `login`; an `error` came first.",
+        "Reconnect and authenticate before anything else.",
+    ),
+    (
+        CloseCode.POLICY_VIOLATION,
+        "invalid_json",
+        "The first frame was not a readable JSON object (or was nested too deep); an `error` "
+        "came first.",
+        "A client bug: fix the frame; the same frame fails the same way.",
+    ),
+    (
+        CloseCode.POLICY_VIOLATION,
+        "invalid_frame",
+        "The first frame was binary, or had a missing, unknown or ill-typed field; an "
+        "`error` came first.",
+        "A client bug: fix the frame.",
+    ),
+    (
+        CloseCode.POLICY_VIOLATION,
+        "unknown_type",
+        "The first frame's `type` is not a client frame type; an `error` came first.",
+        "A client bug: fix the frame.",
+    ),
+    (
+        CloseCode.POLICY_VIOLATION,
+        "invalid_auth",
+        "Bad token, unknown session or user, or wrong password.",
+        _AUTH_AGAIN + " Get a new token (log in).",
+    ),
+    (
+        CloseCode.POLICY_VIOLATION,
+        "token_expired",
+        "The token is past its expiry.",
+        _AUTH_AGAIN + " Get a new token (log in).",
+    ),
+    (
+        CloseCode.POLICY_VIOLATION,
+        "token_revoked",
+        "At `auth`: the token's session was revoked. While connected: the session was revoked "
+        "(a `session.revoked` event came first).",
+        _AUTH_AGAIN + " The session is over: log in again.",
+    ),
+    (
+        CloseCode.POLICY_VIOLATION,
+        "account_inactive",
+        "The user is deactivated.",
+        "Do not reconnect.",
+    ),
+    (
+        CloseCode.POLICY_VIOLATION,
+        "rate_limited",
+        "Too many refused requests: more than `rate_limit_disconnect_after` (default "
+        f"{_FLOOD}) within 10 seconds.",
+        "Reconnect after backoff, and respect `retry_after_ms`.",
+    ),
+    (
+        CloseCode.POLICY_VIOLATION,
+        "not a websocket endpoint",
+        "A websocket handshake on `/healthz` or `/readyz`.",
+        "Connect to `/` (any other path).",
+    ),
+    (
+        CloseCode.TRY_AGAIN_LATER,
+        "rate_limited",
+        "`login` refused for too many attempts (from this address or for this account); the "
+        "`error` came first with `retry_after_ms`.",
+        "Wait `retry_after_ms`, then reconnect.",
+    ),
+    (
+        CloseCode.TRY_AGAIN_LATER,
+        "the error's `code`, e.g. `unavailable`",
+        "A dependency (the database) failed while connecting; the `error` sent first names "
+        "the code.",
+        "Back off, then reconnect and resume.",
+    ),
+    (
+        CloseCode.INTERNAL_ERROR,
+        "internal_error",
+        "An unexpected failure while connecting; an `error` came first.",
+        "Back off, then reconnect and resume.",
+    ),
+    (
+        CloseCode.SERVICE_RESTART,
+        "service_restart",
+        "The node drains; a `goodbye` came first.",
+        "Reconnect after `reconnect_after_ms` plus jitter, to any node, and resume.",
+    ),
+    (
+        CloseCode.HEARTBEAT_TIMEOUT,
+        "heartbeat_timeout",
+        "Nothing received from the client for two heartbeat intervals.",
+        "Reconnect and resume; send `ping` every `heartbeat_interval_ms`.",
+    ),
+    (
+        CloseCode.SLOW_CONSUMER,
+        "slow_consumer",
+        "The client read too slowly and its send buffer passed the hard mark.",
+        "Reconnect and resume; read faster.",
+    ),
+    (
+        CloseCode.SLOW_CONSUMER,
+        "sync_overflow",
+        "Too many events arrived while the connection was being set up.",
+        "Reconnect and resume.",
+    ),
+]
+
+
 def _render_close_codes(doc: _Doc) -> None:
     doc.heading(2, "Close codes")
     doc.add(
@@ -526,6 +733,22 @@ def _render_close_codes(doc: _Doc) -> None:
         when, reconnect = CLOSE_DESCRIPTIONS[code]
         rows.append([str(code.value), f"`{code.name}`", when, "yes" if reconnect else "no"])
     doc.add(*_table(["Code", "Name", "When", "Reconnect?"], rows), "")
+    doc.heading(3, "Close reasons")
+    doc.add(
+        "Every close reason the server gives, and what a client should do. Closes by the "
+        "websockets library itself (1002, 1007, 1009) carry its own reason text.",
+        "",
+    )
+    reasons = [
+        [
+            str(code.value),
+            f"`{reason}`" if re.fullmatch(r"[a-z_ ]+", reason) else reason,
+            when,
+            todo,
+        ]
+        for code, reason, when, todo in CLOSE_REASONS
+    ]
+    doc.add(*_table(["Code", "Reason", "When", "What to do"], reasons), "")
 
 
 def render() -> str:

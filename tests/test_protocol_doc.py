@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -137,3 +139,98 @@ def test_check_reports_a_stale_file(tmp_path: Any, capsys: pytest.CaptureFixture
     capsys.readouterr()
     assert docgen.main(["--check", "--output", str(path)]) == 1
     assert "out of date" in capsys.readouterr().err
+
+
+def _close_reasons_in_source() -> set[tuple[CloseCode, str]]:
+    """(code, reason) of every close in chat/ whose reason is a literal or an error code."""
+    found: set[tuple[CloseCode, str]] = set()
+    for path in Path(docgen.ROOT / "chat").rglob("*.py"):
+        text = path.read_text(encoding="utf-8")
+        for code, reason in re.findall(r'CloseCode\.(\w+),\s*"([^"]+)"', text):
+            found.add((CloseCode[code], reason))
+        for code, error in re.findall(r"CloseCode\.(\w+),\s*ErrorCode\.(\w+)\.value", text):
+            found.add((CloseCode[code], ErrorCode[error].value))
+    return found
+
+
+def test_defect_25_every_close_reason_in_the_source_is_documented(doc: str) -> None:
+    found = _close_reasons_in_source()
+    assert (CloseCode.POLICY_VIOLATION, "auth_timeout") in found  # the scan finds them
+    documented = {(code, reason) for code, reason, _, _ in docgen.CLOSE_REASONS}
+    assert found - documented == set()
+    section = _section(doc, "Close codes")
+    for code, reason, _, _ in docgen.CLOSE_REASONS:
+        assert f"| {code.value} | `{reason}` |" in section or reason.startswith("the ")
+
+
+def test_defect_25_every_1008_reason_is_documented(doc: str) -> None:
+    # The reason of a refused first frame or auth is the error code (ClientProtocol.fail,
+    # chat/connect.py), so each of these codes is a 1008 reason.
+    reasons = {r for c, r, _, _ in docgen.CLOSE_REASONS if c is CloseCode.POLICY_VIOLATION}
+    for code in (
+        "auth_timeout",
+        "not_authenticated",
+        "invalid_json",
+        "invalid_frame",
+        "unknown_type",
+        "invalid_auth",
+        "token_expired",
+        "token_revoked",
+        "account_inactive",
+        "rate_limited",
+    ):
+        assert code in reasons, code
+
+
+def test_defect_25_flooding_is_stated_in_numbers(doc: str) -> None:
+    from chat.config import Settings
+
+    n = Settings.model_fields["rate_limit_disconnect_after"].default
+    assert "sustained flooding" not in doc
+    assert f"tolerates {n}" in " ".join(doc.split())
+    assert f"({n + 1} refusals in 10 seconds)" in " ".join(doc.split())
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "you receive your own `message.posted`",
+        "Public channels you are not in.",
+        "your own messages are never unread",
+        "backwards as well as forwards",
+        "past the channel's last message is clamped",
+        "idempotent per channel and per user",
+        "with different content is refused",
+        "A **binary** frame is refused with an `error` `invalid_frame`",
+        "503 `draining`",
+        "`/healthz` answers 200 `ok` while the process runs, draining included",
+        "nested deeper than 32 levels",
+        "U+0000-U+0008, U+000B, U+000C, U+000E-U+001F are refused",
+    ],
+)
+def test_defect_25_previously_unstated_rules_are_stated(doc: str, statement: str) -> None:
+    assert statement in " ".join(doc.split())
+
+
+def test_defect_25_reply_to_null_rule_matches_the_server(doc: str) -> None:
+    from chat.protocol import ClientProtocol, Close, Send
+
+    text = " ".join(doc.split())
+    assert "(not JSON, not an object, unknown `type`, bad fields) gets an `error` with" not in text
+    assert "even when the frame is otherwise wrong (unknown `type`" in text
+    # What the doc says, checked against the protocol: an unknown type with a usable id is
+    # answered naming it; a bad field too; an unusable id gets null.
+    p = ClientProtocol(now=0.0)
+    p.receive(json.dumps({"type": "auth", "id": "a", "token": "t"}), 0.0)
+    p.authenticated()
+    cases = {
+        json.dumps({"type": "nope", "id": "u"}): "u",
+        json.dumps({"type": "ping", "id": "f", "x": 1}): "f",
+        json.dumps({"type": "ping", "id": "i" * 65}): None,
+        json.dumps({"type": "ping", "id": 5}): None,
+        "[1]": None,
+    }
+    for frame, reply_to in cases.items():
+        verdict = p.receive(frame, 0.0)
+        assert isinstance(verdict, Send) and not isinstance(verdict, Close)
+        assert json.loads(verdict.frame)["reply_to"] == reply_to, frame
