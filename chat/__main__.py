@@ -26,36 +26,47 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run a chat node")
-    serve.add_argument("--host")
-    serve.add_argument("--port", type=int)
+    serve.add_argument("--host", help="listen address (overrides CHAT_HOST)")
+    serve.add_argument("--port", type=int, help="listen port (overrides CHAT_PORT)")
 
-    admin = sub.add_parser("admin", help="administer workspaces, users, channels, tokens")
-    a = admin.add_subparsers(dest="action", required=True)
-    a.add_parser("migrate", help="apply pending schema migrations")
-    ws = a.add_parser("create-workspace")
-    ws.add_argument("name")
-    u = a.add_parser("create-user")
-    u.add_argument("--workspace", required=True)
-    u.add_argument("--handle", required=True)
-    u.add_argument("--display-name")
+    admin = sub.add_parser(
+        "admin",
+        help="administer workspaces, users, channels, tokens",
+        description="Administer the store named by the CHAT_* settings; each command prints "
+        "its result as one JSON object (errors go to stderr, exit status 1).",
+    )
+    a = admin.add_subparsers(dest="action", required=True, metavar="COMMAND")
+    a.add_parser("migrate", help="apply pending schema migrations (start-up does it too)")
+    ws = a.add_parser("create-workspace", help="create a workspace; prints its id")
+    ws.add_argument("name", help="the workspace's name, used by `login`")
+    u = a.add_parser(
+        "create-user", help="create a user in a workspace; prints the user and a token"
+    )
+    u.add_argument("--workspace", required=True, help="the workspace's name")
+    u.add_argument("--handle", required=True, help="unique in the workspace")
+    u.add_argument("--display-name", help="defaults to the handle")
     u.add_argument("--real-name", default="")
     u.add_argument("--role", choices=["owner", "admin", "member", "guest"], default="member")
     u.add_argument("--password", help="enables login with this password (argon2id-hashed)")
-    c = a.add_parser("create-channel")
-    c.add_argument("--workspace", required=True)
-    c.add_argument("--name", required=True)
+    c = a.add_parser("create-channel", help="create a channel with its members; prints the channel")
+    c.add_argument("--workspace", required=True, help="the workspace's name")
+    c.add_argument("--name", required=True, help="1-80 of a-z, 0-9, '-', '_'")
     c.add_argument("--creator", required=True, help="creator's handle")
     c.add_argument("--members", default="", help="comma-separated handles")
-    c.add_argument("--private", action="store_true")
-    t = a.add_parser("token", help="issue a token for a user")
-    t.add_argument("--workspace", required=True)
-    t.add_argument("--handle", required=True)
-    s = a.add_parser("seed", help="a synthetic workspace for load tests")
-    s.add_argument("--workspace", required=True)
-    s.add_argument("--users", type=int, default=100)
-    s.add_argument("--channels", type=int, default=5)
-    s.add_argument("--seed", type=int, default=1)
-    s.add_argument("--no-tokens", action="store_true")
+    c.add_argument("--private", action="store_true", help="a private channel (default public)")
+    t = a.add_parser("token", help="issue a token (a new session) for an active user")
+    t.add_argument("--workspace", required=True, help="the workspace's name")
+    t.add_argument("--handle", required=True, help="the user's handle")
+    s = a.add_parser(
+        "seed",
+        help="create a synthetic workspace (users, channels) for demos and load tests; prints "
+        "the users with their tokens",
+    )
+    s.add_argument("--workspace", required=True, help="name of the workspace to create")
+    s.add_argument("--users", type=int, default=100, help="how many users (default 100)")
+    s.add_argument("--channels", type=int, default=5, help="how many channels (default 5)")
+    s.add_argument("--seed", type=int, default=1, help="random seed: same seed, same workspace")
+    s.add_argument("--no-tokens", action="store_true", help="do not issue tokens (faster)")
     return p
 
 

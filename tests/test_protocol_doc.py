@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 from pathlib import Path
@@ -234,3 +235,22 @@ def test_defect_25_reply_to_null_rule_matches_the_server(doc: str) -> None:
         verdict = p.receive(frame, 0.0)
         assert isinstance(verdict, Send) and not isinstance(verdict, Close)
         assert json.loads(verdict.frame)["reply_to"] == reply_to, frame
+
+
+def test_defect_25_admin_help_describes_every_subcommand() -> None:
+    from chat.__main__ import _parser
+
+    def subcommands(parser: argparse.ArgumentParser) -> argparse._SubParsersAction[Any]:
+        return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+
+    admin = subcommands(_parser()).choices["admin"]
+    commands = subcommands(admin)
+    helps = {choice.dest: choice.help for choice in commands._choices_actions}
+    assert set(helps) == set(commands.choices)
+    assert all(helps.values()), helps
+
+
+@pytest.mark.parametrize("doc_path", ["README.md", "bench/README.md", "docs/architecture.md"])
+def test_defect_25_docs_name_no_path_from_a_developer_machine(doc_path: str) -> None:
+    text = (docgen.ROOT / doc_path).read_text(encoding="utf-8")
+    assert re.findall(r"(?<![\w.~-])/(?:work|home|Users|root|tmp)/\S*", text) == []
