@@ -104,7 +104,8 @@ CLOSE_DESCRIPTIONS: dict[CloseCode, tuple[str, bool]] = {
     CloseCode.POLICY_VIOLATION: (
         "No `auth` within the auth timeout (reason `auth_timeout`), a failed `auth` "
         "(`invalid_auth`, `token_expired`, `token_revoked`, `account_inactive`), a revoked "
-        "session (`token_revoked`), or a sustained flood (`rate_limited`). Reconnect only with "
+        "session (`token_revoked`), a bad first frame, or too many refused requests "
+        "(`rate_limited`); every reason is listed under Close reasons. Reconnect only with "
         "a valid token, and after backoff.",
         True,
     ),
