@@ -101,7 +101,6 @@ class TempRedis:
         """
         self._port = port
         self._fixed_port = port is not None
-        self.metrics_port = free_port()  # /metrics has its own listener (never the client port)
         self._executable = Path(executable) if executable is not None else None
         self.startup_timeout = startup_timeout if startup_timeout is not None else scaled(10)
         self.stop_timeout = stop_timeout if stop_timeout is not None else scaled(5)
@@ -374,6 +373,7 @@ class ChatNodeProcess:
         self.stop_timeout = stop_timeout if stop_timeout is not None else scaled(15)
         self._port = port
         self._fixed_port = port is not None
+        self.metrics_port = free_port()  # /metrics has its own listener (never the client port)
         self._log_dir = Path(log_dir) if log_dir is not None else None
         self._own_dir: Path | None = None
         self._proc: subprocess.Popen[bytes] | None = None
