@@ -44,6 +44,9 @@ class ErrorCode(StrEnum):
     MSG_TOO_LONG = "msg_too_long"
     INVALID_ARGUMENT = "invalid_argument"
     DUPLICATE_REQUEST_ID = "duplicate_request_id"
+    DUPLICATE_CLIENT_MSG_ID = "duplicate_client_msg_id"
+    UNAVAILABLE = "unavailable"
+    OUTCOME_UNKNOWN = "outcome_unknown"
     INTERNAL_ERROR = "internal_error"
 
 
@@ -73,7 +76,20 @@ ERROR_DESCRIPTIONS: dict[ErrorCode, str] = {
     ErrorCode.MSG_TOO_LONG: "Message text is over the limit (4,000 characters).",
     ErrorCode.INVALID_ARGUMENT: "A value is well-typed but not acceptable (see message).",
     ErrorCode.DUPLICATE_REQUEST_ID: "A request with this `id` is still in flight.",
-    ErrorCode.INTERNAL_ERROR: "A bug or an unavailable dependency; the request may be retried.",
+    ErrorCode.DUPLICATE_CLIENT_MSG_ID: (
+        "This `client_msg_id` was already used in this channel for a message with other "
+        "content (text or thread): use a new `client_msg_id` for a new message."
+    ),
+    ErrorCode.UNAVAILABLE: (
+        "The database is unreachable for now; nothing was done. Retry after "
+        "`retry_after_ms` (with the same `client_msg_id` for a post)."
+    ),
+    ErrorCode.OUTCOME_UNKNOWN: (
+        "The database connection failed while the change was being committed: it may or may "
+        "not have been stored. Retry with the same `client_msg_id`: a stored post comes back "
+        "with `duplicate: true`."
+    ),
+    ErrorCode.INTERNAL_ERROR: "A bug; the request may be retried.",
 }
 
 

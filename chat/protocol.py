@@ -160,8 +160,18 @@ class ClientProtocol:
             return Close(exc.close_code, exc.code.value, self._error(request_id, exc))
         if isinstance(exc, ChatError):
             return Send(self._error(request_id, exc))
-        # A bug or an unavailable dependency: no details to the client (they may be
-        # security-sensitive); the traceback goes to the log.
+        from chat.storage.base import OutcomeUnknown, Unavailable  # (lead: hoist to the top)
+
+        if isinstance(exc, Unavailable):
+            # Nothing was done; retryable. One line, no traceback: an outage is not a bug.
+            log.warning("database unavailable: %s", exc, extra={"request_id": request_id})
+            refusal = ChatError(ErrorCode.UNAVAILABLE, retry_after_ms=exc.retry_after_ms)
+            return Send(self._error(request_id, refusal))
+        if isinstance(exc, OutcomeUnknown):
+            log.warning("commit outcome unknown: %s", exc, extra={"request_id": request_id})
+            return Send(self._error(request_id, ChatError(ErrorCode.OUTCOME_UNKNOWN)))
+        # A bug: no details to the client (they may be security-sensitive); the traceback
+        # goes to the log.
         log.error("request failed", exc_info=exc, extra={"request_id": request_id})
         return Send(self._error(request_id, ChatError(ErrorCode.INTERNAL_ERROR)))
 
