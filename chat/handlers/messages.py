@@ -92,8 +92,11 @@ async def messages_post(s: Services, c: Caller, req: wire.MessagesPost) -> wire.
             mention_here=mentions.here,
         )
         if message is None:  # a retry: answer with the original, create nothing
-            original = await queries.get_message_by_client_id(tx.conn, me.id, req.client_msg_id)
+            original = await queries.get_message_by_client_id(
+                tx.conn, channel.id, me.id, req.client_msg_id
+            )
             assert original is not None
+            _check_same_post(original, req)
             return wire.PostResult(message=original, duplicate=True)
         tx.emit(
             wire.MessagePosted(seq=0, workspace_id=0, ts=0, message=message),
@@ -106,6 +109,18 @@ async def messages_post(s: Services, c: Caller, req: wire.MessagesPost) -> wire.
         return wire.PostResult(message=message, duplicate=False)
 
     return await s.journal.run(c.workspace_id, op)
+
+
+def _check_same_post(original: wire.Message, req: wire.MessagesPost) -> None:
+    """A retry must be the same post: the same id with other content is a client bug that
+    would otherwise silently lose the new message. The text is compared only while the
+    original is as posted (an edit or a delete since then changed it)."""
+    unchanged = original.edited_ts is None and not original.deleted
+    if original.thread_root_id != req.thread_root_id or (unchanged and original.text != req.text):
+        raise ChatError(
+            ErrorCode.DUPLICATE_CLIENT_MSG_ID,
+            "client_msg_id was already used in this channel for a different message",
+        )
 
 
 def _thread_event(tx: Tx, channel_id: int, root_id: int, count: int, latest: int | None) -> None:

@@ -23,11 +23,30 @@ def sqlite_ddl(sql: str) -> str:
     )
 
 
+def for_dialect(sql: str, dialect: str) -> str:
+    """The lines of a migration meant for ``dialect``: a line ``--% postgres`` or
+    ``--% sqlite`` starts a section for that store only, ``--% both`` ends it. For the rare
+    change one dialect cannot express (SQLite cannot drop a table constraint)."""
+    keep, out = True, []
+    for line in sql.splitlines():
+        marker = line.strip()
+        if marker.startswith("--%"):
+            section = marker.removeprefix("--%").strip()
+            keep = section in ("both", dialect)
+            continue
+        if keep:
+            out.append(line)
+    return "\n".join(out)
+
+
 def migration_files(dialect: str) -> list[tuple[str, str]]:
     """(version, sql) pairs for the dialect, in order."""
     folder = resources.files("chat.storage") / "migrations"
     files = sorted((f for f in folder.iterdir() if f.name.endswith(".sql")), key=lambda f: f.name)
-    out = [(f.name.removesuffix(".sql"), f.read_text(encoding="utf-8")) for f in files]
+    out = [
+        (f.name.removesuffix(".sql"), for_dialect(f.read_text(encoding="utf-8"), dialect))
+        for f in files
+    ]
     return [(v, sqlite_ddl(sql)) for v, sql in out] if dialect == "sqlite" else out
 
 

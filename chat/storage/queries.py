@@ -451,7 +451,8 @@ async def insert_message(
     mention_here: bool,
 ) -> wire.Message | None:
     """Insert with the channel's next position; None when ``client_msg_id`` was used before
-    by this user (the unique constraint decides, and the position is not consumed)."""
+    by this user in this channel (the unique constraint decides, and the position is not
+    consumed)."""
     try:
         async with conn.savepoint():
             seq = await next_channel_seq(conn, channel_id)
@@ -478,10 +479,14 @@ async def insert_message(
 
 
 async def get_message_by_client_id(
-    conn: Connection, user_id: int, client_msg_id: str
+    conn: Connection, channel_id: int, user_id: int, client_msg_id: str
 ) -> wire.Message | None:
+    """The user's message with this ``client_msg_id`` in this channel (the idempotency key is
+    per channel and user: never a message from another channel)."""
     row = await conn.fetchrow(
-        f"SELECT {_MESSAGE_COLS} FROM messages WHERE user_id = $1 AND client_msg_id = $2",
+        f"SELECT {_MESSAGE_COLS} FROM messages WHERE channel_id = $1 AND user_id = $2"
+        " AND client_msg_id = $3",
+        channel_id,
         user_id,
         client_msg_id,
     )
