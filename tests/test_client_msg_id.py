@@ -16,9 +16,7 @@ async def test_defect_07_client_msg_id_is_scoped_to_the_channel(node: RunningNod
         )
         # Mia leaves the private channel; reactions come after she is gone.
         await olivia.request("channels.remove", channel_id=node.private, user_id=node.users["mia"])
-        await olivia.request(
-            "reactions.add", message_id=private["message"]["id"], emoji="eyes"
-        )
+        await olivia.request("reactions.add", message_id=private["message"]["id"], emoji="eyes")
 
         # The same key in another channel is another message, not the private one.
         public = await mia.request(

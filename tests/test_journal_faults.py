@@ -11,19 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 from collections.abc import AsyncIterator, Sequence
-
-import asyncpg
-import pytest
 
 from chat import wire
 from chat.bus import Audience, Envelope, LocalBus
 from chat.journal import Journal, Tx
 from chat.storage import Database, open_database, queries
-from chat.storage.base import OutcomeUnknown, Unavailable
-from tests.conftest import PostgresFixture
-from tests.pg import TempPostgres, unique_database_name
+from tests.conftest import MakeCluster, PostgresFixture
+from tests.pg import unique_database_name
 from tests.timing import scaled
 
 
@@ -100,9 +95,7 @@ async def test_defect_01_two_nodes_posting_in_opposite_channel_orders_never_fail
                 )
             return out
 
-        results = await asyncio.wait_for(
-            asyncio.gather(*(node(i) for i in range(3))), scaled(90)
-        )
+        results = await asyncio.wait_for(asyncio.gather(*(node(i) for i in range(3))), scaled(90))
         for j in journals:
             await j.close()
         errors = [r for rs in results for r in rs if isinstance(r, BaseException)]
@@ -113,3 +106,26 @@ async def test_defect_01_two_nodes_posting_in_opposite_channel_orders_never_fail
         assert last is not None
         total = 3 * rounds * len(channels)
         assert seqs == list(range(1, total + 1)) and last["last_event_seq"] == total
+
+
+async def test_defect_06_concurrent_dm_opens_on_two_nodes_answer_the_one_dm(
+    make_cluster: MakeCluster,
+) -> None:
+    handles = ("owner", "u1", "u2", "u3", "u4", "u5", "u6")
+    cluster = await make_cluster(2, use_redis=False, seed=False)
+    seeded = await cluster.seed(handles=handles)
+    pairs = [("u1", "u2"), ("u3", "u4"), ("u5", "u6"), ("u1", "u3"), ("u2", "u4")]
+    async with contextlib.AsyncExitStack() as stack:
+        left = {h: await stack.enter_async_context(cluster.client(0, h)) for h in handles[1:]}
+        right = {h: await stack.enter_async_context(cluster.client(1, h)) for h in handles[1:]}
+        for a, b in pairs:
+            # Each side opens the DM with the other at once, through different nodes.
+            replies = await asyncio.gather(
+                left[a].request("dms.open", user_ids=[seeded.users[b]]),
+                right[b].request("dms.open", user_ids=[seeded.users[a]]),
+                right[a].request("dms.open", user_ids=[seeded.users[b]]),
+                return_exceptions=True,
+            )
+            assert not [r for r in replies if isinstance(r, BaseException)], replies
+            ids = {r["channel"]["id"] for r in replies if isinstance(r, dict)}
+            assert len(ids) == 1

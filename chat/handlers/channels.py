@@ -266,9 +266,18 @@ async def dms_open(s: Services, c: Caller, req: wire.DmsOpen) -> wire.ChannelDat
         if len(users) != len(members) or any(u.deactivated for u in users):
             raise ChatError(ErrorCode.USER_NOT_FOUND)
         kind = "dm" if len(members) <= 2 else "group_dm"
-        cid = await queries.create_channel(
-            tx.conn, c.workspace_id, kind, f"{kind}:{key}", c.user_id, tx.now, dm_key=key
-        )
+        try:
+            async with tx.conn.savepoint():
+                cid = await queries.create_channel(
+                    tx.conn, c.workspace_id, kind, f"{kind}:{key}", c.user_id, tx.now, dm_key=key
+                )
+        except UniqueViolation:
+            # Opened concurrently by a writer outside this workspace's journal order (the
+            # journal's workspace lock serializes nodes): the DM key decides, one DM.
+            winner = await queries.find_dm(tx.conn, c.workspace_id, key)
+            if winner is None:
+                raise
+            return wire.ChannelData(channel=await _reload(tx, winner))
         for uid in members:
             await queries.add_member(tx.conn, cid, uid, tx.now)
         channel = await _reload(tx, cid)
