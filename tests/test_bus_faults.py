@@ -10,18 +10,25 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import os
+import signal
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from chat.admin import Admin
-from chat.bus import LocalBus
+from chat.bus import Envelope, LocalBus
+from chat.bus.redis import RedisBus, stream_key
 from chat.client import Client
+from chat.presence import ClusterPresence, Presence
+from chat.replay import DatabaseLog
 from chat.server import Node
 from chat.storage import Database, open_database
+from tests.cluster import TempRedis
 from tests.conftest import PostgresFixture
 from tests.harness import settings_for
 from tests.pg import unique_database_name
@@ -175,3 +182,138 @@ async def test_defect_05_a_local_post_after_a_foreign_commit_delivers_both_in_or
             assert seqs == sorted(set(seqs)) and seqs[1] == seqs[0] + 1
             assert [e["type"] for e in events] == ["channel.created", "message.posted"]
             assert events[0]["channel"]["id"] == foreign.id
+
+
+# --------------------------------------------------------------------------- Redis faults
+
+
+@contextlib.contextmanager
+def frozen(redis: TempRedis) -> Iterator[None]:
+    """SIGSTOP the redis-server we started (by PID): connections stay open, nothing answers
+    (a half-open peer); SIGCONT on the way out."""
+    pid = redis.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+@contextlib.asynccontextmanager
+async def redis_bus(tmp_path: Path, redis: TempRedis) -> AsyncIterator[tuple[RedisBus, Admin]]:
+    """A RedisBus over a SQLite store with a workspace of two users and 20 events."""
+    settings = settings_for(sqlite_path=str(tmp_path / "chat.sqlite3"))
+    admin = await Admin.open(settings)
+    try:
+        wid = await admin.create_workspace("acme")
+        specs = [{"handle": f"u{i}", "display_name": f"U{i}", "role": "member"} for i in range(2)]
+        users = [u.id for u in await admin.create_users(wid, specs)]
+        for i in range(18):
+            await admin.create_channel(wid, f"c{i}", users[0], users, False)
+        bus = RedisBus(redis.url, admin.db, window_s=900, max_events=10_000)
+        await bus.start()
+        try:
+            yield bus, admin
+        finally:
+            await bus.close()
+    finally:
+        await admin.close()
+
+
+@pytest.fixture
+def redis() -> Iterator[TempRedis]:
+    with TempRedis(startup_timeout=scaled(10)) as server:
+        yield server
+
+
+async def test_defect_08_cancelling_presence_mid_pipeline_on_a_frozen_redis_ends_it(
+    tmp_path: Path, redis: TempRedis
+) -> None:
+    async with redis_bus(tmp_path, redis) as (bus, _admin):
+        cluster = ClusterPresence(bus.client, "n1", lambda envs: None, ttl_s=15, poll_s=0.1)
+        presence = Presence(bus, 3.0, cluster, flush_s=0.05)
+        task = asyncio.create_task(presence.run())
+        await presence.connected(1, 1)
+        await asyncio.sleep(0.3)  # flushed and polled at least once while Redis answers
+        with frozen(redis):
+            await presence.connected(1, 2)  # the next flush's pipeline hangs on Redis
+            await asyncio.sleep(0.3)
+            task.cancel()
+            done, _ = await asyncio.wait([task], timeout=scaled(3))
+            assert task in done and task.cancelled()
+
+
+async def test_defect_08_closing_the_redis_bus_on_a_frozen_redis_ends_its_tasks(
+    tmp_path: Path, redis: TempRedis
+) -> None:
+    async with redis_bus(tmp_path, redis) as (bus, _admin):
+        await bus.subscribe(1, lambda envs: None)
+        await asyncio.sleep(0.3)
+        with frozen(redis):
+            await asyncio.sleep(0.3)  # XREAD and the sweeper are now waiting on Redis
+            tasks = list(bus._tasks)
+            closing = asyncio.create_task(bus.close())
+            done, _ = await asyncio.wait([closing], timeout=scaled(3))
+            assert closing in done
+            assert all(t.done() for t in tasks)
+
+
+async def test_defect_23_the_stream_reader_recovers_after_redis_froze(
+    tmp_path: Path, redis: TempRedis
+) -> None:
+    async with redis_bus(tmp_path, redis) as (bus, _admin):
+        got: list[Envelope] = []
+        await bus.subscribe(1, got.extend)
+        assert bus.healthy
+        with frozen(redis):
+            async with asyncio.timeout(scaled(15)):
+                while bus.healthy:  # noqa: ASYNC110 - a property; the read times out, not hangs
+                    await asyncio.sleep(0.1)
+        async with asyncio.timeout(scaled(15)):
+            while not bus.healthy:  # noqa: ASYNC110 - a property, polled
+                await asyncio.sleep(0.1)
+        # The next event (seq 21) goes through the thawed stream to the subscriber.
+        await bus.append(1, [Envelope(1, 21, "test.event", b'{"n":21}')])
+        async with asyncio.timeout(scaled(10)):
+            while not got:  # noqa: ASYNC110 - filled by the subscriber callback
+                await asyncio.sleep(0.05)
+        assert [(e.seq, e.payload) for e in got] == [(21, b'{"n":21}')]
+
+
+async def test_defect_20_replay_reads_in_bounded_chunks_from_the_stream_and_the_log(
+    tmp_path: Path, redis: TempRedis
+) -> None:
+    async with redis_bus(tmp_path, redis) as (bus, admin):
+        log = DatabaseLog(admin.db, 900, 10_000)
+        events = await log.chunk(1, 0, 20)
+        assert [e.seq for e in events] == list(range(1, 21))
+        # The stream holds only 9..14 (as after a restart and a partial repair).
+        await bus.append(1, events[8:14])
+        await bus.client.xtrim(stream_key(1), minid="9-0")
+        assert await bus.holds(1, 0, 20)
+        chunks = [list(c) async for c in bus.read(1, 0, 20, chunk=4)]
+        assert all(0 < len(c) <= 4 for c in chunks)
+        assert [e.seq for c in chunks for e in c] == list(range(1, 21))
+        assert [e.payload for c in chunks for e in c] == [e.payload for e in events]
+        db_chunks = [list(c) async for c in log.read(1, 3, 20, chunk=5)]
+        assert [len(c) for c in db_chunks] == [5, 5, 5, 2]
+
+
+async def test_defect_04_resume_after_redis_lost_the_stream_uses_the_log(
+    tmp_path: Path, redis: TempRedis
+) -> None:
+    # max_events 3: the window is "the last 3 OR younger than 900 s"; every event is young.
+    async with redis_bus(tmp_path, redis) as (_bus, admin):
+        bus = RedisBus(redis.url, admin.db, window_s=900, max_events=3)
+        events = await DatabaseLog(admin.db, 900, 3).chunk(1, 0, 20)
+        await bus.append(1, events[15:])  # the restarted stream holds 16..20 only
+        assert await bus.holds(1, 2, 20)
+        missed = await bus.replay(1, 2, 20)
+        assert missed is not None and [e.seq for e in missed] == list(range(3, 21))
+        # Outside the window (old AND beyond the last 3): too_old, explicitly.
+        old = RedisBus(redis.url, admin.db, window_s=0, max_events=3)
+        assert not await old.holds(1, 2, 20)
+        assert await old.holds(1, 16, 20)
+        await bus.close()
+        await old.close()
