@@ -40,6 +40,13 @@ log = logging.getLogger(__name__)
 Frame = dict[str, Any]
 
 
+def encode(frame: Frame) -> str:
+    """A frame as compact JSON text with non-ASCII characters as themselves (UTF-8 on the
+    wire): escaping them would send up to 6 bytes per character, and a legal 4,000-character
+    message could exceed the server's frame limit."""
+    return json.dumps(frame, ensure_ascii=False, separators=(",", ":"))
+
+
 class RequestError(Exception):
     def __init__(self, code: str, message: str, retry_after_ms: int | None = None) -> None:
         super().__init__(f"{code}: {message}")
@@ -150,8 +157,45 @@ class Client:
         rid = fields.pop("id", None) or self.new_id()
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._pending[rid] = future
-        await self.ws.send(json.dumps({"type": type, "id": rid, **fields}))
+        await self.ws.send(encode({"type": type, "id": rid, **fields}))
         return await asyncio.wait_for(future, timeout)
+
+    async def post(
+        self,
+        channel_id: int,
+        text: str,
+        client_msg_id: str | None = None,
+        *,
+        attempts: int = 5,
+        timeout: float = 30.0,
+        **fields: Any,
+    ) -> dict[str, Any]:
+        """``messages.post``, retried with the same ``client_msg_id`` on a retryable error
+        (``unavailable``, ``outcome_unknown``, ...; see ``RETRYABLE_CODES``) after
+        ``retry_after_ms``, at most ``attempts`` times within ``timeout`` seconds. The reply's
+        ``duplicate`` is true when an earlier attempt had been stored after all."""
+        cmid = client_msg_id or uuid.uuid4().hex
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        for attempt in range(1, attempts + 1):
+            try:
+                return await self.request(
+                    "messages.post",
+                    timeout=max(deadline - loop.time(), 0.001),
+                    channel_id=channel_id,
+                    client_msg_id=cmid,
+                    text=text,
+                    **fields,
+                )
+            except RequestError as exc:
+                if exc.code not in RETRYABLE_CODES or attempt == attempts:
+                    raise
+                pause = (exc.retry_after_ms or 100) / 1000
+                if loop.time() + pause >= deadline:
+                    raise
+                log.debug("post %s: attempt %d: %s; retrying", cmid, attempt, exc.code)
+                await asyncio.sleep(pause)
+        raise AssertionError("unreachable")  # the last attempt returns or raises
 
     async def next_event(self, *types: str, timeout: float = 5.0) -> dict[str, Any]:
         """The next event (of one of ``types``, skipping others)."""
@@ -174,9 +218,10 @@ class Client:
 #: cannot help: the client stops instead of reconnecting in a loop.
 FATAL_REASONS = frozenset({"invalid_auth", "token_expired", "token_revoked", "account_inactive"})
 
-#: ``messages.post`` errors that :meth:`ResilientClient.post` retries (after
-#: ``retry_after_ms`` when given); any other error is the caller's.
-RETRYABLE_CODES = frozenset({"rate_limited", "internal_error"})
+#: ``messages.post`` errors that :meth:`Client.post` and :meth:`ResilientClient.post` retry
+#: with the same ``client_msg_id`` (after ``retry_after_ms`` when given); any other error is
+#: the caller's. ``outcome_unknown``: the post may be stored, and the retry says which.
+RETRYABLE_CODES = frozenset({"rate_limited", "internal_error", "unavailable", "outcome_unknown"})
 
 #: After a 1013 (overloaded) close, the backoff draws as if this many attempts had failed
 #: already, even right after a successful connection: an overloaded server gets a pause.
@@ -634,7 +679,7 @@ class ResilientClient:
             sent = loop.time()
             try:
                 async with asyncio.timeout(interval):
-                    await client.send_raw(json.dumps({"type": "ping", "id": client.new_id()}))
+                    await client.send_raw(encode({"type": "ping", "id": client.new_id()}))
             except ConnectionClosed:
                 return
             except TimeoutError:

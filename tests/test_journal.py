@@ -7,6 +7,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator, Sequence
 
+import asyncpg
 import pytest
 import pytest_asyncio
 
@@ -15,6 +16,8 @@ from chat.bus import Audience, Envelope, LocalBus
 from chat.errors import ChatError, ErrorCode
 from chat.journal import Journal, Tx
 from chat.storage import Database, StorageError, open_database, queries
+from chat.storage.base import OutcomeUnknown, TransactionConflict, Unavailable, UniqueViolation
+from chat.storage.postgres import classify, commit_failure
 from chat.storage.sqlite import translate
 from tests.conftest import PostgresFixture
 from tests.pg import unique_database_name
@@ -151,3 +154,48 @@ def test_sqlite_translation_of_postgres_dialect() -> None:
         "WHERE id IN (SELECT value FROM json_each(?2))"
     )
     assert translate("AND NOT $4::boolean") == "AND NOT ?4"
+    assert translate("SELECT id FROM workspaces WHERE id = $1 FOR UPDATE") == (
+        "SELECT id FROM workspaces WHERE id = ?1"
+    )
+
+
+# --------------------------------------------------------------------------- error classes
+
+
+@pytest.mark.parametrize(
+    ("raised", "expected"),
+    [
+        (asyncpg.DeadlockDetectedError("deadlock"), TransactionConflict),
+        (asyncpg.SerializationError("serialization"), TransactionConflict),
+        (asyncpg.ConnectionDoesNotExistError("lost"), Unavailable),
+        (asyncpg.CannotConnectNowError("starting"), Unavailable),
+        (asyncpg.AdminShutdownError("terminated"), Unavailable),
+        (asyncpg.TooManyConnectionsError("full"), Unavailable),
+        (asyncpg.InterfaceError("connection is closed"), Unavailable),
+        (ConnectionRefusedError(111, "refused"), Unavailable),
+        (TimeoutError(), Unavailable),
+        (asyncpg.UniqueViolationError("dup"), UniqueViolation),
+        (asyncpg.UndefinedTableError("no table"), StorageError),
+    ],
+)
+def test_defect_22_postgres_errors_map_onto_the_store_vocabulary(
+    raised: BaseException, expected: type[StorageError]
+) -> None:
+    mapped = classify(raised)
+    assert type(mapped) is expected
+
+
+def test_defect_09_a_lost_connection_during_commit_is_an_unknown_outcome() -> None:
+    # The connection died while COMMIT was in flight: nobody knows.
+    for lost in (
+        asyncpg.ConnectionDoesNotExistError("lost"),
+        ConnectionResetError(),
+        TimeoutError(),
+    ):
+        assert type(commit_failure(lost)) is OutcomeUnknown
+    # The server answered COMMIT with a refusal: definitely not committed.
+    assert type(commit_failure(asyncpg.SerializationError("x"))) is TransactionConflict
+    assert type(commit_failure(asyncpg.UniqueViolationError("x"))) is UniqueViolation
+    # Cancellation and bugs are not the store's to translate.
+    assert commit_failure(asyncio.CancelledError()) is None
+    assert commit_failure(ValueError("bug")) is None

@@ -11,14 +11,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+
+import asyncpg
+import pytest
 
 from chat import wire
 from chat.bus import Audience, Envelope, LocalBus
+from chat.client import RequestError
 from chat.journal import Journal, Tx
 from chat.storage import Database, open_database, queries
 from tests.conftest import MakeCluster, PostgresFixture
-from tests.pg import unique_database_name
+from tests.harness import running_node
+from tests.pg import TempPostgres, unique_database_name
 from tests.timing import scaled
 
 
@@ -129,3 +134,88 @@ async def test_defect_06_concurrent_dm_opens_on_two_nodes_answer_the_one_dm(
             assert not [r for r in replies if isinstance(r, BaseException)], replies
             ids = {r["channel"]["id"] for r in replies if isinstance(r, dict)}
             assert len(ids) == 1
+
+
+# --------------------------------------------------------------------------- defect 9, 22
+
+
+async def _wait_for(predicate: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
+    """Poll ``predicate`` (a database condition: nothing to wait on but a query), bounded."""
+    for _ in range(int(scaled(timeout) / 0.02)):
+        if await predicate():
+            return
+        await asyncio.sleep(0.02)
+    raise TimeoutError("condition not reached")
+
+
+async def test_defect_09_connection_lost_during_commit_answers_outcome_unknown() -> None:
+    """COMMIT is made to hang after the commit record is written (a synchronous standby that
+    does not exist), then the backend is terminated: the post is stored, yet its connection
+    died during COMMIT. The answer is ``outcome_unknown`` (not ``internal_error``), and the
+    client library's retry with the same ``client_msg_id`` gets ``duplicate: true``."""
+    with TempPostgres(
+        startup_timeout=scaled(60), extra_settings={"synchronous_commit": "on"}
+    ) as server:
+        dsn = await server.acreate_database("ambiguous")
+        admin = await asyncpg.connect(server.dsn)
+        try:
+            async with running_node(database_url=dsn) as node:
+                async with node.client("mia") as mia:
+                    await admin.execute("ALTER SYSTEM SET synchronous_standby_names = 'ghost'")
+                    await admin.execute("SELECT pg_reload_conf()")
+                    posting = asyncio.ensure_future(
+                        mia.request_frame(
+                            "messages.post",
+                            channel_id=node.general,
+                            client_msg_id="maybe",
+                            text="did it commit?",
+                            timeout=scaled(30),
+                        )
+                    )
+
+                    async def committing() -> bool:
+                        return bool(
+                            await admin.fetchval(
+                                "SELECT count(*) FROM pg_stat_activity"
+                                " WHERE wait_event = 'SyncRep' AND datname = 'ambiguous'"
+                            )
+                        )
+
+                    await _wait_for(committing)
+                    await admin.execute(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                        " WHERE wait_event = 'SyncRep' AND datname = 'ambiguous'"
+                    )
+                    reply = await posting
+                    assert reply["type"] == "error"
+                    assert reply["code"] == "outcome_unknown"
+
+                    await admin.execute("ALTER SYSTEM RESET synchronous_standby_names")
+                    await admin.execute("SELECT pg_reload_conf()")
+                    # It had committed: the retry finds it.
+                    retried = await mia.post(node.general, "did it commit?", "maybe")
+                    assert retried["duplicate"] is True
+                    history = await mia.request("messages.history", channel_id=node.general)
+                    texts = [m["text"] for m in history["messages"]]
+                    assert texts.count("did it commit?") == 1
+        finally:
+            await admin.close()
+
+
+async def test_defect_22_database_down_answers_unavailable_with_retry_after() -> None:
+    with TempPostgres(startup_timeout=scaled(60)) as server:
+        dsn = await server.acreate_database("outage")
+        async with running_node(database_url=dsn) as node, node.client("mia") as mia:
+            ok = await mia.post(node.general, "before")
+            assert ok["duplicate"] is False
+            await asyncio.to_thread(server.stop)
+            reply = await mia.request_frame(
+                "messages.post", channel_id=node.general, client_msg_id="during", text="x"
+            )
+            assert reply["type"] == "error"
+            assert reply["code"] == "unavailable"
+            assert reply["retry_after_ms"] > 0
+            # The client library retries it, then gives the caller the last answer.
+            with pytest.raises(RequestError) as failed:
+                await mia.post(node.general, "during", "during", attempts=2)
+            assert failed.value.code == "unavailable"
