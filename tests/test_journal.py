@@ -21,6 +21,7 @@ from chat.storage.postgres import classify, commit_failure
 from chat.storage.sqlite import translate
 from tests.conftest import PostgresFixture
 from tests.pg import unique_database_name
+from tests.timing import scaled
 
 
 @pytest_asyncio.fixture(loop_scope="session")
@@ -199,3 +200,72 @@ def test_defect_09_a_lost_connection_during_commit_is_an_unknown_outcome() -> No
     # Cancellation and bugs are not the store's to translate.
     assert commit_failure(asyncio.CancelledError()) is None
     assert commit_failure(ValueError("bug")) is None
+
+
+# --------------------------------------------------------------------------- publishing
+
+
+class GatedBus:
+    """A bus whose publish waits until the test opens the gate: a Redis that does not
+    answer, without the Redis."""
+
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
+        self.published: list[Envelope] = []
+
+    async def publish(self, envelopes: Sequence[Envelope]) -> None:
+        await self.gate.wait()
+        self.published.extend(envelopes)
+
+    async def subscribe(self, workspace_id: int, subscriber: object) -> None:
+        return None
+
+    def unsubscribe(self, workspace_id: int, subscriber: object) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+async def test_defect_10_replies_do_not_wait_for_the_bus_and_publish_in_commit_order(
+    db: Database,
+) -> None:
+    wid, _ = await _workspace(db)
+    bus = GatedBus()
+    journal = Journal(db, bus)  # type: ignore[arg-type]
+
+    def op(i: int):  # type: ignore[no-untyped-def]
+        async def run(tx: Tx) -> int:
+            tx.emit(_event(f"m{i}"), Audience(channel_id=1))
+            return i
+
+        return run
+
+    # Several batches commit and are answered while the bus does not answer at all.
+    results = []
+    for i in range(5):
+        results.append(await asyncio.wait_for(journal.run(wid, op(i)), scaled(10)))
+    assert results == list(range(5))
+    assert bus.published == []
+    bus.gate.set()
+    await journal.close()
+    seqs = [e.seq for e in bus.published]
+    assert seqs == sorted(seqs) and len(seqs) == 5
+    texts = [json.loads(e.payload)["message"]["text"] for e in bus.published]
+    assert texts == [f"m{i}" for i in range(5)]
+
+
+async def test_defect_10_close_flushes_the_publisher_within_its_bound(db: Database) -> None:
+    wid, _ = await _workspace(db)
+    bus = GatedBus()  # never opens: close() must still return
+    journal = Journal(db, bus, flush_timeout_s=0.1)  # type: ignore[arg-type]
+
+    async def op(tx: Tx) -> None:
+        tx.emit(_event("stuck"), Audience(channel_id=1))
+
+    await journal.run(wid, op)
+    await asyncio.wait_for(journal.close(), scaled(10))
+    assert bus.published == []
+    async with db.connection() as conn:  # committed: the outbox has it for the sweeper
+        logged = await queries.events_after(conn, wid, 0, 10)
+    assert [json.loads(r["payload"])["message"]["text"] for r in logged] == ["stuck"]

@@ -21,6 +21,7 @@ from chat.bus import Audience, Envelope, LocalBus
 from chat.client import RequestError
 from chat.journal import Journal, Tx
 from chat.storage import Database, open_database, queries
+from tests.cluster import TempRedis
 from tests.conftest import MakeCluster, PostgresFixture
 from tests.harness import running_node
 from tests.pg import TempPostgres, unique_database_name
@@ -219,3 +220,33 @@ async def test_defect_22_database_down_answers_unavailable_with_retry_after() ->
             with pytest.raises(RequestError) as failed:
                 await mia.post(node.general, "during", "during", attempts=2)
             assert failed.value.code == "unavailable"
+
+
+# --------------------------------------------------------------------------- defect 10
+
+
+async def test_defect_10_posts_are_answered_while_redis_is_down_and_delivered_after(
+    postgres_server: PostgresFixture, redis_server: TempRedis
+) -> None:
+    name = unique_database_name("redisdown")
+    dsn = await postgres_server.create_database(name)
+    try:
+        async with (
+            running_node(database_url=dsn, redis_url=redis_server.url) as node,
+            node.clients("mia", "olivia") as (mia, olivia),
+        ):
+            await mia.post(node.general, "before")
+            assert (await olivia.next_event("message.posted"))["message"]["text"] == "before"
+            redis_server.stop()
+            # Committed is acknowledged: the reply comes while Redis is still down.
+            replies = [await mia.post(node.general, f"during {i}") for i in range(3)]
+            assert [r["duplicate"] for r in replies] == [False, False, False]
+            assert not redis_server.running
+            redis_server.start()  # empty: the outbox (event log + sweeper) delivers
+            texts = [
+                (await olivia.next_event("message.posted", timeout=scaled(30)))["message"]["text"]
+                for _ in range(3)
+            ]
+            assert texts == ["during 0", "during 1", "during 2"]
+    finally:
+        await postgres_server.drop_database(name)
