@@ -35,6 +35,7 @@ from chat.errors import ChatError, CloseCode, ErrorCode, ProtocolViolation
 from chat.fanout import Hub, Recipient
 from chat.identity import Identity
 from chat.protocol import ClientProtocol, Close, Send, State
+from chat.replay import ReplayLost
 from chat.storage import StorageError
 
 REPLAY_CHUNK = 512
@@ -250,6 +251,12 @@ class Connect:
         """A step's I/O raised: a refusal (ChatError) or a failure. Every failure gets an
         error reply naming the ``auth`` and a close code."""
         request_id = self.request.id if self.request is not None else None
+        if isinstance(exc, ReplayLost):
+            # The log lost part of the range while it was read (pruned or trimmed).
+            if self.step is Step.SCANNING:
+                return self._reply("too_old")  # nothing replayed yet: say so, go on live
+            self.step = Step.CLOSED
+            return [Close(CloseCode.SLOW_CONSUMER, "replay_lost")]  # reconnect, resume
         if isinstance(exc, ProtocolViolation):
             verdict = self._protocol.fail(request_id, exc)
         elif isinstance(exc, ChatError):

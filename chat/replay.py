@@ -54,24 +54,6 @@ def envelope_from_row(workspace_id: int, row: Record) -> Envelope:
     )
 
 
-async def collect(
-    log: ReplayLog, workspace_id: int, after_seq: int, up_to: int
-) -> Sequence[Envelope] | None:
-    """The whole range at once, None when outside the window (the pre-chunked interface,
-    kept until the node streams :meth:`ReplayLog.read` itself)."""
-    if after_seq >= up_to:
-        return []
-    if not await log.holds(workspace_id, after_seq, up_to):
-        return None
-    events: list[Envelope] = []
-    try:
-        async for chunk in log.read(workspace_id, after_seq, up_to):
-            events.extend(chunk)
-    except ReplayLost:
-        return None
-    return events
-
-
 class DatabaseLog:
     """The event log in the store, judged by the window rule."""
 
@@ -113,9 +95,3 @@ class DatabaseLog:
         if [e.seq for e in envelopes] != list(range(after_seq + 1, up_to + 1)):
             raise ReplayLost(f"workspace {workspace_id}: events ({after_seq}, {up_to}]")
         return envelopes
-
-    async def replay(
-        self, workspace_id: int, after_seq: int, up_to: int
-    ) -> Sequence[Envelope] | None:
-        """Deprecated: :func:`collect` over :meth:`holds` and :meth:`read`."""
-        return await collect(self, workspace_id, after_seq, up_to)

@@ -277,10 +277,12 @@ class Node:
                 poll_s=s.presence_poll_s,
             )
         else:
-            bus, replay = LocalBus(), DatabaseLog(db, s.replay_window_s, s.replay_max_events)
+            # One node, but other processes (chat admin) commit too: follow the database.
+            bus = LocalBus(db, database_url=s.database_url, poll_s=s.change_poll_s)
+            replay = DatabaseLog(db, s.replay_window_s, s.replay_max_events)
         hub.on_last_peer = self._unsubscribe
         journal = Journal(db, bus, on_commit=metrics.observe_commit)
-        presence = Presence(bus, s.typing_interval_s, cluster)
+        presence = Presence(bus, s.typing_interval_s, cluster, flush_s=s.presence_flush_s)
         self.services = Services(settings=s, db=db, journal=journal, hub=hub, presence=presence)
         self._identifier = Identifier(s, db)
         self.replay = replay

@@ -34,6 +34,7 @@ from chat.errors import ChatError, CloseCode, ErrorCode
 from chat.fanout import Hub
 from chat.identity import Identity
 from chat.protocol import ClientProtocol, Close, Send, State
+from chat.replay import ReplayLost
 from chat.storage import StorageError
 
 W = 1
@@ -406,3 +407,33 @@ def test_a_failure_at_each_step_answers_the_auth_and_closes(
     assert h.connect.close() is False
     h.deliver(event(6, "x6", channel_id=X))
     assert h.events() == []  # detached
+
+
+def test_log_lost_during_the_scan_answers_too_old_and_goes_live() -> None:
+    """The log was pruned or trimmed after ``holds`` said yes: nothing was sent yet, so the
+    answer is an honest too_old, never a replay with a gap."""
+    h = Harness()
+    effect = h.carry(h.connect.start(auth(resume_seq=2)))
+    h.carry(h.connect.identified(identity()))
+    h.carry(h.connect.subscribed())
+    h.carry(h.connect.snapshot_taken(Snapshot(5, frozenset({X}), "member")))
+    h.carry(h.connect.window_checked(True))
+    effect = h.carry(h.connect.failed(ReplayLost("gone")))
+    assert effect == Live(W, ALICE)
+    data = json.loads(h.sent[0])["data"]
+    assert (data["resumed"], data["resume_error"]) == (False, "too_old")
+
+
+def test_log_lost_during_the_stream_closes_for_a_new_resume() -> None:
+    h = Harness()
+    h.carry(h.connect.start(auth(resume_seq=2)))
+    h.carry(h.connect.identified(identity()))
+    h.carry(h.connect.subscribed())
+    h.carry(h.connect.snapshot_taken(Snapshot(5, frozenset({X}), "member")))
+    h.carry(h.connect.window_checked(True))
+    h.connect.scan([event(3, "x3", channel_id=X)])
+    h.connect.scan([event(4, "x4", channel_id=X), event(5, "x5", channel_id=X)])
+    assert isinstance(h.carry(h.connect.scanned()), StreamReplay)
+    effect = h.carry(h.connect.failed(ReplayLost("gone")))
+    assert effect == Close(CloseCode.SLOW_CONSUMER, "replay_lost")
+    assert h.connect.close() is False

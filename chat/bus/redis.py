@@ -42,7 +42,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from chat.bus.base import Envelope, Subscriber, raise_if_cancelling
-from chat.replay import CHUNK, DatabaseLog, collect, envelope_from_row
+from chat.replay import CHUNK, DatabaseLog, envelope_from_row
 from chat.storage import Database, queries
 
 log = logging.getLogger(__name__)
@@ -414,9 +414,3 @@ class RedisBus:
                 )
             position += len(batch)
             yield batch
-
-    async def replay(
-        self, workspace_id: int, after_seq: int, up_to: int
-    ) -> Sequence[Envelope] | None:
-        """Deprecated: :func:`chat.replay.collect` over :meth:`holds` and :meth:`read`."""
-        return await collect(self, workspace_id, after_seq, up_to)
