@@ -10,7 +10,7 @@ import secrets
 import socket
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -96,8 +96,37 @@ class Settings(BaseSettings):
     presence_flush_s: float = Field(default=0.25, gt=0)
     change_poll_s: float = Field(default=0.5, gt=0)
 
+    # database
+    # PostgreSQL pool, per node: connections kept open, and the most open at once. A
+    # statement running past db_command_timeout_s, or a wait for a pooled connection past
+    # db_acquire_timeout_s, fails the request with `unavailable` (retryable). Prepared
+    # statements are cached per connection (0 behind a transaction-mode pooler).
+    db_pool_min_size: int = Field(default=2, ge=0)
+    db_pool_max_size: int = Field(default=20, ge=1)
+    db_command_timeout_s: float = Field(default=30.0, gt=0)
+    db_acquire_timeout_s: float = Field(default=10.0, gt=0)
+    db_statement_cache_size: int = Field(default=100, ge=0)
+    # Retention (chat/retention.py, every prune_interval_s, at most prune_batch_size rows per
+    # statement): events older than event_retention_s (at least the resume window) and not
+    # among a workspace's last replay_max_events; sessions past their expiry, and revoked
+    # ones revoked_session_retention_s after their revocation.
+    event_retention_s: float = Field(default=7 * 24 * 3600.0, gt=0)
+    revoked_session_retention_s: float = Field(default=24 * 3600.0, ge=0)
+    prune_interval_s: float = Field(default=300.0, gt=0)
+    prune_batch_size: int = Field(default=1000, ge=1)
+
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "text"] = "json"
+
+    @model_validator(mode="after")
+    def _database_settings_agree(self) -> Settings:
+        if self.event_retention_s < self.replay_window_s:
+            raise ValueError(
+                "event_retention_s must be at least replay_window_s: resume reads the event log"
+            )
+        if self.db_pool_min_size > self.db_pool_max_size:
+            raise ValueError("db_pool_min_size must not exceed db_pool_max_size")
+        return self
 
 
 def default_node_id() -> str:

@@ -12,20 +12,37 @@ import logging
 import os
 import secrets
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from chat.storage.base import Connection, Database, Record, StorageError, UniqueViolation
 from chat.storage.migrate import migrate
 
+if TYPE_CHECKING:
+    from chat.config import Settings
+
 log = logging.getLogger(__name__)
 
 
-async def open_database(database_url: str, sqlite_path: str) -> Database:
-    """PostgreSQL when a URL is configured, else the embedded SQLite file; migrated."""
+async def open_database(
+    database_url: str, sqlite_path: str, settings: Settings | None = None
+) -> Database:
+    """PostgreSQL when a URL is configured, else the embedded SQLite file; migrated.
+    ``settings`` sizes the PostgreSQL pool and its timeouts (the ``# database`` block)."""
     db: Database
     if database_url:
         from chat.storage.postgres import PostgresDatabase
 
-        db = await PostgresDatabase.connect(database_url)
+        if settings is None:
+            db = await PostgresDatabase.connect(database_url)
+        else:
+            db = await PostgresDatabase.connect(
+                database_url,
+                min_size=settings.db_pool_min_size,
+                max_size=settings.db_pool_max_size,
+                command_timeout_s=settings.db_command_timeout_s,
+                statement_cache_size=settings.db_statement_cache_size,
+                acquire_timeout_s=settings.db_acquire_timeout_s,
+            )
     else:
         from chat.storage.sqlite import SqliteDatabase
 

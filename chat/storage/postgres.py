@@ -121,10 +121,13 @@ class PostgresDatabase:
         *,
         min_size: int = 2,
         max_size: int = 20,
-        command_timeout_s: float | None = None,
+        command_timeout_s: float | None = 30.0,
         statement_cache_size: int = 100,
-        acquire_timeout_s: float | None = None,
+        acquire_timeout_s: float | None = 10.0,
     ) -> PostgresDatabase:
+        """A pool (defaults: the ``# database`` block of :mod:`chat.config`). A statement
+        past ``command_timeout_s`` or a wait for a connection past ``acquire_timeout_s``
+        raises :class:`Unavailable`."""
         with _translate_errors():
             pool = await asyncpg.create_pool(
                 dsn,

@@ -82,6 +82,34 @@ async def events_after(
     )
 
 
+async def prunable_workspaces(conn: Connection, keep_events: int) -> list[tuple[int, int]]:
+    """(workspace id, highest seq that may be pruned) for the workspaces with more than
+    ``keep_events`` events: the last ``keep_events`` of each are always kept."""
+    rows = await conn.fetch(
+        "SELECT id, last_event_seq - $1 AS bound FROM workspaces WHERE last_event_seq > $1"
+        " ORDER BY id",
+        keep_events,
+    )
+    return [(r["id"], r["bound"]) for r in rows]
+
+
+async def prune_events(
+    conn: Connection, workspace_id: int, max_seq: int, created_before: int, limit: int
+) -> int:
+    """Delete up to ``limit`` of the workspace's oldest events with ``seq <= max_seq`` created
+    before ``created_before`` (along the primary key); returns how many."""
+    rows = await conn.fetch(
+        "DELETE FROM events WHERE workspace_id = $1 AND seq IN (SELECT seq FROM events"
+        " WHERE workspace_id = $1 AND seq <= $2 AND created_at < $3 ORDER BY seq LIMIT $4)"
+        " RETURNING seq",
+        workspace_id,
+        max_seq,
+        created_before,
+        limit,
+    )
+    return len(rows)
+
+
 # --------------------------------------------------------------------------- users
 
 _USER_COLS = "id, workspace_id, handle, display_name, real_name, avatar_url, tz, role, deactivated"
@@ -265,6 +293,21 @@ async def revoke_user_sessions(conn: Connection, user_id: int, now: int) -> int:
         " RETURNING id",
         user_id,
         now,
+    )
+    return len(rows)
+
+
+async def prune_sessions(
+    conn: Connection, expired_before: int, revoked_before: int, limit: int
+) -> int:
+    """Delete up to ``limit`` sessions that expired before ``expired_before`` or were
+    revoked before ``revoked_before``; returns how many."""
+    rows = await conn.fetch(
+        "DELETE FROM sessions WHERE id IN (SELECT id FROM sessions WHERE expires_at < $1"
+        " OR revoked_at < $2 LIMIT $3) RETURNING id",
+        expired_before,
+        revoked_before,
+        limit,
     )
     return len(rows)
 
