@@ -2,15 +2,18 @@
 
 For each server kind, each round (kinds interleaved, so noise hits both alike):
 
-1. start the server pinned to CPU 0 on a fresh port (chat: on a fresh copy of a seeded
-   SQLite file), wait for ``GET /readyz`` = 200, read its RSS;
+1. start the server pinned to CPU 0 on a fresh port (chat: on a fresh copy of the seeded
+   store: a copy of the SQLite file, or with ``--store postgres`` a database made with
+   ``CREATE DATABASE round_<i> TEMPLATE seeded`` on a throwaway PostgreSQL server that this
+   harness starts, also pinned to CPU 0), wait for ``GET /readyz`` = 200, read its RSS;
 2. connect N receivers with ``wsblast`` (compiled epoll client) pinned to CPU 1, wait for
    READY, read the server's RSS again: (after - before) / N = memory per idle connection;
 3. burst phase: a poster process (also CPU 1) posts M messages with W in flight; wsblast counts
    the frames delivered: frames/s = frames / (last frame - first frame);
 4. latency phase: the poster posts at a steady rate; every delivered frame carries the post's
    ``t=<monotonic ns>;`` and wsblast records deliver - post on every connection;
-5. stop everything it started, by PID.
+5. stop everything it started, by PID (PostgreSQL at the end of the run, also on errors,
+   Ctrl-C and SIGTERM).
 
 Results (every round and the medians) go to ``bench/results/fanout-<date>.json``; a Markdown
 table is printed. ``python -m bench.fanout --help`` lists the knobs; see bench/README.md.
@@ -19,6 +22,7 @@ table is printed. ``python -m bench.fanout --help`` lists the knobs; see bench/R
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import datetime as dt
 import json
@@ -33,10 +37,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tests.pg import TempPostgres
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -63,6 +70,21 @@ def pinned(cpu: int | None) -> Callable[[], None] | None:
         os.sched_setaffinity(0, {cpu})
 
     return _pin
+
+
+@contextlib.contextmanager
+def on_cpu(cpu: int | None) -> Iterator[None]:
+    """Processes started inside the block run on ``cpu`` (None: no change): a child inherits
+    the affinity of the thread that starts it, daemons (pg_ctl's postmaster) included."""
+    if cpu is None:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpu})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
 
 
 class Proc:
@@ -239,6 +261,16 @@ class Target:
     def server_argv(self, port: int) -> list[str]:
         raise NotImplementedError
 
+    def finish_round(self) -> None:
+        """After a round's processes are stopped (e.g. drop its database)."""
+
+    def store_pid(self) -> int | None:
+        """A process whose tree is the server's store (PostgreSQL's postmaster), or None."""
+        return None
+
+    def close(self) -> None:
+        """Once at the end of the run, also after errors: stop what setup() started."""
+
 
 class BareTarget(Target):
     name = "bare"
@@ -259,7 +291,15 @@ class BareTarget(Target):
 
 
 class ChatTarget(Target):
-    """The chat server, per the contract in bench/README.md. Adapt here if the server moves."""
+    """The chat server, per the contract in bench/README.md. Adapt here if the server moves.
+
+    ``--store sqlite``: seeded once into a SQLite file; each round gets a copy of it.
+    ``--store postgres``: a throwaway PostgreSQL server (:class:`tests.pg.TempPostgres`:
+    initdb + pg_ctl in a temp dir on a free loopback port, as an unprivileged user when we
+    are root) started once and pinned to the server's CPU; seeded once into database
+    ``seeded``; each round gets ``CREATE DATABASE round_<i> TEMPLATE seeded``, dropped after
+    the round; the server is stopped by :meth:`close`.
+    """
 
     name = "chat"
     ready_frames = 1  # hello, then the auth reply: ready on the frame naming AUTH_ID
@@ -272,13 +312,24 @@ class ChatTarget(Target):
         super().__init__(args)
         self.ws_path = args.chat_ws_path
         self.heartbeat_ms = args.chat_heartbeat_ms
+        self.store: str = args.store
         self.template: Path | None = None
         self.seed: dict[str, Any] = {}
+        self.pg: TempPostgres | None = None
+        self.round_db: str | None = None
+        self.rounds_prepared = 0
+        self.store_info: dict[str, Any] = {"store": self.store}
 
-    def env(self, db: Path) -> dict[str, str]:
-        env = dict(os.environ)
+    def env(self, db: Path | None = None, database_url: str = "") -> dict[str, str]:
+        # Our CHAT_* settings only: one inherited from the shell (CHAT_DATABASE_URL,
+        # CHAT_METRICS_PORT, ...) would change what is measured. Add more with --chat-env.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CHAT_")}
+        if database_url:
+            env["CHAT_DATABASE_URL"] = database_url
+        else:
+            assert db is not None
+            env["CHAT_SQLITE_PATH"] = str(db)
         env.update(
-            CHAT_SQLITE_PATH=str(db),
             CHAT_RATE_LIMIT_PER_10S="100000",
             CHAT_LOG_LEVEL="warning",
             # Tokens printed by `admin seed` must verify in `serve`: the default secret is
@@ -291,16 +342,17 @@ class ChatTarget(Target):
         return env
 
     def setup(self, workdir: Path, receivers: int) -> None:
-        """Seed once (receivers + 1 users: users[0] posts); rounds get a copy of the file."""
-        self.template = workdir / "seed"
-        self.template.mkdir()
-        db = self.template / "chat.sqlite3"
+        """Seed once (receivers + 1 users: users[0] posts); rounds get a copy of the store."""
+        if self.store == "postgres":
+            env = self.env(database_url=self.start_postgres())
+        else:
+            self.template = workdir / "seed"
+            self.template.mkdir()
+            env = self.env(self.template / "chat.sqlite3")
         argv = [self.args.python, "-m", "chat", "admin", "seed", "--workspace", "bench"]
         argv += ["--users", str(receivers + 1), "--channels", "1"]
         t0 = time.monotonic()
-        proc = subprocess.run(
-            argv, env=self.env(db), cwd=REPO, capture_output=True, text=True, timeout=600
-        )
+        proc = subprocess.run(argv, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
         if proc.returncode != 0:
             raise BenchError(f"seed failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
@@ -310,12 +362,48 @@ class ChatTarget(Target):
         users, channels = self.seed["users"], self.seed["channels"]
         if len(users) < receivers + 1 or not channels:
             raise BenchError(f"seed gave {len(users)} users, {len(channels)} channels")
-        print(f"# chat: seeded {len(users)} users in {time.monotonic() - t0:.1f}s", flush=True)
+        print(
+            f"# chat ({self.store}): seeded {len(users)} users in {time.monotonic() - t0:.1f}s",
+            flush=True,
+        )
+
+    def start_postgres(self) -> str:
+        """Start the throwaway PostgreSQL server on the server's CPU; return the DSN of the
+        (empty, migrated by the seed) database ``seeded``."""
+        from tests.pg import TempPostgres
+
+        cpu = SERVER_CPU if self.args.pin else None
+        t0 = time.monotonic()
+        self.pg = TempPostgres(startup_timeout=60)
+        # pg_ctl (hence the postmaster and every backend it forks) inherits our affinity.
+        with on_cpu(cpu):
+            self.pg.start()
+        dsn = self.pg.create_database(SEED_DB)
+        info = asyncio.run(_pg_settings(self.pg.dsn))
+        info |= {"store": "postgres", "cpu": cpu, "directory": str(self.pg.directory)}
+        self.store_info = info
+        where = f"pinned to CPU {cpu}" if cpu is not None else "not pinned"
+        print(
+            f"# chat: PostgreSQL {info.get('server_version')} on 127.0.0.1:{self.pg.port}, "
+            f"{where} (like the chat server), in {self.pg.directory}, fsync={info.get('fsync')}, "
+            f"synchronous_commit={info.get('synchronous_commit')}; "
+            f"up in {time.monotonic() - t0:.1f}s",
+            flush=True,
+        )
+        return dsn
 
     def prepare(self, rounddir: Path, receivers: int) -> Prepared:
-        assert self.template is not None
-        for f in self.template.iterdir():  # chat.sqlite3 and any -wal/-shm beside it
-            shutil.copy2(f, rounddir / f.name)
+        self.rounds_prepared += 1
+        if self.store == "postgres":
+            assert self.pg is not None
+            self.round_db = f"round_{self.rounds_prepared}"
+            dsn = asyncio.run(_copy_database(self.pg, self.round_db, SEED_DB))
+            env = self.env(database_url=dsn)
+        else:
+            assert self.template is not None
+            for f in self.template.iterdir():  # chat.sqlite3 and any -wal/-shm beside it
+                shutil.copy2(f, rounddir / f.name)
+            env = self.env(rounddir / "chat.sqlite3")
         users = self.seed["users"]
         lines = [
             json.dumps({"type": "auth", "id": AUTH_ID, "token": u["token"]}, separators=(",", ":"))
@@ -323,10 +411,66 @@ class ChatTarget(Target):
         ]
         poster = ["--kind", "chat", "--path", self.ws_path, "--token", users[0]["token"]]
         poster += ["--channel-id", str(self.seed["channels"][0]["id"])]
-        return Prepared(lines, poster, self.env(rounddir / "chat.sqlite3"))
+        return Prepared(lines, poster, env)
 
     def server_argv(self, port: int) -> list[str]:
         return [self.args.python, "-m", "chat", "serve", "--host", "127.0.0.1", "--port", str(port)]
+
+    def finish_round(self) -> None:
+        name, self.round_db = self.round_db, None
+        if name is not None and self.pg is not None:
+            try:
+                self.pg.drop_database(name)
+            except Exception as exc:  # in a finally: don't hide the round's own error
+                print(f"# chat: could not drop database {name}: {exc}", file=sys.stderr)
+
+    def store_pid(self) -> int | None:
+        if self.pg is None or not self.pg.started:
+            return None
+        try:
+            pidfile = self.pg.directory / "data" / "postmaster.pid"
+            return int(pidfile.read_text().splitlines()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def close(self) -> None:
+        pg, self.pg = self.pg, None
+        if pg is not None:
+            try:
+                pg.stop()  # pg_ctl stop -m fast (SIGQUIT/SIGKILL to its PID as a last resort)
+            except Exception as exc:  # in a finally: don't hide the run's own error
+                print(f"# chat: stopping PostgreSQL: {exc}", file=sys.stderr)
+            else:
+                print("# chat: PostgreSQL stopped", flush=True)
+
+
+SEED_DB = "seeded"  # --store postgres: the seeded template database
+
+
+async def _copy_database(pg: TempPostgres, name: str, template: str) -> str:
+    """``CREATE DATABASE name TEMPLATE template`` (FILE_COPY: fast on a throwaway server)."""
+    import asyncpg
+
+    conn = await asyncpg.connect(pg.dsn, timeout=10)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}" STRATEGY = FILE_COPY')
+    finally:
+        await conn.close()
+    return pg.dsn_for(name)
+
+
+async def _pg_settings(dsn: str) -> dict[str, Any]:
+    """The PostgreSQL settings that decide what a commit costs (recorded with the results)."""
+    import asyncpg
+
+    names = ["server_version", "fsync", "synchronous_commit", "full_page_writes", "wal_level"]
+    names += ["shared_buffers", "max_connections"]
+    conn = await asyncpg.connect(dsn, timeout=10)
+    try:
+        return {n: await conn.fetchval(f"SELECT current_setting('{n}')") for n in names}
+    finally:
+        await conn.close()
 
 
 # --------------------------------------------------------------------------------- helpers
@@ -408,11 +552,15 @@ class Round:
         n = self.args.members
         blast.send(f"RUN {count * n} {int(self.args.phase_timeout * 1000)}")
         blast.expect("ARMED", 10)
+        store = self.t.store_pid()
+        store0 = cpu_seconds(store) if store is not None else 0.0
         cpu0, t0 = cpu_seconds(server.pid), time.monotonic()
         poster.send("GO")
         posted = poster.expect_json("DONE", self.args.phase_timeout + 30)
         got = blast.expect_json("RESULT", self.args.phase_timeout + 30)
         server_cpu, wall = cpu_seconds(server.pid) - cpu0, time.monotonic() - t0
+        # PostgreSQL: the postmaster and all its backends (they live as long as the pool).
+        store_cpu = cpu_seconds(store) - store0 if store is not None else None
         poster.stop()
         active_s = max(1e-9, (got["last_ns"] - got["first_ns"]) / 1e9)
         client_cpu = got["cpu_user_s"] + got["cpu_sys_s"]
@@ -441,6 +589,8 @@ class Round:
             "client_cpu_util": round(client_cpu / active_s, 3),
             "server_cpu_s": round(server_cpu, 3),
             "server_cpu_util": round(server_cpu / wall, 3),
+            "store_cpu_s": round(store_cpu, 3) if store_cpu is not None else None,
+            "store_cpu_util": round(store_cpu / wall, 3) if store_cpu is not None else None,
             "wall_s": round(wall, 3),
             "poster": posted,
             "wsblast": got,
@@ -513,6 +663,7 @@ class Round:
             return result
         finally:
             self.stop_all()
+            t.finish_round()
 
 
 # ---------------------------------------------------------------------------------- report
@@ -534,6 +685,7 @@ def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         "burst_deliver_s": median(pick("burst", "deliver_s")),
         "burst_client_cpu_util": median(pick("burst", "client_cpu_util")),
         "burst_server_cpu_util": median(pick("burst", "server_cpu_util")),
+        "burst_store_cpu_util": median(pick("burst", "store_cpu_util")),
         "burst_lat_p50_ms": median(pick("burst", "lat_p50_ms")),
         "burst_lat_p99_ms": median(pick("burst", "lat_p99_ms")),
         "connect_ms": median([r["connect"]["connect_ms"] for r in rounds]),
@@ -556,7 +708,22 @@ def fmt(x: Any, spec: str = ",.0f", unit: str = "") -> str:
     return f"{x:{spec}}{unit}"
 
 
-def markdown(summary: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
+def store_line(args: argparse.Namespace, info: dict[str, Any]) -> str:
+    """Where the chat server keeps its data, and where that runs (first lines of the table)."""
+    if args.store == "postgres":
+        where = f"pinned to CPU {SERVER_CPU} with the chat server" if args.pin else "not pinned"
+        return (
+            f"Chat store: PostgreSQL {info.get('server_version', '?')} (own throwaway server, "
+            f"{where}; fsync={info.get('fsync', '?')}, "
+            f"synchronous_commit={info.get('synchronous_commit', '?')}); "
+            "a fresh copy of the seeded database per round."
+        )
+    return "Chat store: SQLite (embedded, WAL); a fresh copy of the seeded file per round."
+
+
+def markdown(
+    summary: dict[str, dict[str, Any]], args: argparse.Namespace, info: dict[str, Any]
+) -> str:
     kinds = [k for k in ("chat", "bare") if k in summary]
     both = len(kinds) == 2
 
@@ -574,12 +741,20 @@ def markdown(summary: dict[str, dict[str, Any]], args: argparse.Namespace) -> st
         s = summary[k]
         return f"{fmt(s['burst_client_cpu_s'], '.2f')} s / {fmt(s['burst_deliver_s'], '.2f')} s"
 
-    head = "| metric | " + " | ".join(kinds) + " |" + (" chat/bare |" if both else "")
+    labels = [f"chat ({args.store})" if k == "chat" else k for k in kinds]
+    head = "| metric | " + " | ".join(labels) + " |" + (" chat/bare |" if both else "")
     sep = "|---|" + "---:|" * len(kinds) + ("---:|" if both else "")
     n, m = args.members, args.messages
+    pins = (
+        f"server{' and PostgreSQL' if args.store == 'postgres' and 'chat' in kinds else ''} "
+        f"on CPU {SERVER_CPU}, clients on CPU {CLIENT_CPU}"
+        if args.pin
+        else "not pinned"
+    )
     lines = [
         f"Fan-out to N={n} receivers, {m} messages (window {args.window}), "
-        f"median of {args.rounds} rounds; server on CPU {SERVER_CPU}, clients on CPU {CLIENT_CPU}.",
+        f"median of {args.rounds} rounds; {pins}.",
+        *([store_line(args, info)] if "chat" in kinds else []),
         "",
         head,
         sep,
@@ -590,6 +765,11 @@ def markdown(summary: dict[str, dict[str, Any]], args: argparse.Namespace) -> st
         row(f"deliver latency p50 @ {args.rate:g} msg/s (ms)", "lat_p50_ms", ",.2f"),
         row(f"deliver latency p99 @ {args.rate:g} msg/s (ms)", "lat_p99_ms", ",.2f"),
         row("server CPU during burst (cores)", "burst_server_cpu_util", ".2f", r=False),
+        *(
+            [row("PostgreSQL CPU during burst (cores)", "burst_store_cpu_util", ".2f", r=False)]
+            if args.store == "postgres" and "chat" in kinds
+            else []
+        ),
         row("wsblast CPU / active time during burst", "burst_client_cpu_util", ".2f", r=False),
         "| wsblast CPU s / wall s (burst) | "
         + " | ".join(cpu(k) for k in kinds)
@@ -647,6 +827,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3, help="rounds per server (median reported)")
     p.add_argument("--only", choices=["chat", "bare"], help="run one server kind only")
     p.add_argument(
+        "--store",
+        choices=["sqlite", "postgres"],
+        default="sqlite",
+        help="chat: the embedded SQLite file (default), or a throwaway PostgreSQL server "
+        "started by the benchmark and pinned to the server's CPU",
+    )
+    p.add_argument(
         "--batch",
         type=int,
         default=200,
@@ -696,6 +883,8 @@ def main(argv: list[str] | None = None) -> int:
     started = dt.datetime.now()
     rounds: dict[str, list[dict[str, Any]]] = {k: [] for k in kinds}
     workdir = Path(tempfile.mkdtemp(prefix="fanout-"))
+    # SIGTERM unwinds like Ctrl-C: every round's processes and PostgreSQL are stopped below.
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         for t in targets.values():
             t.setup(workdir, args.members)
@@ -712,12 +901,20 @@ def main(argv: list[str] | None = None) -> int:
                     f"latency p50/p99 {fmt(lat.get('lat_p50_ms'), '.2f')}/"
                     f"{fmt(lat.get('lat_p99_ms'), '.2f')} ms, "
                     f"wsblast cpu {b['client_cpu_util']:.2f}, "
-                    f"server cpu {b['server_cpu_util']:.2f}",
+                    f"server cpu {b['server_cpu_util']:.2f}"
+                    + (
+                        f", postgres cpu {b['store_cpu_util']:.2f}"
+                        if b.get("store_cpu_util") is not None
+                        else ""
+                    ),
                     flush=True,
                 )
     except BaseException:
         print(f"# logs kept in {workdir}", file=sys.stderr)
         raise
+    finally:
+        for t in targets.values():
+            t.close()
     shutil.rmtree(workdir, ignore_errors=True)
     summary = {k: summarize(v) for k, v in rounds.items()}
     for s in summary.values():
@@ -740,12 +937,18 @@ def main(argv: list[str] | None = None) -> int:
         ratios["frames_per_s_median_of_rounds"] = median(pairs)
     else:
         ratios = {}
-    table = markdown(summary, args)
+    chat = targets.get("chat")
+    store_info = chat.store_info if isinstance(chat, ChatTarget) else {}
+    if "chat" in summary:
+        summary["chat"]["store"] = args.store
+    table = markdown(summary, args, store_info)
     out = args.out or RESULTS / f"fanout-{started:%Y%m%d-%H%M%S}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     doc = {
         "benchmark": "fanout",
         "started": started.isoformat(timespec="seconds"),
+        "store": args.store,
+        "store_info": store_info,
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "machine": machine_info(),
         "summary": summary,
@@ -765,9 +968,23 @@ def write_results(out: Path, doc: dict[str, Any], table: str) -> None:
     print(f"\n# results: {out.relative_to(REPO) if out.is_relative_to(REPO) else out}")
 
 
-if __name__ == "__main__":
+def _terminate(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def cli() -> int:
+    from tests.pg import PostgresError
+
     try:
-        sys.exit(main())
-    except BenchError as exc:
+        return main()
+    except (BenchError, PostgresError) as exc:
         print(f"fanout: {exc}", file=sys.stderr)
-        sys.exit(1)
+        return 1
+
+
+if __name__ == "__main__":
+    # Through the importable module, not this __main__ copy: bench.infra (scaleout, resume)
+    # imports bench.fanout, and one BenchError class must be the one raised and caught.
+    from bench import fanout
+
+    sys.exit(fanout.cli())
