@@ -9,7 +9,10 @@ redis-server. What a client may rely on when nodes and Redis fail for real:
 * a client that stops reading is cut off (4001) while the others get everything;
 * the users of a dead node turn ``away`` for the nodes that survive;
 * each connection gets each event once (two races where the server sends an event twice,
-  which a ResilientClient's de-duplication hides: the last two tests).
+  which a ResilientClient's de-duplication hides: the two "exactly once" tests);
+* issue 6 regressions: a resume after Redis restarted empty replays the gap from PostgreSQL
+  (defect 4); presence converges across nodes, a killed node's users turn away and default
+  node ids are distinct (defect 21); posts and delivery resume after Redis froze (defect 10).
 
 Every wait is bounded (``scaled``); every process is stopped by the fixtures, by PID.
 """
@@ -18,22 +21,28 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import re
+import signal
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import Any, TypeVar
 
 import asyncpg
+import pytest
 import redis.asyncio as aioredis
 
 from chat.bus.redis import stream_key
 from chat.client import Backoff, Client, ResilientClient
+from chat.config import Settings
 from tests.cluster import ChatNodeProcess, Cluster
 from tests.conftest import MakeCluster
 from tests.rawws import read_until_closed, stalled_client
 from tests.timing import scaled
 
 Frame = dict[str, Any]
+T = TypeVar("T")
 
 # The default limit (50 requests per 10 s) is for humans; these tests post hundreds.
 FAST = {"CHAT_RATE_LIMIT_PER_10S": "1000000", "CHAT_RATE_LIMIT_DISCONNECT_AFTER": "1000000"}
@@ -751,3 +760,288 @@ async def test_connecting_while_the_stream_lags_the_database_gets_no_event_twice
         finally:
             await carol.close()
             await dave.close()
+
+
+# --------------------------------------------------------------------------- issue 6 defects
+
+
+async def wait_for_value(
+    probe: Callable[[], Awaitable[T]], done: Callable[[T], bool], timeout: float, what: str
+) -> T:
+    """Call ``probe`` until ``done(value)``; the last value. Bounded by ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await probe()
+        if done(value):
+            return value
+        assert time.monotonic() < deadline, f"timed out after {timeout:.1f}s: {what} ({value!r})"
+        await asyncio.sleep(0.05)
+
+
+async def test_defect_04_resume_after_redis_restart_replays_from_postgres(
+    make_cluster: MakeCluster,
+) -> None:
+    # The window is "the last 5 events OR younger than 900 s": every event here is young,
+    # so all are in the window, while the restarted stream holds at most the last few.
+    cluster = await make_cluster(2, extra_env={**FAST, "CHAT_REPLAY_MAX_EVENTS": "5"})
+    seeded = cluster.seeded
+    redis = cluster.redis
+    assert seeded is not None and redis is not None
+    ch = seeded.channels["general"]
+    key = stream_key(seeded.workspace_id)
+    async with cluster.client(0, "carol") as carol:
+        session_id, left_at = carol.session["session_id"], carol.session["seq"]
+    before, after = 8, 3
+    async with cluster.client(1, "alice") as alice1, cluster.client(0, "bob") as bob0:
+        bob = record(bob0, ch)
+        for i in range(before):
+            await post(alice1, ch, f"b{i}", f"before the restart {i}")
+        await bob.wait_posted(before, scaled(10))
+        async with aioredis.from_url(redis.url) as r:
+            held: Any = await r.xrange(key, min=f"{left_at + 1}-0", max=f"{left_at + 1}-0")
+        assert len(held) == 1, "before the restart the stream holds what carol missed"
+
+        await asyncio.to_thread(redis.restart, hard=True)  # SIGKILL; back EMPTY
+        async with aioredis.from_url(redis.url) as r:
+            assert await r.xlen(key) == 0
+        for i in range(after):
+            await post(alice1, ch, f"a{i}", f"after the restart {i}")
+        top = left_at + before + after
+        await bob.wait_posted(before + after, scaled(20))
+        # The new stream reaches the top but starts later: alone it cannot serve the resume.
+        async with aioredis.from_url(redis.url) as r:
+            first, _ = await wait_for_value(
+                lambda: _stream_bounds(r, key),
+                lambda b: b[1] == top,
+                scaled(10),
+                "the restarted stream to reach the database's top",
+            )
+        assert first > left_at + 1, f"the stream still holds seq {left_at + 1}"
+
+    expected = await stored_ids(cluster, ch)
+    assert len(expected) == before + after
+    client = await Client.open(cluster.urls[1])
+    try:
+        reply = await client.request(
+            "auth",
+            token=seeded.tokens["carol"],
+            resume={"session_id": session_id, "seq": left_at},
+        )
+        assert (reply["resumed"], reply["resume_error"]) == (True, None), reply
+        assert reply["seq"] == top
+        frames: list[Frame] = []
+        while not frames or frames[-1]["type"] != "resumed":
+            assert len(frames) <= 2 * (before + after) + 10, f"no `resumed`: {frames}"
+            frames.append(await client.next_event(timeout=scaled(10)))
+        durable = [f for f in frames[:-1] if f.get("seq") is not None]
+        assert [f["seq"] for f in durable] == list(range(left_at + 1, top + 1))
+        assert [f["type"] for f in durable] == ["message.posted"] * (before + after)
+        assert [f["message"]["id"] for f in durable] == expected
+        assert frames[-1] == {"type": "resumed", "seq": top, "replayed": before + after}
+        # The same as messages.history (PostgreSQL) says, and nothing more arrives.
+        history = await client.request("messages.history", channel_id=ch, limit=50)
+        assert [m["id"] for m in history["messages"]] == expected
+        await asyncio.sleep(0.5)
+        extra = [f for f in client.drain_events() if f.get("seq") is not None]
+        assert extra == [], f"events after `resumed` that nobody posted: {extra}"
+        # Live again: the next message arrives once, right after the replayed ones.
+        async with cluster.client(0, "alice") as alice0:
+            nxt = (await post(alice0, ch, "live", "after the resume"))["message"]["id"]
+        event = await client.next_event("message.posted", timeout=scaled(10))
+        assert (event["seq"], event["message"]["id"]) == (top + 1, nxt)
+        await asyncio.sleep(0.3)
+        assert [f for f in client.drain_events() if f.get("seq") is not None] == []
+    finally:
+        await client.close()
+
+
+def _seq_of(entry: Any) -> int:
+    entry_id = entry[0].decode() if isinstance(entry[0], bytes) else entry[0]
+    return int(entry_id.split("-", 1)[0])
+
+
+async def _stream_bounds(r: Any, key: str) -> tuple[int, int]:
+    """(first seq, last seq) of a stream; (0, 0) when it is empty or absent."""
+    first = await r.xrange(key, count=1)
+    last = await r.xrevrange(key, count=1)
+    if not first or not last:
+        return (0, 0)
+    return (_seq_of(first[0]), _seq_of(last[0]))
+
+
+class DefaultIdNode(ChatNodeProcess):
+    """A node started without ``CHAT_NODE_ID``: it picks its own default id."""
+
+    def env(self) -> dict[str, str]:
+        env = super().env()
+        del env["CHAT_NODE_ID"]
+        return env
+
+
+async def presence_nodes(cluster: Cluster, workspace_id: int) -> set[str]:
+    """The node ids in the workspace's presence node set in Redis."""
+    assert cluster.redis is not None
+    async with aioredis.from_url(cluster.redis.url) as r:
+        members: Any = await r.smembers(f"chat:presence:{workspace_id}:nodes")
+    return {n.decode() for n in members}
+
+
+async def test_defect_21_presence_converges_across_nodes_and_a_killed_nodes_users_turn_away(
+    make_cluster: MakeCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ttl, poll = 2, 0.5
+    env = {**FAST, "CHAT_PRESENCE_TTL_S": str(ttl), "CHAT_PRESENCE_POLL_S": str(poll)}
+    cluster = await make_cluster(2, extra_env=env)
+    seeded = cluster.seeded
+    assert seeded is not None
+    wid = seeded.workspace_id
+    watched = {seeded.users[h]: h for h in ("bob", "carol", "dave")}
+    # A change reaches a watcher on another node within a flush, a TTL and a poll or two.
+    bound = scaled(ttl + 2 * poll + 3)
+    status: dict[int, str] = {}
+    history: list[tuple[str, str]] = []
+
+    async def until(want: dict[int, str], what: str) -> None:
+        async with asyncio.timeout(bound):
+            while any(status.get(u) != s for u, s in want.items()):
+                event = await watcher.next_event("presence", timeout=bound)
+                status[event["user_id"]] = event["status"]
+                history.append((watched.get(event["user_id"], "?"), event["status"]))
+        assert all(status.get(u) == s for u, s in want.items()), what
+
+    async with cluster.client(0, "alice") as watcher:
+        await watcher.request("presence.subscribe", user_ids=list(watched))
+        on_node1: dict[int, Client] = {}
+        try:
+            for user_id, handle in watched.items():
+                c = on_node1[user_id] = await Client.open(cluster.urls[1])
+                await c.request("auth", token=seeded.tokens[handle])
+            await until(dict.fromkeys(watched, "active"), "all three active on node0")
+            assert await presence_nodes(cluster, wid) == {"node0", "node1"}
+
+            # A clean disconnect: that user alone turns away, the others stay active.
+            bob = seeded.users["bob"]
+            await on_node1.pop(bob).close()
+            await until({bob: "away"}, "bob away after his disconnect")
+            assert {u: s for u, s in status.items() if u != bob} == {
+                u: "active" for u in watched if u != bob
+            }, history
+
+            # Node 1 dies: its presence key expires, node 0's poll turns its users away.
+            await asyncio.to_thread(cluster.nodes[1].kill)
+            await until(dict.fromkeys(watched, "away"), "node1's users away after the kill")
+            assert not watcher.closed.is_set()
+            assert history.count(("carol", "away")) == 1 and history.count(("dave", "away")) == 1
+            # ... and the dead node is pruned from the workspace's node set.
+            await wait_for_value(
+                lambda: presence_nodes(cluster, wid),
+                lambda nodes: nodes == {"node0"},
+                bound,
+                "node1 pruned from the presence node set",
+            )
+        finally:
+            for c in on_node1.values():
+                c.abort()
+                await c.close()
+
+    # Default node ids are distinct: in one process (as when every server is PID 1) ...
+    monkeypatch.delenv("CHAT_NODE_ID", raising=False)
+    ids = {Settings().node_id for _ in range(3)}
+    assert len(ids) == 3 and all(ids), ids
+    # ... and on real nodes started without CHAT_NODE_ID, which share presence correctly.
+    defaults = [
+        DefaultIdNode(
+            f"default{i}",
+            database_url=cluster.database_url,
+            redis_url=cluster.redis_url,
+            extra_env=env,
+            log_dir=cluster.log_dir,
+        )
+        for i in range(2)
+    ]
+    try:
+        await asyncio.gather(*(n.astart() for n in defaults))
+        async with cluster.client(0, "alice") as watcher:
+            status.clear()
+            await watcher.request("presence.subscribe", user_ids=list(watched))
+            async with (
+                Client.connect(defaults[0].url, seeded.tokens["carol"]),
+                Client.connect(defaults[1].url, seeded.tokens["dave"]),
+            ):
+                nodes = await wait_for_value(
+                    lambda: presence_nodes(cluster, wid),
+                    lambda nodes: len(nodes - {"node0"}) == 2,
+                    bound,
+                    "both default-id nodes in the presence node set",
+                )
+                assert not nodes & {"default0", "default1", "node1"}, nodes
+                carol, dave = seeded.users["carol"], seeded.users["dave"]
+                await until({carol: "active", dave: "active"}, "carol and dave active again")
+    finally:
+        await asyncio.gather(*(asyncio.to_thread(n.close) for n in defaults))
+
+
+async def test_defect_10_posts_flow_again_after_redis_froze(make_cluster: MakeCluster) -> None:
+    cluster = await make_cluster(2, extra_env=FAST)
+    seeded = cluster.seeded
+    redis = cluster.redis
+    assert seeded is not None and redis is not None and redis.pid is not None
+    ch = seeded.channels["general"]
+    users = list(seeded.users.values())
+    frozen_for = 6.0
+    async with (
+        cluster.client(0, "alice") as alice0,
+        cluster.client(0, "bob") as bob0,
+        cluster.client(1, "carol") as carol1,
+    ):
+        views = {"bob@node0": record(bob0, ch), "carol@node1": record(carol1, ch)}
+        await post(alice0, ch, "f0", "before the freeze")
+        for rec in views.values():
+            await rec.wait_posted(1, scaled(10))
+
+        # SIGSTOP the redis-server this test started (by PID): connections stay open and
+        # nothing answers. Posts go on: the reply does not wait for the bus.
+        pid = redis.pid
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            frozen_until = time.monotonic() + frozen_for
+            during = 0
+            while time.monotonic() < frozen_until and during < 20:
+                await post(alice0, ch, f"d{during}", f"while Redis is frozen {during}")
+                during += 1
+                await asyncio.sleep(0.5)
+            await asyncio.sleep(max(0.0, frozen_until - time.monotonic()))
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert during >= 2, "posting stopped while Redis was frozen"
+
+        # Thawed: replies, delivery on both nodes, and an Admin commit all come back.
+        after = 5
+        for i in range(after):
+            await post(alice0, ch, f"a{i}", f"after the thaw {i}")
+        async with cluster.admin() as admin:
+            created = await asyncio.wait_for(
+                admin.create_channel(seeded.workspace_id, "thawed", users[0], users, False),
+                scaled(20),
+            )
+        await post(carol1, ch, "c0", "from node1 after the thaw")
+        expected = await stored_ids(cluster, ch)
+        assert len(expected) == 1 + during + after + 1
+        for rec in views.values():
+            await rec.wait_posted(len(expected), scaled(30))
+        await asyncio.sleep(0.3)
+        for who, rec in views.items():
+            assert_same_ids(who, rec.ids(), expected)
+            seqs = [s for s, _ in rec.posted()]
+            assert seqs == sorted(set(seqs)), f"{who}: seq not strictly increasing"
+        # The channel the admin created (another process's commit) reaches both nodes too.
+
+        def got_channel(rec: Recorder) -> bool:
+            return any(f["channel"]["id"] == created.id for f in rec.of_type("channel.created"))
+
+        for who, client in (("bob@node0", bob0), ("carol@node1", carol1)):
+            rec = views[who]
+            await wait_until(partial(got_channel, rec), scaled(20), f"{who} to get channel.created")
+            assert (await client.request("ping"))["server_time"] > 0
+        for node in cluster.nodes:
+            assert node.running, f"{node.name} died\n{node.log_tail()}"
