@@ -56,6 +56,7 @@ from chat.metrics import TALLY
 from chat.presence import ClusterPresence, Presence
 from chat.protocol import Authenticate, ClientProtocol, Close, Dispatch, Send
 from chat.replay import DatabaseLog, ReplayLog
+from chat.retention import Pruner
 from chat.storage import Database, open_database, queries, secret_key_path, token_secret
 from chat.transport import OPEN, Connection, FrameWriter, text_frame
 
@@ -316,6 +317,7 @@ class Node:
             self.metrics_port = self._metrics_server.sockets[0].getsockname()[1]
         self.spawn(self._watch_heartbeats())
         self.spawn(presence.run())
+        self.spawn(Pruner(db, s).run())
         log.info(
             "listening",
             extra={
