@@ -104,11 +104,12 @@ class _Publisher:
     """Hands committed batches of one workspace to the bus, in commit order, off the reply
     path. One task while there is work; it exits when idle."""
 
-    __slots__ = ("_bus", "_pending", "_task", "workspace_id")
+    __slots__ = ("_bus", "_on_idle", "_pending", "_task", "workspace_id")
 
-    def __init__(self, bus: Bus, workspace_id: int) -> None:
+    def __init__(self, bus: Bus, workspace_id: int, on_idle: Callable[[], None]) -> None:
         self._bus = bus
         self.workspace_id = workspace_id
+        self._on_idle = on_idle  # forget this publisher: quiet workspaces hold nothing
         self._pending: deque[Envelope] = deque()
         self._task: asyncio.Task[None] | None = None
 
@@ -146,6 +147,7 @@ class _Publisher:
                     log.exception("publish failed", extra={"workspace_id": self.workspace_id})
         finally:
             self._task = None
+            self._on_idle()
 
 
 class Journal:
@@ -244,7 +246,9 @@ class Journal:
             else:
                 publisher = self._publishers.get(workspace_id)
                 if publisher is None:
-                    publisher = self._publishers[workspace_id] = _Publisher(self._bus, workspace_id)
+                    publisher = self._publishers[workspace_id] = _Publisher(
+                        self._bus, workspace_id, lambda: self._forget_publisher(workspace_id)
+                    )
                 publisher.put(envelopes)
         for pending, (ok, value) in zip(batch, outcomes, strict=True):
             if pending.future.done():  # the requester went away; the work is done anyway
@@ -300,6 +304,9 @@ class Journal:
                 if self._db.dialect == "postgres":  # other processes' nodes listen
                     await queries.notify_events(conn, workspace_id, last)
         return outcomes, envelopes
+
+    def _forget_publisher(self, workspace_id: int) -> None:
+        self._publishers.pop(workspace_id, None)
 
     @staticmethod
     def _fail(batch: list[_Pending], exc: BaseException) -> None:
