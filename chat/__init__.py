@@ -15,6 +15,7 @@
 - ``bus/``: carries numbered events to every node (``local.py`` in-process, ``redis.py``
   Redis Streams); ``replay.py``: what a resuming client missed; ``fanout.py``: local delivery.
 - ``presence.py``: presence and typing (ephemeral).
+- ``retention.py``: prunes the event log and dead sessions.
 - ``server.py``: websockets I/O, HTTP probes, graceful shutdown; ``transport.py``: the
   websockets internals that raw frame writes rely on; ``__main__.py``: the CLI.
 """

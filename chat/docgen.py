@@ -669,8 +669,8 @@ CLOSE_REASONS: list[tuple[CloseCode, str, str, str]] = [
     (
         CloseCode.POLICY_VIOLATION,
         "not a websocket endpoint",
-        "A websocket handshake on `/healthz` or `/readyz`.",
-        "Connect to `/` (any other path).",
+        "A websocket handshake on the metrics listener (`CHAT_METRICS_PORT`).",
+        "Connect to the client port.",
     ),
     (
         CloseCode.TRY_AGAIN_LATER,
@@ -709,6 +709,13 @@ CLOSE_REASONS: list[tuple[CloseCode, str, str, str]] = [
         "slow_consumer",
         "The client read too slowly and its send buffer passed the hard mark.",
         "Reconnect and resume; read faster.",
+    ),
+    (
+        CloseCode.SLOW_CONSUMER,
+        "replay_lost",
+        "While a resume was being replayed, the server's log lost part of the missed range "
+        "(pruned or trimmed meanwhile).",
+        "Reconnect and resume again: the answer will be a replay or an explicit `too_old`.",
     ),
     (
         CloseCode.SLOW_CONSUMER,

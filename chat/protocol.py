@@ -24,6 +24,7 @@ import pydantic
 
 from chat import wire
 from chat.errors import ChatError, CloseCode, ErrorCode, ProtocolViolation
+from chat.storage.base import OutcomeUnknown, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -160,8 +161,6 @@ class ClientProtocol:
             return Close(exc.close_code, exc.code.value, self._error(request_id, exc))
         if isinstance(exc, ChatError):
             return Send(self._error(request_id, exc))
-        from chat.storage.base import OutcomeUnknown, Unavailable  # (lead: hoist to the top)
-
         if isinstance(exc, Unavailable):
             # Nothing was done; retryable. One line, no traceback: an outage is not a bug.
             log.warning("database unavailable: %s", exc, extra={"request_id": request_id})

@@ -238,7 +238,9 @@ class Node:
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        db = self._db or await open_database(self.settings.database_url, self.settings.sqlite_path)
+        db = self._db or await open_database(
+            self.settings.database_url, self.settings.sqlite_path, settings=self.settings
+        )
         try:
             await self._start(db)
         except BaseException:

@@ -413,9 +413,13 @@ async def test_revoke_other_users_sessions_needs_admin(node: RunningNode) -> Non
 # --------------------------------------------------------------------------- channels
 
 
-async def test_create_public_channel_is_announced_to_whole_workspace(node: RunningNode) -> None:
+async def test_create_public_channel_is_announced_to_those_who_may_read_it(
+    node: RunningNode,
+) -> None:
+    """Everyone who may read public channels hears of a new one; a guest who is not a
+    member does not (it could not read it either: issue 6 defect 12)."""
     async with node.clients("mia", "olivia", "mallory", "gus") as clients:
-        mia = clients[0]
+        mia, gus = clients[0], clients[3]
         reply = await mia.request("channels.create", name="launch", topic="go", purpose="ship")
         channel = reply["channel"]
         assert channel["kind"] == "public"
@@ -423,9 +427,10 @@ async def test_create_public_channel_is_announced_to_whole_workspace(node: Runni
         assert channel["created_by"] == node.users["mia"]
         assert channel["member_count"] == 1
         assert channel["archived"] is False
-        for client in clients:
+        for client in clients[:3]:
             event = one(await settle(client), "channel.created")
             assert event["channel"]["id"] == channel["id"]
+        assert of_type(await settle(gus), "channel.created") == []
 
         members = await mia.request("channels.members", channel_id=channel["id"])
         assert members["user_ids"] == [node.users["mia"]]
