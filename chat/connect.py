@@ -32,7 +32,7 @@ from enum import Enum, auto
 from chat import wire
 from chat.bus import Envelope
 from chat.errors import ChatError, CloseCode, ErrorCode, ProtocolViolation
-from chat.fanout import Hub, Recipient
+from chat.fanout import Hub, Recipient, receives
 from chat.identity import Identity
 from chat.protocol import ClientProtocol, Close, Send, State
 from chat.replay import ReplayLost
@@ -416,7 +416,7 @@ class BacklogFilter:
             cid = audience.channel_id
             if cid is not None and uid in audience.joins:
                 channels.add(cid)
-            if Hub._receives(env, uid, self._role, channels):
+            if receives(env, uid, self._role, channels):
                 out.append(env.payload)
             if cid is not None and uid in audience.leaves:
                 channels.discard(cid)

@@ -99,7 +99,6 @@ class Hub:
     def __init__(self, framer: Callable[[bytes], bytes] = _identity) -> None:
         self._framer = framer
         self._workspaces: dict[int, _Workspace] = {}
-        self.on_first_peer: Callable[[int], None] | None = None
         self.on_last_peer: Callable[[int], None] | None = None
 
     # ------------------------------------------------------------------ membership of peers
@@ -109,8 +108,6 @@ class Hub:
         ws = self._workspaces.get(workspace_id)
         if ws is None:
             ws = self._workspaces[workspace_id] = _Workspace()
-            if self.on_first_peer:
-                self.on_first_peer(workspace_id)
         ws.peers.setdefault(peer.user_id, []).append(peer)
         ws.syncing[peer] = _Syncing(role=peer.role)
 
@@ -120,12 +117,11 @@ class Hub:
         peer: Recipient,
         channel_ids: Iterable[int],
         as_of: int,
-        first: bytes | None = None,
         role: str | None = None,
     ) -> bool:
         """Apply the user's channel list (and ``role``, when given) as of workspace position
-        ``as_of``, send ``first`` (if given), then the buffered events after ``as_of``. False
-        if the buffer overflowed (the caller should close the connection)."""
+        ``as_of``, then send the buffered events after ``as_of`` (the caller sent its reply
+        first). False if the buffer overflowed (the caller should close the connection)."""
         ws = self._workspaces[workspace_id]
         sync = ws.syncing.pop(peer)
         uid = peer.user_id
@@ -143,7 +139,7 @@ class Hub:
             cid = env.audience.channel_id
             if cid is not None and uid in env.audience.joins:
                 channels.add(cid)
-            if decided if decided is not None else self._receives(env, uid, role, channels):
+            if decided if decided is not None else receives(env, uid, role, channels):
                 deliver.append(env)
             if cid is not None and uid in env.audience.leaves:
                 channels.discard(cid)
@@ -153,8 +149,6 @@ class Hub:
         ws.ready.add(peer)
         for cid in ws.user_channels[uid]:
             ws.channel_peers.setdefault(cid, set()).add(peer)
-        if first is not None:
-            peer.send(first, False)
         if sync.overflow:
             return False
         for env in deliver:
@@ -207,13 +201,6 @@ class Hub:
                     del ws.watchers[uid]
         for uid in wanted:
             ws.watchers.setdefault(uid, set()).add(peer)
-
-    def local_users(self, workspace_id: int) -> set[int]:
-        ws = self._workspaces.get(workspace_id)
-        return set(ws.peers) if ws else set()
-
-    def peer_count(self) -> int:
-        return sum(len(p) for ws in self._workspaces.values() for p in ws.peers.values())
 
     # ------------------------------------------------------------------ delivery
 
@@ -319,7 +306,7 @@ class Hub:
             channels = ws.user_channels.get(peer.user_id)
             decided: bool | None = None
             if channels is not None:
-                if not self._receives(env, peer.user_id, peer.role, channels):
+                if not receives(env, peer.user_id, peer.role, channels):
                     continue
                 decided = True
             if len(sync.buffer) >= MAX_SYNC_BUFFER:
@@ -327,48 +314,14 @@ class Hub:
             else:
                 sync.buffer.append((env, decided))
 
-    @staticmethod
-    def _receives(env: Envelope, uid: int, role: str, channels: set[int]) -> bool:
-        """Whether a user with ``role`` and membership ``channels`` is in the envelope's
-        audience."""
-        audience = env.audience
-        if uid == audience.exclude_user:
-            return False
-        if audience.everyone or uid in audience.user_ids or role in audience.roles:
-            return True
-        cid = audience.channel_id
-        return cid is not None and (cid in channels or uid in audience.leaves)
 
-
-def visible_backlog(
-    user_id: int, role_now: str, channels_now: Iterable[int], events: Sequence[Envelope]
-) -> list[Envelope]:
-    """The events of a replay that ``user_id`` may see, judged with the role and membership
-    the user had at each event. ``role_now`` and ``channels_now`` are those after the last
-    event; walking the events backwards undoes their role changes, joins and leaves to find
-    the role and membership before the first."""
-    channels = set(channels_now)
-    role = role_now
-    for env in reversed(events):
-        cid = env.audience.channel_id
-        if cid is not None:
-            if user_id in env.audience.leaves:
-                channels.add(cid)
-            if user_id in env.audience.joins:
-                channels.discard(cid)
-        change = env.audience.role_change
-        if change is not None and change[0] == user_id:
-            role = change[1]
-    visible = []
-    for env in events:
-        cid = env.audience.channel_id
-        if cid is not None and user_id in env.audience.joins:
-            channels.add(cid)
-        change = env.audience.role_change
-        if change is not None and change[0] == user_id:
-            role = change[2]
-        if Hub._receives(env, user_id, role, channels):
-            visible.append(env)
-        if cid is not None and user_id in env.audience.leaves:
-            channels.discard(cid)
-    return visible
+def receives(env: Envelope, uid: int, role: str, channels: set[int]) -> bool:
+    """Whether a user with ``role`` and membership ``channels`` is in the envelope's
+    audience."""
+    audience = env.audience
+    if uid == audience.exclude_user:
+        return False
+    if audience.everyone or uid in audience.user_ids or role in audience.roles:
+        return True
+    cid = audience.channel_id
+    return cid is not None and (cid in channels or uid in audience.leaves)

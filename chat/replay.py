@@ -9,7 +9,7 @@ and :meth:`~ReplayLog.read` (the missed envelopes, in bounded chunks, so neither
 one step of the event loop grows with the gap). :class:`DatabaseLog` reads the event log in
 the store (the embedded default, and the authority on the window for any range a Redis stream
 lost); the Redis bus reads its stream and falls back to this log. Which events a given user
-may see is decided by :func:`chat.fanout.visible_backlog`, with the membership the user had at
+may see is decided by :class:`chat.connect.BacklogFilter`, with the membership the user had at
 each event.
 """
 

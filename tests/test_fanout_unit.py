@@ -6,7 +6,8 @@ import pytest
 
 from chat import fanout
 from chat.bus import Audience, Envelope
-from chat.fanout import Hub, visible_backlog
+from chat.connect import BacklogFilter
+from chat.fanout import Hub
 
 W = 1  # workspace
 X, Y = 10, 20  # channels
@@ -74,6 +75,28 @@ def env(seq: int | None, name: str, **kw: object) -> Envelope:
         payload=name.encode(),
         audience=Audience(**kw),  # type: ignore[arg-type]
     )
+
+
+def FIRST(peer: FakePeer) -> None:
+    """What the connect sequence sends before ``ready``: the auth reply."""
+    peer.send(b"FIRST", False)
+
+
+def peer_count(hub: Hub) -> int:
+    return sum(len(p) for ws in hub._workspaces.values() for p in ws.peers.values())
+
+
+def local_users(hub: Hub) -> set[int]:
+    ws = hub._workspaces.get(W)
+    return set(ws.peers) if ws else set()
+
+
+def replayed(user_id: int, role_after: str, events: list[Envelope]) -> list[bytes]:
+    """What a resume replays of ``events`` to the user (the connect sequence's filter)."""
+    backlog = BacklogFilter(user_id, role_after, [])
+    backlog.scan(events)
+    backlog.start()
+    return backlog.visible(events)
 
 
 def framed(*names: str) -> list[bytes]:
@@ -308,7 +331,8 @@ def test_sync_skips_events_up_to_as_of_and_flushes_after_first(hub: Hub) -> None
         ]
     )
     assert a.sent == []  # nothing before ready
-    assert hub.ready(W, a, [X], as_of=6, first=b"FIRST")
+    FIRST(a)
+    assert hub.ready(W, a, [X], as_of=6)
     assert a.frames == [b"FIRST", *framed("new", "new-all", "to-me")]
     hub.deliver([env(11, "live", channel_id=X)])
     assert a.frames[-1] == b"<live>"
@@ -324,7 +348,8 @@ def test_sync_judges_buffer_by_membership_at_each_event(hub: Hub) -> None:
             env(9, "m2", channel_id=X),
         ]
     )
-    assert hub.ready(W, a, [X], as_of=6, first=b"FIRST")
+    FIRST(a)
+    assert hub.ready(W, a, [X], as_of=6)
     assert a.frames == [b"FIRST", *framed("m1", "left")]
     # The replayed leave is the user's membership from now on.
     hub.deliver([env(10, "m3", channel_id=X)])
@@ -342,7 +367,8 @@ def test_sync_buffered_join_counts_from_the_join(hub: Hub) -> None:
             env(9, "after-join", channel_id=X),
         ]
     )
-    assert hub.ready(W, a, [], as_of=6, first=b"FIRST")
+    FIRST(a)
+    assert hub.ready(W, a, [], as_of=6)
     assert a.frames == [b"FIRST", *framed("joined", "after-join")]
     hub.deliver([env(10, "live", channel_id=X)])
     assert a.frames[-1] == b"<live>"
@@ -373,7 +399,8 @@ def test_second_peer_of_a_ready_user(hub: Hub) -> None:
     # The first peer is live throughout.
     assert a1.frames == framed("old", "m", "left")
     assert a2.sent == []
-    assert hub.ready(W, a2, [X], as_of=10, first=b"FIRST")
+    FIRST(a2)
+    assert hub.ready(W, a2, [X], as_of=10)
     assert a2.frames == [b"FIRST", *framed("m", "left")]
     hub.deliver(
         [env(15, "x-again", channel_id=X), env(16, "to-alice", user_ids=frozenset({ALICE}))]
@@ -411,44 +438,38 @@ def test_sync_overflow_reports_false(hub: Hub, monkeypatch: pytest.MonkeyPatch) 
     a = FakePeer(ALICE)
     hub.attach(W, a)
     hub.deliver([env(i, f"m{i}", everyone=True) for i in range(1, 6)])
-    assert hub.ready(W, a, [], as_of=0, first=b"FIRST") is False
-    assert a.frames == [b"FIRST"]
+    assert hub.ready(W, a, [], as_of=0) is False
+    assert a.frames == []  # an overflowed buffer is not flushed: the caller closes
 
 
 # --------------------------------------------------------------------------- detach
 
 
 def test_detach_cleans_up_and_calls_on_last_peer(hub: Hub) -> None:
-    firsts: list[int] = []
     lasts: list[int] = []
-    hub.on_first_peer = firsts.append
     hub.on_last_peer = lasts.append
     a1, a2, b = FakePeer(ALICE, "s1"), FakePeer(ALICE, "s2"), FakePeer(BOB)
     connect(hub, a1, [X])
     connect(hub, a2, [X])
     connect(hub, b, [X])
     hub.watch_presence(W, b, [CAROL])
-    assert firsts == [W]
-    assert hub.peer_count() == 3
-    assert hub.local_users(W) == {ALICE, BOB}
+    assert peer_count(hub) == 3
+    assert local_users(hub) == {ALICE, BOB}
 
     hub.detach(W, a1)
     hub.deliver([env(1, "m1", channel_id=X)])
     assert a1.sent == []
     assert a2.frames == b.frames == framed("m1")
-    assert hub.peer_count() == 2
+    assert peer_count(hub) == 2
 
     hub.detach(W, a2)
-    assert hub.local_users(W) == {BOB}
+    assert local_users(hub) == {BOB}
     hub.detach(W, b)
     assert lasts == [W]
-    assert hub.peer_count() == 0
-    assert hub.local_users(W) == set()
+    assert peer_count(hub) == 0
+    assert local_users(hub) == set()
     hub.deliver([env(2, "m2", channel_id=X, everyone=True), env(None, "p", presence_of=CAROL)])
     assert b.frames == framed("m1")
-    # A new first peer subscribes again.
-    connect(hub, FakePeer(CAROL), [])
-    assert firsts == [W, W]
 
 
 def test_detached_watcher_gets_no_presence(hub: Hub) -> None:
@@ -471,7 +492,7 @@ def test_detach_while_syncing(hub: Hub) -> None:
     hub.deliver([env(1, "m", everyone=True)])
     hub.detach(W, a)
     assert lasts == [W]
-    assert hub.peer_count() == 0
+    assert peer_count(hub) == 0
     assert a.sent == []
 
 
@@ -599,8 +620,6 @@ def test_defect_12_replay_judges_each_event_by_the_role_of_its_time() -> None:
         env(4, "demoted", everyone=True, role_change=(BOB, "member", "guest")),
         env(5, "last", channel_id=X, roles=READERS),
     ]
-    seen = visible_backlog(BOB, "guest", [], events)
-    assert [e.payload for e in seen] == [b"promoted", b"after", b"demoted"]
+    assert replayed(BOB, "guest", events) == [b"promoted", b"after", b"demoted"]
     # Someone else's role change does not change this user's view.
-    seen = visible_backlog(ALICE, "member", [], events)
-    assert len(seen) == 5
+    assert len(replayed(ALICE, "member", events)) == 5

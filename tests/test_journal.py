@@ -91,7 +91,7 @@ async def test_operations_commit_in_order_with_contiguous_event_numbers(db: Data
     assert texts == [f"m{i}" for i in range(50)]
     assert recorder.batches < 50  # batched, not one transaction per operation
     async with db.connection() as conn:
-        logged = await queries.events_after(conn, wid, 0, 1000)
+        logged = await queries.events_between(conn, wid, 0, 1000)
     assert [r["seq"] for r in logged] == seqs
     assert [r["payload"].encode() for r in logged] == [e.payload for e in recorder.seen]
     assert all(json.loads(e.payload)["seq"] == e.seq for e in recorder.seen)
@@ -120,7 +120,7 @@ async def test_refused_operation_rolls_back_alone(db: Database) -> None:
     assert isinstance(outcomes[1], ChatError) and outcomes[1].code is ErrorCode.FORBIDDEN
     async with db.connection() as conn:
         user = await queries.get_user(conn, uid)
-        logged = await queries.events_after(conn, wid, 0, 10)
+        logged = await queries.events_between(conn, wid, 0, 10)
     assert user is not None
     assert (user.display_name, user.real_name) == ("Ada L.", "")
     assert [json.loads(r["payload"])["message"]["text"] for r in logged] == ["kept"]
@@ -267,5 +267,5 @@ async def test_defect_10_close_flushes_the_publisher_within_its_bound(db: Databa
     await asyncio.wait_for(journal.close(), scaled(10))
     assert bus.published == []
     async with db.connection() as conn:  # committed: the outbox has it for the sweeper
-        logged = await queries.events_after(conn, wid, 0, 10)
+        logged = await queries.events_between(conn, wid, 0, 10)
     assert [json.loads(r["payload"])["message"]["text"] for r in logged] == ["stuck"]

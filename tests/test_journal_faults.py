@@ -108,7 +108,7 @@ async def test_defect_01_two_nodes_posting_in_opposite_channel_orders_never_fail
         assert errors == []
         async with dbs[0].connection() as conn:
             last = await queries.get_workspace(conn, wid)
-            seqs = [r["seq"] for r in await queries.events_after(conn, wid, 0, 10_000)]
+            seqs = [r["seq"] for r in await queries.events_between(conn, wid, 0, 10_000)]
         assert last is not None
         total = 3 * rounds * len(channels)
         assert seqs == list(range(1, total + 1)) and last["last_event_seq"] == total

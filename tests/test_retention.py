@@ -66,7 +66,7 @@ async def _workspace_with_events(db: Database, created: list[int]) -> tuple[int,
 
 async def _seqs(db: Database, wid: int) -> list[int]:
     async with db.connection() as conn:
-        return [r["seq"] for r in await queries.events_after(conn, wid, 0, 1000)]
+        return [r["seq"] for r in await queries.events_between(conn, wid, 0, 1000)]
 
 
 async def test_defect_23_old_events_and_dead_sessions_are_pruned(db: Database) -> None:

@@ -240,7 +240,10 @@ async def test_defect_14_a_secret_kept_in_meta_moves_to_the_file(tmp_path: Path)
     db = await open_database("", str(db_path))
     try:
         async with db.transaction() as conn:
-            assert await queries.get_or_set_meta(conn, "token_secret", legacy) == legacy
+            # As an older version stored it: a row in the meta table.
+            await conn.execute(
+                "INSERT INTO meta (key, value) VALUES ($1, $2)", "token_secret", legacy
+            )
     finally:
         await db.close()
     async with running_node(sqlite_path=str(db_path), secret_key="") as node:

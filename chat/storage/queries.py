@@ -70,18 +70,6 @@ async def insert_events(
     )
 
 
-async def events_after(
-    conn: Connection, workspace_id: int, after_seq: int, limit: int
-) -> list[Record]:
-    return await conn.fetch(
-        "SELECT seq, type, audience, payload FROM events WHERE workspace_id = $1 AND seq > $2"
-        " ORDER BY seq LIMIT $3",
-        workspace_id,
-        after_seq,
-        limit,
-    )
-
-
 async def prunable_workspaces(conn: Connection, keep_events: int) -> list[tuple[int, int]]:
     """(workspace id, highest seq that may be pruned) for the workspaces with more than
     ``keep_events`` events: the last ``keep_events`` of each are always kept."""
@@ -460,11 +448,6 @@ async def list_channels(
     return [_channel(r) for r in rows]
 
 
-async def user_channel_ids(conn: Connection, user_id: int) -> list[int]:
-    rows = await conn.fetch("SELECT channel_id FROM channel_members WHERE user_id = $1", user_id)
-    return [r["channel_id"] for r in rows]
-
-
 # --------------------------------------------------------------------------- messages
 
 _MESSAGE_COLS = (
@@ -640,10 +623,6 @@ async def insert_mentions(
     )
 
 
-async def clear_mentions(conn: Connection, message_id: int) -> None:
-    await conn.execute("DELETE FROM mentions WHERE message_id = $1", message_id)
-
-
 # --------------------------------------------------------------------------- reactions
 
 
@@ -726,38 +705,12 @@ async def unread_counts(conn: Connection, user_id: int) -> list[wire.ChannelCoun
     return [wire.ChannelCounts.model_validate(dict(r)) for r in rows]
 
 
-async def membership_snapshot(
-    conn: Connection, workspace_id: int, user_id: int
-) -> tuple[int, list[int]]:
-    """The workspace event position and the user's channels, read in one statement so both
-    come from the same snapshot: events after the position are exactly those not reflected."""
-    rows = await conn.fetch(
-        "SELECT w.last_event_seq, m.channel_id FROM workspaces w"
-        " LEFT JOIN channel_members m ON m.user_id = $2 WHERE w.id = $1",
-        workspace_id,
-        user_id,
-    )
-    if not rows:
-        return 0, []
-    return rows[0]["last_event_seq"], [r["channel_id"] for r in rows if r["channel_id"]]
-
-
 async def get_users_any(conn: Connection, ids: Sequence[int]) -> list[wire.User]:
     """Users by id across workspaces (administration only)."""
     rows = await conn.fetch(
         f"SELECT {_USER_COLS} FROM users WHERE id = ANY($1::bigint[]) ORDER BY id", list(ids)
     )
     return [_user(r) for r in rows]
-
-
-async def get_or_set_meta(conn: Connection, key: str, candidate: str) -> str:
-    """The stored value of ``key``; stores ``candidate`` first if there is none (race-free:
-    concurrent first starts all read the one that won)."""
-    await conn.execute(
-        "INSERT INTO meta (key, value) VALUES ($1, $2) ON CONFLICT DO NOTHING", key, candidate
-    )
-    value: str = await conn.fetchval("SELECT value FROM meta WHERE key = $1", key)
-    return value
 
 
 async def events_between(
