@@ -183,7 +183,11 @@ class Journal:
     def submit(self, workspace_id: int, op: Op[T]) -> asyncio.Future[T]:
         if self._closed:
             # Draining: nothing new is accepted here; the client retries after reconnecting.
-            raise ChatError(ErrorCode.INTERNAL_ERROR, "this node is shutting down; retry")
+            raise ChatError(
+                ErrorCode.UNAVAILABLE,
+                "this node is shutting down; retry on another",
+                retry_after_ms=1000,
+            )
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._queues.setdefault(workspace_id, deque()).append(_Pending(op, future))
         if workspace_id not in self._writers:

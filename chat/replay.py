@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Protocol
 
 from chat.bus import Envelope
-from chat.storage import Database, Record, queries
+from chat.storage import Database, queries
 
 CHUNK = 512
 
@@ -41,17 +41,6 @@ class ReplayLog(Protocol):
         """The envelopes after_seq < seq <= up_to in order, contiguous, in chunks of at most
         ``chunk``. Raises :class:`ReplayLost` if a range vanished mid-read."""
         ...
-
-
-def envelope_from_row(workspace_id: int, row: Record) -> Envelope:
-    payload = row["payload"]
-    return Envelope.from_header(
-        workspace_id,
-        int(row["seq"]),
-        row["type"],
-        row["audience"],
-        payload.encode() if isinstance(payload, str) else payload,
-    )
 
 
 class DatabaseLog:
@@ -91,7 +80,7 @@ class DatabaseLog:
             rows = await queries.events_range(
                 conn, workspace_id, after_seq, up_to, up_to - after_seq
             )
-        envelopes = [envelope_from_row(workspace_id, r) for r in rows]
+        envelopes = [Envelope.from_record(workspace_id, r) for r in rows]
         if [e.seq for e in envelopes] != list(range(after_seq + 1, up_to + 1)):
             raise ReplayLost(f"workspace {workspace_id}: events ({after_seq}, {up_to}]")
         return envelopes

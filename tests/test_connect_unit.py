@@ -222,7 +222,7 @@ def test_events_during_replay_follow_the_replay_in_order() -> None:
 # --------------------------------------------------------------------------- revocation
 
 
-def test_revoked_before_the_snapshot_is_refused_by_the_snapshot() -> None:
+def test_defect_02_revoked_before_the_snapshot_is_refused_by_the_snapshot() -> None:
     h = Harness()
     effect = run(h, auth(), Snapshot(5, frozenset({X}), "member", ErrorCode.TOKEN_REVOKED))
     assert isinstance(effect, Close)
@@ -235,7 +235,7 @@ def test_revoked_before_the_snapshot_is_refused_by_the_snapshot() -> None:
 
 
 @pytest.mark.parametrize("step", ["snapshot", "window", "scan", "stream"])
-def test_revocation_at_each_step_never_goes_live(step: str) -> None:
+def test_defect_02_revocation_at_each_step_never_goes_live(step: str) -> None:
     """Defect 2: a revocation that commits while the session connects (delivered by the
     hub at any step after the attach, at a seq before or after the snapshot) closes it."""
     h = Harness()
@@ -378,7 +378,7 @@ def test_resume_at_the_snapshot_needs_no_replay() -> None:
         (ChatError(ErrorCode.INVALID_AUTH), CloseCode.POLICY_VIOLATION, "invalid_auth"),
     ],
 )
-def test_a_failure_at_each_step_answers_the_auth_and_closes(
+def test_defect_03_a_failure_at_each_step_answers_the_auth_and_closes(
     step: str, exc: Exception, code: CloseCode, reason: str | None, caplog: Any
 ) -> None:
     """Defect 3: every connect failure has a reply naming the auth and a close code, and a
@@ -409,7 +409,7 @@ def test_a_failure_at_each_step_answers_the_auth_and_closes(
     assert h.events() == []  # detached
 
 
-def test_log_lost_during_the_scan_answers_too_old_and_goes_live() -> None:
+def test_defect_20_log_lost_during_the_scan_answers_too_old_and_goes_live() -> None:
     """The log was pruned or trimmed after ``holds`` said yes: nothing was sent yet, so the
     answer is an honest too_old, never a replay with a gap."""
     h = Harness()
@@ -424,7 +424,7 @@ def test_log_lost_during_the_scan_answers_too_old_and_goes_live() -> None:
     assert (data["resumed"], data["resume_error"]) == (False, "too_old")
 
 
-def test_log_lost_during_the_stream_closes_for_a_new_resume() -> None:
+def test_defect_20_log_lost_during_the_stream_closes_for_a_new_resume() -> None:
     h = Harness()
     h.carry(h.connect.start(auth(resume_seq=2)))
     h.carry(h.connect.identified(identity()))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -153,6 +153,18 @@ class Envelope:
         cls, workspace_id: int, seq: int | None, type: str, header: str, payload: bytes
     ) -> Envelope:
         return cls(workspace_id, seq, type, payload, Audience.from_header(header))
+
+    @classmethod
+    def from_record(cls, workspace_id: int, row: Mapping[str, Any]) -> Envelope:
+        """An envelope from a row of the event log (seq, type, audience, payload)."""
+        payload = row["payload"]
+        return cls.from_header(
+            workspace_id,
+            int(row["seq"]),
+            row["type"],
+            row["audience"],
+            payload.encode() if isinstance(payload, str) else payload,
+        )
 
 
 Subscriber = Callable[[Sequence[Envelope]], None]

@@ -22,7 +22,7 @@ from collections import Counter, defaultdict
 from collections.abc import Sequence
 
 from chat.bus.base import Envelope, Subscriber
-from chat.storage import Database, Record, queries
+from chat.storage import Database, queries
 from chat.storage.changes import ChangeWatcher
 
 log = logging.getLogger(__name__)
@@ -151,7 +151,7 @@ class LocalBus:
                 log.warning("event log gap", extra={"workspace_id": workspace_id})
                 position = fill_to
                 break
-            chunk = [_envelope(workspace_id, r) for r in rows]
+            chunk = [Envelope.from_record(workspace_id, r) for r in rows]
             position = chunk[-1].seq or position
             self._positions[workspace_id] = position
             self._fan_out(workspace_id, chunk)
@@ -168,14 +168,3 @@ class LocalBus:
             except Exception:
                 # One broken subscriber must not keep the event from the others.
                 log.exception("subscriber failed")
-
-
-def _envelope(workspace_id: int, row: Record) -> Envelope:
-    payload = row["payload"]
-    return Envelope.from_header(
-        workspace_id,
-        int(row["seq"]),
-        row["type"],
-        row["audience"],
-        payload.encode() if isinstance(payload, str) else payload,
-    )

@@ -42,7 +42,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from chat.bus.base import Envelope, Subscriber, raise_if_cancelling
-from chat.replay import CHUNK, DatabaseLog, envelope_from_row
+from chat.replay import CHUNK, DatabaseLog
 from chat.storage import Database, queries
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 # The stream reader blocks this long per XREAD; its socket times out well after that, so a
 # read that hangs (Redis stopped, a half-open connection) fails and is retried.
 READ_BLOCK_MS = 100
+_CLOSE_TIMEOUT_S = 2.0
 READER_SOCKET_TIMEOUT_S = 5.0
 
 # KEYS[1]: stream. ARGV[1]: the top the batch needs (below it: refuse, say the top).
@@ -126,6 +127,7 @@ class RedisBus:
         self._pubsub: Any = None
         self._db_log = DatabaseLog(db, window_s, max_events)
         self._healthy = False
+        self._closing = False
 
     @property
     def healthy(self) -> bool:
@@ -148,14 +150,28 @@ class RedisBus:
         ]
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        """Stop the reader, live and sweeper tasks, then the clients; bounded in time.
+
+        The loops see ``_closing`` and end after their current command (a blocked XREAD
+        returns within ``READ_BLOCK_MS``). Cancelling is the fallback, not the way: a
+        cancellation that lands inside redis-py's read while its socket timeout fires can
+        come out as a TimeoutError that its own retry swallows, and the task then reads on."""
+        self._closing = True
+        tasks = [t for t in self._tasks if not t.done()]
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=READ_BLOCK_MS / 1000 + 1.0)
+            for task in pending:
+                task.cancel()
+            if pending:
+                _, stuck = await asyncio.wait(pending, timeout=_CLOSE_TIMEOUT_S)
+                for task in stuck:
+                    log.error("redis bus task did not stop", extra={"task": task.get_name()})
         with contextlib.suppress(Exception):
             if self._pubsub is not None:
-                await self._pubsub.aclose()
-        await self._redis.aclose()
-        await self._reader_redis.aclose()
+                await asyncio.wait_for(self._pubsub.aclose(), _CLOSE_TIMEOUT_S)
+        for client in (self._redis, self._reader_redis):
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(client.aclose(), _CLOSE_TIMEOUT_S)
 
     # ------------------------------------------------------------------ publishing
 
@@ -189,7 +205,7 @@ class RedisBus:
         start = max(int(top), first - 1 - self._max_events)
         async with self._db.connection() as conn:
             rows = await queries.events_between(conn, workspace_id, start, first - 1)
-        missing = [envelope_from_row(workspace_id, r) for r in rows]
+        missing = [Envelope.from_record(workspace_id, r) for r in rows]
         args = [min(int(top), start)]
         for env in [*missing, *batch]:
             args += [env.seq, env.type, env.audience.header(), env.payload, now]
@@ -235,7 +251,7 @@ class RedisBus:
 
     async def _read_streams(self) -> None:
         backoff = 0.1
-        while True:
+        while not self._closing:
             if not self._positions:
                 await asyncio.sleep(0.05)
                 continue
@@ -271,7 +287,7 @@ class RedisBus:
                 # The stream lost entries (Redis restarted): the event log has them.
                 async with self._db.connection() as conn:
                     rows = await queries.events_between(conn, workspace_id, position, seq - 1)
-                batch += [envelope_from_row(workspace_id, r) for r in rows]
+                batch += [Envelope.from_record(workspace_id, r) for r in rows]
             batch.append(_decode(workspace_id, entry_id, fields))
             position = seq
         if workspace_id not in self._positions:
@@ -285,7 +301,7 @@ class RedisBus:
                     log.exception("subscriber failed")
 
     async def _read_live(self) -> None:
-        while True:
+        while not self._closing:
             if not self._positions:
                 await asyncio.sleep(0.05)
                 continue
@@ -312,7 +328,7 @@ class RedisBus:
         and one Redis round trip per sweep, however many workspaces the node serves."""
         behind: dict[int, int] = {}
         rounds = 0
-        while True:
+        while not self._closing:
             await asyncio.sleep(self._sweep_interval)
             rounds += 1
             workspaces = list(self._positions)
@@ -352,7 +368,7 @@ class RedisBus:
                     rows = await queries.events_between(conn, workspace_id, start, db_top)
                 if rows:
                     log.info("stream repaired", extra={"workspace_id": workspace_id, "from": start})
-                    envelopes = [envelope_from_row(workspace_id, r) for r in rows]
+                    envelopes = [Envelope.from_record(workspace_id, r) for r in rows]
                     await self.append(workspace_id, envelopes)
 
     async def _trim(self, workspace_id: int) -> None:
