@@ -38,7 +38,9 @@ from chat.protocol import ClientProtocol, Close, Send, State
 from chat.replay import ReplayLost
 from chat.storage import StorageError
 
-REPLAY_CHUNK = 512
+# The first pass keeps what it read, up to this many payload bytes, so that a short resume
+# (the common one) reads its range once; a longer one is read again, never held whole.
+REPLAY_CACHE_BYTES = 1 << 20
 
 
 # --------------------------------------------------------------------------- what the driver does
@@ -90,8 +92,8 @@ class ScanReplay:
 @dataclass(frozen=True, slots=True)
 class StreamReplay:
     """Read the range again, in chunks; write :meth:`Connect.visible` of each with flow
-    control; then :meth:`Connect.streamed`. ``cached`` chunks were kept by the scan: no
-    second read."""
+    control; then :meth:`Connect.streamed`. When ``cached`` is not empty it is the whole
+    range, kept by the scan: no second read."""
 
     workspace_id: int
     after_seq: int
@@ -136,7 +138,27 @@ class Step(Enum):
 
 class Connect:
     """One connect attempt. Methods are called in the order of the diagram; each returns the
-    effects to carry out, in order, ending with the next action, ``Live`` or a ``Close``."""
+    effects to carry out, in order, ending with the next action, ``Live`` or a ``Close``.
+    Once live it keeps only what :meth:`close` needs: the driver holds it for the whole
+    connection, and the request (with its token), the identity and the snapshot are freed."""
+
+    __slots__ = (
+        "_cache",
+        "_cached_bytes",
+        "_hub",
+        "_protocol",
+        "_recipient",
+        "_replay",
+        "_resume",
+        "_snapshot",
+        "_workspace_id",
+        "attached",
+        "identity",
+        "live",
+        "replayed",
+        "request",
+        "step",
+    )
 
     def __init__(self, protocol: ClientProtocol, hub: Hub, recipient: Recipient) -> None:
         self._protocol = protocol
@@ -147,11 +169,12 @@ class Connect:
         self.identity: Identity | None = None
         self.attached = False
         self.live = False
+        self._workspace_id = 0
         self._snapshot: Snapshot | None = None
         self._resume: wire.Resume | None = None
         self._replay: BacklogFilter | None = None
-        self._first_chunk: Sequence[Envelope] | None = None
-        self._chunks = 0
+        self._cache: list[Sequence[Envelope]] | None = []
+        self._cached_bytes = 0
         self.replayed = 0
 
     # ------------------------------------------------------------------ steps
@@ -174,7 +197,8 @@ class Connect:
         seen by the hub for this recipient."""
         self._expect(Step.SUBSCRIBING)
         identity = self._identity()
-        self._hub.attach(identity.user.workspace_id, self._recipient)
+        self._workspace_id = identity.user.workspace_id
+        self._hub.attach(self._workspace_id, self._recipient)
         self.attached = True
         self.step = Step.SNAPSHOT
         return [TakeSnapshot(identity.user.workspace_id, identity.user.id, identity.session_id)]
@@ -215,8 +239,12 @@ class Connect:
         self._expect(Step.SCANNING)
         assert self._replay is not None
         self._replay.scan(chunk)
-        self._chunks += 1
-        self._first_chunk = chunk if self._chunks == 1 else None
+        if self._cache is not None:
+            self._cached_bytes += sum(len(env.payload) for env in chunk)
+            if self._cached_bytes <= REPLAY_CACHE_BYTES:
+                self._cache.append(chunk)
+            else:
+                self._cache = None
 
     def scanned(self) -> list[Effect]:
         self._expect(Step.SCANNING)
@@ -227,8 +255,8 @@ class Connect:
         self._replay.start()
         reply = self._reply(None, final=False)
         self.step = Step.STREAMING
-        cached = (self._first_chunk,) if self._first_chunk is not None else ()
-        self._first_chunk = None
+        cached = tuple(self._cache or ())
+        self._cache = None
         workspace_id = self._identity().user.workspace_id
         return [*reply, StreamReplay(workspace_id, resume.seq, snapshot.as_of, cached)]
 
@@ -287,8 +315,8 @@ class Connect:
     def close(self) -> bool:
         """The connection ended (at any step): leave the hub if attached. True if the session
         had gone live, so the driver undoes its presence; a failed connect never does."""
-        if self.attached and self.identity is not None:
-            self._hub.detach(self.identity.user.workspace_id, self._recipient)
+        if self.attached:
+            self._hub.detach(self._workspace_id, self._recipient)
             self.attached = False
         was_live, self.live = self.live, False
         self.step = Step.CLOSED
@@ -340,6 +368,8 @@ class Connect:
             return self._refuse(ErrorCode.TOKEN_REVOKED, replied=True)
         self.step = Step.LIVE
         self.live = True
+        # Held for the connection's lifetime from here on: keep only the workspace id.
+        self.request = self.identity = self._snapshot = self._resume = self._replay = None
         return [Live(user.workspace_id, user.id)]
 
     def _refuse(self, code: ErrorCode, *, replied: bool = False) -> list[Effect]:
