@@ -20,13 +20,13 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 
-from bench.fanout import REPO, BenchError, cpu_seconds, process_tree
+from bench.fanout import REPO, BenchError, cpu_seconds, on_cpu, process_tree
 from tests.cluster import ChatNodeProcess, TempRedis
 from tests.pg import TempPostgres
 
@@ -44,20 +44,6 @@ NODE_ENV = {
 def cpu_arg(text: str) -> int | None:
     """A CPU number from the command line; "", "none" or "-" for no pinning."""
     return None if text in ("", "none", "-") else int(text)
-
-
-@contextlib.contextmanager
-def on_cpu(cpu: int | None) -> Iterator[None]:
-    """Processes started inside the block run on ``cpu`` (None: no change)."""
-    if cpu is None:
-        yield
-        return
-    before = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, {cpu})
-    try:
-        yield
-    finally:
-        os.sched_setaffinity(0, before)
 
 
 def source_state() -> dict[str, Any]:

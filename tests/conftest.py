@@ -74,6 +74,7 @@ async def fresh_pg_dsn(postgres_server: PostgresFixture) -> AsyncIterator[str]:
 # `node` (function, async): a real chat node (websockets server on a free loopback port)
 #   over a fresh database of that store, with a seeded workspace. See tests/harness.py.
 
+from chat.storage import Database, open_database  # noqa: E402
 from tests.harness import RunningNode, running_node  # noqa: E402
 
 
@@ -97,6 +98,26 @@ async def node(
         path = tmp_path_factory.mktemp("sqlite") / "chat.sqlite3"
         async with running_node(sqlite_path=str(path)) as n:
             yield n
+
+
+# `db` (function, async, parametrized by `store`): an open, migrated Database over a fresh
+#   store (a new PostgreSQL database, or a new SQLite file), closed and dropped afterwards.
+@pytest_asyncio.fixture(loop_scope="session")
+async def db(
+    store: str, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Database]:
+    if store == "postgres":
+        pg: PostgresFixture = request.getfixturevalue("postgres_server")
+        name = unique_database_name("db")
+        database = await open_database(await pg.create_database(name), "")
+        yield database
+        await database.close()
+        await pg.drop_database(name)
+    else:
+        path = tmp_path_factory.mktemp("db") / "db.sqlite3"
+        database = await open_database("", str(path))
+        yield database
+        await database.close()
 
 
 # =========================================================================== cluster

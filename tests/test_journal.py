@@ -5,41 +5,21 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 
 import asyncpg
 import pytest
-import pytest_asyncio
 
 from chat import wire
 from chat.bus import Audience, Envelope, LocalBus
 from chat.errors import ChatError, ErrorCode
 from chat.journal import Journal, Tx
-from chat.storage import Database, StorageError, open_database, queries
+from chat.storage import Database, StorageError, queries
 from chat.storage.base import OutcomeUnknown, TransactionConflict, Unavailable, UniqueViolation
 from chat.storage.postgres import classify, commit_failure
 from chat.storage.sqlite import translate
-from tests.conftest import PostgresFixture
 from tests.pg import unique_database_name
 from tests.timing import scaled
-
-
-@pytest_asyncio.fixture(loop_scope="session")
-async def db(
-    store: str, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> AsyncIterator[Database]:
-    if store == "postgres":
-        pg: PostgresFixture = request.getfixturevalue("postgres_server")
-        name = unique_database_name("journal")
-        database = await open_database(await pg.create_database(name), "")
-        yield database
-        await database.close()
-        await pg.drop_database(name)
-    else:
-        path = tmp_path_factory.mktemp("journal") / "j.sqlite3"
-        database = await open_database("", str(path))
-        yield database
-        await database.close()
 
 
 class Recorder:

@@ -4,39 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 
 import pydantic
 import pytest
-import pytest_asyncio
 
 from chat.config import Settings
 from chat.retention import PruneCounts, Pruner
-from chat.storage import Database, open_database, queries
-from tests.conftest import PostgresFixture
+from chat.storage import Database, queries
 from tests.pg import unique_database_name
 from tests.timing import scaled
 
 NOW = 1_800_000_000_000
 HOUR = 3_600_000
-
-
-@pytest_asyncio.fixture(loop_scope="session")
-async def db(
-    store: str, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> AsyncIterator[Database]:
-    if store == "postgres":
-        pg: PostgresFixture = request.getfixturevalue("postgres_server")
-        name = unique_database_name("retention")
-        database = await open_database(await pg.create_database(name), "")
-        yield database
-        await database.close()
-        await pg.drop_database(name)
-    else:
-        path = tmp_path_factory.mktemp("retention") / "r.sqlite3"
-        database = await open_database("", str(path))
-        yield database
-        await database.close()
 
 
 def _settings(**overrides: float) -> Settings:
