@@ -7,7 +7,7 @@ outcome back; the sequence answers with what to send and what to do next::
 
     start ─> Identify ─identified─> Subscribe ─subscribed─> (attach to the hub) TakeSnapshot
       ─snapshot_taken─> reply ─> [CheckWindow ─window_checked─> ScanReplay ─scanned─>
-      StreamReplay ─streamed─> resumed] ─> (hub.ready: buffered events) ─> Live
+      StreamReplay ─streamed─> resumed] ─> Ready ─ready─> (hub: buffered events) ─> Live
 
 Anything can happen between two steps, and each case has one answer:
 
@@ -102,6 +102,13 @@ class StreamReplay:
 
 
 @dataclass(frozen=True, slots=True)
+class Ready:
+    """The reply (and any replay) has been written: call :meth:`Connect.ready`, which hands
+    the recipient what the hub buffered since the attach. A step of its own so that the
+    buffered events leave after the frames before them, never ahead."""
+
+
+@dataclass(frozen=True, slots=True)
 class Live:
     """The session is live: count it for presence."""
 
@@ -109,7 +116,7 @@ class Live:
     user_id: int
 
 
-Action = Identify | Subscribe | TakeSnapshot | CheckWindow | ScanReplay | StreamReplay
+Action = Identify | Subscribe | TakeSnapshot | CheckWindow | ScanReplay | StreamReplay | Ready
 Effect = Send | Close | Action | Live
 
 
@@ -132,6 +139,7 @@ class Step(Enum):
     WINDOW = auto()
     SCANNING = auto()
     STREAMING = auto()
+    READY = auto()
     LIVE = auto()
     CLOSED = auto()
 
@@ -273,7 +281,8 @@ class Connect:
         snapshot = self._snapshot
         assert snapshot is not None
         marker = wire.Resumed(seq=snapshot.as_of, replayed=self.replayed)
-        return [Send(wire.dump(marker)), *self._ready()]
+        self.step = Step.READY
+        return [Send(wire.dump(marker)), Ready()]
 
     def failed(self, exc: BaseException) -> list[Effect]:
         """A step's I/O raised: a refusal (ChatError) or a failure. Every failure gets an
@@ -346,10 +355,13 @@ class Connect:
         if resumed:
             marker = wire.Resumed(seq=snapshot.as_of, replayed=0)
             effects.append(Send(wire.dump(marker)))
-        return effects + self._ready()
+        self.step = Step.READY
+        return [*effects, Ready()]
 
-    def _ready(self) -> list[Effect]:
-        """Apply the snapshot in the hub and flush what it buffered since the attach."""
+    def ready(self) -> list[Effect]:
+        """Apply the snapshot in the hub and flush what it buffered since the attach (the
+        driver has written everything before): ``Live``, or a ``Close``."""
+        self._expect(Step.READY)
         if self._recipient.revoked:
             return self._refuse(ErrorCode.TOKEN_REVOKED)
         identity, snapshot = self._identity(), self._snapshot

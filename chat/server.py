@@ -41,6 +41,7 @@ from chat.connect import (
     Effect,
     Identify,
     Live,
+    Ready,
     ScanReplay,
     Snapshot,
     StreamReplay,
@@ -87,6 +88,7 @@ class Peer(FrameWriter):
         "_soft",
         "closer",
         "closing",
+        "live",
         "requests",
         "revoked",
         "role",
@@ -107,6 +109,7 @@ class Peer(FrameWriter):
         self.session_id = ""
         self.role = "guest"
         self.closing = False
+        self.live = False  # set once the connect sequence went live
         self.revoked = False
         self.closer: asyncio.Task[object] | None = None
         self.requests = Slots(node.settings.max_inflight_requests)
@@ -138,11 +141,13 @@ class Peer(FrameWriter):
 
     def revoke(self) -> None:
         """No more events, no new requests; close once the requests already in flight have
-        their replies (the revocation may be one of them)."""
+        their replies (the revocation may be one of them). While connecting, the connect
+        sequence sees ``revoked`` at its next step and answers the ``auth`` itself."""
         if self.revoked:
             return
         self.revoked = True
-        self.close_when_idle(CloseCode.POLICY_VIOLATION, ErrorCode.TOKEN_REVOKED.value)
+        if self.live:
+            self.close_when_idle(CloseCode.POLICY_VIOLATION, ErrorCode.TOKEN_REVOKED.value)
 
     def close_when_idle(self, code: CloseCode, reason: str) -> None:
         if not self.requests.busy:
@@ -583,6 +588,7 @@ class Node:
                     self._apply(peer, effect)
                     return False
                 elif isinstance(effect, Live):
+                    peer.live = True
                     await self.services.presence.connected(effect.workspace_id, effect.user_id)
                     return True
                 else:
@@ -630,6 +636,8 @@ class Node:
             if not await self._stream(peer, sequence, chunks):
                 return [Close(CloseCode.SLOW_CONSUMER, "slow_consumer")]
             return sequence.streamed()
+        if isinstance(action, Ready):
+            return sequence.ready()
         raise AssertionError(f"no action to perform: {action!r}")
 
     def _read(
@@ -658,6 +666,8 @@ class Node:
                     yield chunk
 
         async for chunk in each():
+            if peer.revoked:
+                break  # the sequence refuses at its next step; no more of the replay
             payloads = sequence.visible(chunk)
             if payloads:
                 peer.reply(b"".join([text_frame(p) for p in payloads]))

@@ -268,3 +268,89 @@ async def test_defect_24_websocket_pings_count_as_liveness(tmp_path: Any) -> Non
         finally:
             await quiet.close()
             await pinging.close()
+
+
+# --------------------------------------------------------------------------- interleavings
+
+
+class DuringWindowCheck:
+    """The node's real replay log, with something committed (by another client, through the
+    real journal and store) while the connect sequence asks it about the window: that is,
+    after the snapshot was read and before the replay and ``ready``."""
+
+    def __init__(self, log: Any, action: Any) -> None:
+        self._log = log
+        self._action = action
+
+    async def holds(self, workspace_id: int, after_seq: int, up_to: int) -> bool:
+        await self._action()
+        return bool(await self._log.holds(workspace_id, after_seq, up_to))
+
+    def read(
+        self, workspace_id: int, after_seq: int, up_to: int, *, chunk: int = 512
+    ) -> AsyncIterator[Sequence[Envelope]]:
+        return self._log.read(workspace_id, after_seq, up_to, chunk=chunk)
+
+
+async def _resume_frame(node: RunningNode, mia: Client) -> dict[str, Any]:
+    return {"session_id": mia.session["session_id"], "seq": mia.session["seq"]}
+
+
+async def test_defect_02_revocation_committed_mid_connect_closes_the_new_connection(
+    node: RunningNode,
+) -> None:
+    async with node.clients("mia", "olivia") as (mia, olivia):
+        resume = await _resume_frame(node, mia)
+        await mia.request("messages.post", channel_id=node.private, client_msg_id="a", text="a")
+
+        async def revoke() -> None:
+            await olivia.request("sessions.revoke", user_id=node.users["mia"])
+
+        node.node.replay = DuringWindowCheck(node.node.replay, revoke)
+        client = await Client.open(node.url)
+        try:
+            frame = await client.request_frame("auth", token=node.tokens["mia"], resume=resume)
+            # Revoked before the reply: the auth is answered token_revoked, then the close.
+            assert (frame["type"], frame["code"]) == ("error", "token_revoked")
+            assert await wait_closed(client) == (1008, "token_revoked")
+        finally:
+            await client.close()
+        # And nothing private reached it after the revocation.
+        await olivia.request("messages.post", channel_id=node.private, client_msg_id="b", text="b")
+        assert not [
+            e for e in client.drain_events() if e.get("message", {}).get("client_msg_id") == "b"
+        ]
+
+
+async def test_membership_change_committed_mid_connect_applies_from_its_event(
+    node: RunningNode,
+) -> None:
+    """Mia is removed from the private channel while her second connection resumes: that
+    connection replays what she missed, gets the removal, and nothing from the channel
+    after it."""
+    async with node.clients("mia", "olivia") as (mia, olivia):
+        resume = await _resume_frame(node, mia)
+        await olivia.request("messages.post", channel_id=node.private, client_msg_id="m1", text="1")
+
+        async def remove() -> None:
+            await olivia.request(
+                "channels.remove", channel_id=node.private, user_id=node.users["mia"]
+            )
+
+        node.node.replay = DuringWindowCheck(node.node.replay, remove)
+        client = await Client.open(node.url)
+        try:
+            frame = await client.request_frame("auth", token=node.tokens["mia"], resume=resume)
+            assert frame["type"] == "reply" and frame["data"]["resumed"] is True
+            await olivia.request(
+                "messages.post", channel_id=node.private, client_msg_id="m2", text="2"
+            )
+            await client.request("ping")  # everything before this reply has arrived
+            events = client.drain_events()
+        finally:
+            await client.close()
+    kinds = [(e["type"], e.get("message", {}).get("client_msg_id")) for e in events]
+    # The replay (m1: she was a member then), the marker, then her own removal (it committed
+    # after the snapshot), once; nothing from the channel after it.
+    assert [k for k, _ in kinds] == ["message.posted", "resumed", "channel.member_left"], kinds
+    assert kinds[0] == ("message.posted", "m1")

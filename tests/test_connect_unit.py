@@ -23,6 +23,7 @@ from chat.connect import (
     Effect,
     Identify,
     Live,
+    Ready,
     ScanReplay,
     Snapshot,
     Step,
@@ -44,17 +45,20 @@ SESSION = "s_alice"
 
 
 class Recipient:
-    """What the hub hands a session: frames in order; revocations."""
+    """What the hub hands a session: frames in order (also onto ``wire``, the one stream the
+    client reads, which the sequence's own sends join); revocations."""
 
-    def __init__(self, user_id: int = ALICE, session_id: str = SESSION) -> None:
+    def __init__(self, wire: list[bytes], user_id: int = ALICE, session_id: str = SESSION) -> None:
         self.user_id = user_id
         self.session_id = session_id
         self.role = "member"
         self.revoked = False
         self.frames: list[bytes] = []
+        self._wire = wire
 
     def send(self, frame: bytes, droppable: bool) -> None:
         self.frames.append(frame)
+        self._wire.append(frame)
 
     def revoke(self) -> None:
         self.revoked = True
@@ -89,7 +93,8 @@ class Harness:
 
     def __init__(self) -> None:
         self.hub = Hub()
-        self.recipient = Recipient()
+        self.wire: list[bytes] = []  # everything the client reads, in order
+        self.recipient = Recipient(self.wire)
         self.protocol = ClientProtocol(now=0.0)
         self.connect = Connect(self.protocol, self.hub, self.recipient)
         self.sent: list[bytes] = []
@@ -102,10 +107,19 @@ class Harness:
         for effect in effects[:-1]:
             assert isinstance(effect, Send), effects
             self.sent.append(effect.frame)
+            self.wire.append(effect.frame)
         last = effects[-1]
         if isinstance(last, Close) and last.frame is not None:
             self.sent.append(last.frame)
+            self.wire.append(last.frame)
         return last
+
+    def on_the_wire(self) -> list[str]:
+        """The client's view, in order: frame types for JSON frames, names for events."""
+        return [
+            json.loads(frame)["type"] if frame.startswith(b"{") else frame.decode()
+            for frame in self.wire
+        ]
 
     def received(self) -> list[str]:
         """Everything the client got, in order: replies/markers by kind, events by name."""
@@ -156,9 +170,14 @@ def run(
         elif isinstance(effect, StreamReplay):
             chunks = effect.cached or log
             for chunk in chunks:
-                h.sent += h.connect.visible(chunk)
+                payloads = h.connect.visible(chunk)
+                h.sent += payloads
+                h.wire += payloads
             before("stream")
             effect = h.carry(h.connect.streamed())
+        elif isinstance(effect, Ready):
+            before("ready")
+            effect = h.carry(h.connect.ready())
         else:
             return effect
 
@@ -413,13 +432,13 @@ def test_defect_20_log_lost_during_the_scan_answers_too_old_and_goes_live() -> N
     """The log was pruned or trimmed after ``holds`` said yes: nothing was sent yet, so the
     answer is an honest too_old, never a replay with a gap."""
     h = Harness()
-    effect = h.carry(h.connect.start(auth(resume_seq=2)))
+    h.carry(h.connect.start(auth(resume_seq=2)))
     h.carry(h.connect.identified(identity()))
     h.carry(h.connect.subscribed())
     h.carry(h.connect.snapshot_taken(Snapshot(5, frozenset({X}), "member")))
     h.carry(h.connect.window_checked(True))
-    effect = h.carry(h.connect.failed(ReplayLost("gone")))
-    assert effect == Live(W, ALICE)
+    assert isinstance(h.carry(h.connect.failed(ReplayLost("gone"))), Ready)
+    assert h.carry(h.connect.ready()) == Live(W, ALICE)
     data = json.loads(h.sent[0])["data"]
     assert (data["resumed"], data["resume_error"]) == (False, "too_old")
 
@@ -437,3 +456,21 @@ def test_defect_20_log_lost_during_the_stream_closes_for_a_new_resume() -> None:
     effect = h.carry(h.connect.failed(ReplayLost("gone")))
     assert effect == Close(CloseCode.SLOW_CONSUMER, "replay_lost")
     assert h.connect.close() is False
+
+
+@pytest.mark.parametrize(
+    ("resume", "step"),
+    [(True, step) for step in ("snapshot", "window", "scan", "stream", "ready")]
+    + [(False, "snapshot"), (False, "ready")],
+)
+def test_buffered_events_leave_after_the_reply_and_the_replay(resume: bool, step: str) -> None:
+    """On the wire the client reads the auth reply, then the replay, then ``resumed``, then
+    what committed meanwhile: never a buffered event ahead of the frames before it."""
+    h = Harness()
+    log = [[event(3, "m3", channel_id=X)]]
+    request = auth(resume_seq=2) if resume else auth()
+    commit = {step: lambda: h.deliver(event(4, "after", channel_id=X))}
+    effect = run(h, request, Snapshot(3, frozenset({X}), "member"), log=log, at=commit)
+    assert effect == Live(W, ALICE)
+    expected = ["reply", "m3", "resumed", "after"] if resume else ["reply", "after"]
+    assert h.on_the_wire() == expected
