@@ -22,6 +22,18 @@
  * Server pings are answered with masked pongs; a server close is answered and the connection is
  * counted as closed. The process always exits by itself after --max-seconds.
  *
+ * Storm mode (--storm, for bench/storm.py): every connection counts once, nothing is fatal.
+ * A connection that is not ready within --conn-timeout-ms of its first connect() is abandoned
+ * (socket closed) and counted as a timeout; an upgrade refused (non-101 status), a pre-ready
+ * frame containing --fail-match, a server close before ready and a socket error are counted
+ * by kind (close codes and HTTP statuses by value) instead of aborting the run. A failed
+ * connection is retried only while it has attempts left (--attempts, default 3; storm.py
+ * passes 1: no retries). When every connection is ready or failed, prints "STORM {json}"
+ * (time from the first connect() until the last ready, time-to-ready and time-to-101
+ * percentiles per connection, failures by kind); ready connections then stay open (pings
+ * answered; --heartbeat-ms on ready connections) until QUIT on stdin. --batch 0 means no
+ * limit on connections in flight (all connect() calls are issued at once).
+ *
  * Build: gcc -O2 -o bench/.build/wsblast bench/wsblast.c
  */
 #define _GNU_SOURCE
@@ -45,11 +57,15 @@
 
 #define STDIN_TAG UINT64_MAX
 #define MAX_FRAME (16u << 20)
-#define MAX_ATTEMPTS 3
+#define MAX_ATTEMPTS 3 /* default of --attempts */
 #define READ_CHUNK 16384
 #define MAX_SAMPLES (20u << 20)
 
 enum cstate { C_IDLE, C_CONNECTING, C_HANDSHAKE, C_OPEN, C_CLOSED };
+/* --storm: why a connection that never became ready failed */
+enum fkind { F_CONN_ERROR, F_TIMEOUT, F_REFUSED, F_ERROR_FRAME, F_SERVER_CLOSE, F_NKINDS };
+static const char *fkind_name[F_NKINDS] = {"conn_errors", "timeouts", "refused", "error_frames",
+                                           "server_closed"};
 
 typedef struct {
     unsigned char *p;
@@ -63,13 +79,18 @@ typedef struct {
     size_t woff, need;
     int msg_op;
     long long count; /* counted frames in the current phase */
+    int64_t start_ns, hs_ns, ready_ns; /* --storm: first connect(), 101 received, ready */
+    int fail_kind;                     /* --storm: enum fkind of the pending conn_fail */
 } conn_t;
 
 static struct {
     const char *host, *path, *auth_file, *ready_match, *fail_match, *count_match, *hb_text;
     int port, conns, batch, ready_frames, lat_every;
     long long connect_timeout_ms, heartbeat_ms, max_seconds, expect_per_conn, phase_timeout_ms;
-} opt = {"127.0.0.1", "/", NULL, "", "", "", "", 0, 1000, 200, 0, 1, 120000, 0, 900, -1, 60000};
+    int storm, attempts;
+    long long conn_timeout_ms;
+} opt = {"127.0.0.1", "/", NULL, "", "", "", "", 0, 1000, 200, 0, 1, 120000, 0, 900, -1, 60000,
+         0, MAX_ATTEMPTS, 10000};
 
 static conn_t *conns;
 static char **auth_lines;
@@ -78,6 +99,12 @@ static int *todo, todo_len; /* connections waiting for (re)connect */
 static int inflight, nready, nclosed, retries;
 static struct sockaddr_in addr;
 static uint64_t rng_state;
+
+/* --storm bookkeeping */
+#define MAX_CODE 5000
+static int nfailed, max_inflight;
+static int fails[F_NKINDS];
+static int close_codes[MAX_CODE], http_status[600];
 
 static struct {
     int armed, num;
@@ -218,7 +245,9 @@ static void start_connect(conn_t *c) {
     setsockopt(c->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
     c->rd.len = c->wr.len = c->msg.len = c->woff = c->need = 0;
     c->ready_seen = c->ready = 0;
+    if (c->attempts == 0) c->start_ns = now_ns();
     c->attempts++;
+    c->fail_kind = F_CONN_ERROR;
     c->st = C_CONNECTING;
     c->want_out = 1;
     struct epoll_event ev = {.events = EPOLLIN | EPOLLOUT, .data.u64 = c->idx};
@@ -226,6 +255,7 @@ static void start_connect(conn_t *c) {
     if (connect(c->fd, (struct sockaddr *)&addr, sizeof addr) < 0 && errno != EINPROGRESS)
         conn_fail(c, strerror(errno));
     inflight++;
+    if (inflight > max_inflight) max_inflight = inflight;
 }
 
 static void conn_fail(conn_t *c, const char *why) {
@@ -241,13 +271,26 @@ static void conn_fail(conn_t *c, const char *why) {
     }
     inflight--;
     c->st = C_IDLE;
-    if (c->attempts >= MAX_ATTEMPTS) die("connection %d failed %d times: %s", c->idx, c->attempts, why);
+    if (opt.storm && c->attempts >= opt.attempts) { /* counted, not fatal; never retried */
+        c->st = C_CLOSED;
+        nfailed++;
+        fails[c->fail_kind]++;
+        return;
+    }
+    if (c->attempts >= opt.attempts) die("connection %d failed %d times: %s", c->idx, c->attempts, why);
     retries++;
     todo[todo_len++] = c->idx;
 }
 
+/* conn_fail, recording why (the --storm report counts failures by kind). */
+static void conn_fail_kind(conn_t *c, int kind, const char *why) {
+    c->fail_kind = kind;
+    conn_fail(c, why);
+}
+
 static void set_ready(conn_t *c) {
     c->ready = 1;
+    c->ready_ns = now_ns();
     inflight--;
     nready++;
 }
@@ -296,6 +339,10 @@ static void record_latency(const unsigned char *p, size_t n, int64_t now) {
 
 static void on_message(conn_t *c, const unsigned char *p, size_t n, int64_t now) {
     if (!c->ready) {
+        if (opt.fail_match[0] && contains(p, n, opt.fail_match) && opt.storm) {
+            conn_fail_kind(c, F_ERROR_FRAME, "failure frame before ready");
+            return;
+        }
         if (opt.fail_match[0] && contains(p, n, opt.fail_match))
             die("connection %d got a failure frame before ready: %.*s", c->idx,
                 (int)(n > 400 ? 400 : n), (const char *)p);
@@ -326,6 +373,7 @@ static int on_frame(conn_t *c, int fin, int op, unsigned char *p, size_t n, int6
         if (c->msg_op) return conn_fail(c, "new message inside a fragmented one"), -1;
         if (fin) {
             on_message(c, p, n, now);
+            if (c->st != C_OPEN) return -1; /* --storm: failed on this frame */
         } else {
             c->msg_op = op;
             c->msg.len = 0;
@@ -338,9 +386,15 @@ static int on_frame(conn_t *c, int fin, int op, unsigned char *p, size_t n, int6
         if (fin) {
             c->msg_op = 0;
             on_message(c, c->msg.p, c->msg.len, now);
+            if (c->st != C_OPEN) return -1;
         }
         return 0;
     case 0x8: /* close: echo the status code, then drop the connection */
+        if (!c->ready && n >= 2) {
+            int code = p[0] << 8 | p[1];
+            if (code >= 0 && code < MAX_CODE) close_codes[code]++;
+        }
+        c->fail_kind = F_SERVER_CLOSE;
         send_frame(c, 0x8, p, n >= 2 ? 2 : 0);
         conn_fail(c, "server sent close");
         return -1;
@@ -398,6 +452,12 @@ static int parse_handshake(conn_t *c, int64_t now) {
         return 0;
     }
     size_t hl = (size_t)(end - c->rd.p) + 4;
+    if (opt.storm && (c->rd.len < 12 || memcmp(c->rd.p, "HTTP/1.1 101", 12) != 0)) {
+        int status = c->rd.len >= 12 ? atoi((const char *)c->rd.p + 9) : 0;
+        if (status >= 0 && status < 600) http_status[status]++;
+        conn_fail_kind(c, F_REFUSED, "upgrade refused");
+        return -1;
+    }
     if (c->rd.len < 12 || memcmp(c->rd.p, "HTTP/1.1 101", 12) != 0)
         die("connection %d: upgrade refused: %.*s", c->idx, (int)(hl > 300 ? 300 : hl),
             (const char *)c->rd.p);
@@ -407,6 +467,7 @@ static int parse_handshake(conn_t *c, int64_t now) {
     memmove(c->rd.p, c->rd.p + hl, c->rd.len - hl);
     c->rd.len -= hl;
     c->st = C_OPEN;
+    c->hs_ns = now;
     const char *line = auth_lines ? auth_lines[c->idx] : "";
     if (line[0] && send_frame(c, 0x1, line, strlen(line)) < 0) return -1;
     if (opt.ready_frames == 0) set_ready(c);
@@ -508,6 +569,67 @@ static void phase_report(int64_t now) {
     ph.armed = 0;
 }
 
+static double ms_pct(int64_t *v, size_t n, double q) { /* v sorted, ns -> ms */
+    if (!n) return 0;
+    size_t i = (size_t)(q * (double)n + 0.999999);
+    i = i ? i - 1 : 0;
+    if (i >= n) i = n - 1;
+    return (double)v[i] / 1e6;
+}
+
+/* --storm: abandon connections past --conn-timeout-ms (counted as timeouts). */
+static void storm_timeouts(int64_t now) {
+    for (int i = 0; i < opt.conns; i++) {
+        conn_t *c = &conns[i];
+        if (!c->ready && c->st != C_IDLE && c->st != C_CLOSED &&
+            now - c->start_ns > opt.conn_timeout_ms * 1000000LL) {
+            c->attempts = opt.attempts; /* out of time: no retry either */
+            conn_fail_kind(c, F_TIMEOUT, "timeout");
+        }
+    }
+}
+
+static void storm_report(int64_t start, int64_t now) {
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    int64_t *rd = xrealloc(NULL, sizeof(int64_t) * (size_t)opt.conns);
+    int64_t *hs = xrealloc(NULL, sizeof(int64_t) * (size_t)opt.conns);
+    size_t nrd = 0, nhs = 0;
+    int64_t last = 0, first = 0;
+    for (int i = 0; i < opt.conns; i++) {
+        conn_t *c = &conns[i];
+        if (c->ready) {
+            rd[nrd++] = c->ready_ns - c->start_ns;
+            if (c->ready_ns - start > last) last = c->ready_ns - start;
+            if (!first || c->ready_ns - start < first) first = c->ready_ns - start;
+        }
+        if (c->hs_ns) hs[nhs++] = c->hs_ns - c->start_ns;
+    }
+    qsort(rd, nrd, sizeof *rd, cmp_i64);
+    qsort(hs, nhs, sizeof *hs, cmp_i64);
+    printf("STORM {\"conns\":%d,\"ok\":%zu,\"failed\":%d,\"attempts\":%d,\"retries\":%d,"
+           "\"max_inflight\":%d,\"first_ready_ms\":%.1f,\"last_ready_ms\":%.1f,"
+           "\"settled_ms\":%.1f,\"ready_p50_ms\":%.1f,\"ready_p90_ms\":%.1f,"
+           "\"ready_p99_ms\":%.1f,\"ready_max_ms\":%.1f,\"upgraded\":%zu,"
+           "\"handshake_p50_ms\":%.1f,\"handshake_p99_ms\":%.1f,\"handshake_max_ms\":%.1f",
+           opt.conns, nrd, nfailed, opt.attempts, retries, max_inflight, (double)first / 1e6,
+           (double)last / 1e6, (double)(now - start) / 1e6, ms_pct(rd, nrd, 0.5),
+           ms_pct(rd, nrd, 0.9), ms_pct(rd, nrd, 0.99), ms_pct(rd, nrd, 1.0), nhs,
+           ms_pct(hs, nhs, 0.5), ms_pct(hs, nhs, 0.99), ms_pct(hs, nhs, 1.0));
+    for (int k = 0; k < F_NKINDS; k++) printf(",\"%s\":%d", fkind_name[k], fails[k]);
+    printf(",\"close_codes\":{");
+    for (int k = 0, sep = 0; k < MAX_CODE; k++)
+        if (close_codes[k]) printf("%s\"%d\":%d", sep++ ? "," : "", k, close_codes[k]);
+    printf("},\"http_status\":{");
+    for (int k = 0, sep = 0; k < 600; k++)
+        if (http_status[k]) printf("%s\"%d\":%d", sep++ ? "," : "", k, http_status[k]);
+    printf("},\"cpu_user_s\":%.3f,\"cpu_sys_s\":%.3f}\n", cpu_s(&ru.ru_utime),
+           cpu_s(&ru.ru_stime));
+    fflush(stdout);
+    free(rd);
+    free(hs);
+}
+
 static void quit(int code) {
     for (int i = 0; i < opt.conns; i++) { /* best effort close frame (1000), then drop */
         conn_t *c = &conns[i];
@@ -572,7 +694,8 @@ static void usage(void) {
             "  [--auth-file F] [--ready-frames K] [--ready-match S] [--fail-match S]\n"
             "  [--count-match S] [--lat-every K] [--heartbeat-ms MS --heartbeat-text S]\n"
             "  [--connect-timeout-ms MS] [--max-seconds S]\n"
-            "  [--expect-per-conn M [--phase-timeout-ms MS]]\n");
+            "  [--expect-per-conn M [--phase-timeout-ms MS]] [--attempts K]\n"
+            "  [--storm [--conn-timeout-ms MS]]   (--batch 0: no limit)\n");
     exit(2);
 }
 
@@ -584,7 +707,8 @@ static void parse_args(int argc, char **argv) {
         {"count-match", 1, 0, 'c'},   {"lat-every", 1, 0, 'l'},    {"heartbeat-ms", 1, 0, 'H'},
         {"heartbeat-text", 1, 0, 'T'}, {"connect-timeout-ms", 1, 0, 'C'},
         {"max-seconds", 1, 0, 'm'},   {"expect-per-conn", 1, 0, 'e'},
-        {"phase-timeout-ms", 1, 0, 't'}, {0, 0, 0, 0}};
+        {"phase-timeout-ms", 1, 0, 't'}, {"storm", 0, 0, 'S'},
+        {"attempts", 1, 0, 'A'},      {"conn-timeout-ms", 1, 0, 'O'}, {0, 0, 0, 0}};
     int ch;
     while ((ch = getopt_long(argc, argv, "", lo, NULL)) != -1) {
         switch (ch) {
@@ -605,10 +729,16 @@ static void parse_args(int argc, char **argv) {
         case 'm': opt.max_seconds = atoll(optarg); break;
         case 'e': opt.expect_per_conn = atoll(optarg); break;
         case 't': opt.phase_timeout_ms = atoll(optarg); break;
+        case 'S': opt.storm = 1; break;
+        case 'A': opt.attempts = atoi(optarg); break;
+        case 'O': opt.conn_timeout_ms = atoll(optarg); break;
         default: usage();
         }
     }
-    if (opt.port <= 0 || opt.conns <= 0 || opt.batch <= 0 || opt.lat_every <= 0) usage();
+    if (opt.port <= 0 || opt.conns <= 0 || opt.batch < 0 || opt.lat_every <= 0) usage();
+    if (opt.batch == 0) opt.batch = opt.conns; /* no limit */
+    if (opt.attempts <= 0 || opt.conn_timeout_ms <= 0) usage();
+    if (opt.storm && opt.expect_per_conn >= 0) usage(); /* a storm reports, then waits for QUIT */
     if (opt.heartbeat_ms > 0 && !opt.hb_text[0]) usage();
 }
 
@@ -638,13 +768,24 @@ int main(int argc, char **argv) {
         if (epoll_ctl(ep, EPOLL_CTL_ADD, 0, &ev) < 0) die("stdin must be a pipe (or use --expect-per-conn)");
     }
 
-    int64_t start = now_ns(), ready_ns = 0, next_hb = 0;
+    int64_t start = now_ns(), ready_ns = 0, next_hb = 0, settled_ns = 0, next_scan = 0;
+    if (opt.storm && opt.heartbeat_ms > 0) next_hb = start + opt.heartbeat_ms * 1000000LL;
     int64_t hard_end = start + opt.max_seconds * 1000000000LL;
     struct epoll_event evs[512];
     for (;;) {
         while (todo_len && inflight < opt.batch) start_connect(&conns[todo[--todo_len]]);
         int64_t now = now_ns();
-        if (!ready_ns && nready == opt.conns) {
+        if (opt.storm && !settled_ns) {
+            if (now >= next_scan) {
+                storm_timeouts(now);
+                next_scan = now + 10000000LL; /* every 10 ms */
+            }
+            if (nready + nfailed == opt.conns) {
+                settled_ns = now;
+                storm_report(start, now);
+            }
+        }
+        if (!opt.storm && !ready_ns && nready == opt.conns) {
             ready_ns = now;
             struct rusage ru;
             getrusage(RUSAGE_SELF, &ru);
@@ -655,7 +796,7 @@ int main(int argc, char **argv) {
             next_hb = now + opt.heartbeat_ms * 1000000LL;
             if (!use_stdin) phase_arm(opt.expect_per_conn * opt.conns, opt.phase_timeout_ms);
         }
-        if (!ready_ns && now - start > opt.connect_timeout_ms * 1000000LL)
+        if (!opt.storm && !ready_ns && now - start > opt.connect_timeout_ms * 1000000LL)
             die("only %d of %d connections ready after %lld ms", nready, opt.conns,
                 opt.connect_timeout_ms);
         if (ph.armed && (ph.frames >= ph.expected || now >= ph.deadline_ns)) {
@@ -666,16 +807,17 @@ int main(int argc, char **argv) {
             fprintf(stderr, "wsblast: --max-seconds reached, exiting\n");
             quit(3);
         }
-        if (ready_ns && opt.heartbeat_ms > 0 && now >= next_hb) {
+        if ((ready_ns || opt.storm) && opt.heartbeat_ms > 0 && now >= next_hb) {
             for (int i = 0; i < opt.conns; i++)
-                if (conns[i].st == C_OPEN) send_frame(&conns[i], 0x1, opt.hb_text, strlen(opt.hb_text));
+                if (conns[i].st == C_OPEN && conns[i].ready) send_frame(&conns[i], 0x1, opt.hb_text, strlen(opt.hb_text));
             next_hb = now + opt.heartbeat_ms * 1000000LL;
         }
 
         int64_t wake = hard_end;
         if (!ready_ns) wake = now + 100000000LL; /* re-check connect progress every 100 ms */
+        if (opt.storm && !settled_ns) wake = now + 10000000LL; /* timeouts every 10 ms */
         if (ph.armed && ph.deadline_ns < wake) wake = ph.deadline_ns;
-        if (ready_ns && opt.heartbeat_ms > 0 && next_hb < wake) wake = next_hb;
+        if ((ready_ns || opt.storm) && opt.heartbeat_ms > 0 && next_hb < wake) wake = next_hb;
         int64_t wait_ms = wake > now ? (wake - now) / 1000000LL + 1 : 0;
         int timeout = wait_ms > 1000000 ? 1000000 : (int)wait_ms;
         int n = epoll_wait(ep, evs, 512, timeout);
