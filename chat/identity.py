@@ -200,19 +200,22 @@ class Identifier:
 
     async def _token(self, request: wire.Auth) -> Identity:
         claims = verify_token(self._settings.secret_key, request.token)
-        async with self._db.connection() as conn:
-            row = await queries.get_session(conn, claims.session_id)
-            user = await queries.get_user(conn, claims.user_id)
-            ws = await queries.get_workspace(conn, claims.workspace_id)
-        if row is None or row["user_id"] != claims.user_id or user is None or ws is None:
+        async with self._db.connection() as conn:  # one statement: connects must be cheap
+            found = await queries.token_identity(
+                conn, claims.user_id, claims.session_id, claims.workspace_id
+            )
+        if found is None:
             raise ChatError(ErrorCode.INVALID_AUTH)
-        if row["revoked_at"] is not None:
+        user, workspace_name, revoked_at, expires_at = found
+        if expires_at is None:  # no such session, or another user's
+            raise ChatError(ErrorCode.INVALID_AUTH)
+        if revoked_at is not None:
             raise ChatError(ErrorCode.TOKEN_REVOKED)
-        if row["expires_at"] <= now_ms():
+        if expires_at <= now_ms():
             raise ChatError(ErrorCode.TOKEN_EXPIRED)
         if user.deactivated:
             raise ChatError(ErrorCode.ACCOUNT_INACTIVE)
-        return Identity(user, ws["name"], claims.session_id, None)
+        return Identity(user, workspace_name, claims.session_id, None)
 
     async def _password(self, request: wire.Login, peer_ip: str | None) -> Identity:
         account = LoginGuard.account_key(request.workspace, request.handle)

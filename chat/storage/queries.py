@@ -231,12 +231,6 @@ async def create_session(
     )
 
 
-async def get_session(conn: Connection, session_id: str) -> Record | None:
-    return await conn.fetchrow(
-        "SELECT id, user_id, expires_at, revoked_at FROM sessions WHERE id = $1", session_id
-    )
-
-
 async def get_actor(
     conn: Connection, user_id: int, session_id: str
 ) -> tuple[wire.User, int | None, int | None] | None:
@@ -255,6 +249,31 @@ async def get_actor(
     revoked_at = fields.pop("session_revoked_at")
     expires_at = fields.pop("session_expires_at")
     return _user(fields), revoked_at, expires_at
+
+
+async def token_identity(
+    conn: Connection, user_id: int, session_id: str, workspace_id: int
+) -> tuple[wire.User, str, int | None, int | None] | None:
+    """What a token ``auth`` needs, in one statement: the user, its workspace's name, and its
+    session's (revoked_at, expires_at) (both None when the session does not exist or is
+    another user's). None when there is no such user in that workspace."""
+    row = await conn.fetchrow(
+        f"SELECT {', '.join('u.' + c for c in _USER_COLS.split(', '))},"
+        " w.name AS workspace_name,"
+        " s.revoked_at AS session_revoked_at, s.expires_at AS session_expires_at"
+        " FROM users u JOIN workspaces w ON w.id = u.workspace_id AND w.id = $3"
+        " LEFT JOIN sessions s ON s.id = $2 AND s.user_id = u.id WHERE u.id = $1",
+        user_id,
+        session_id,
+        workspace_id,
+    )
+    if row is None:
+        return None
+    fields = dict(row)
+    name = fields.pop("workspace_name")
+    revoked_at = fields.pop("session_revoked_at")
+    expires_at = fields.pop("session_expires_at")
+    return _user(fields), name, revoked_at, expires_at
 
 
 async def get_meta(conn: Connection, key: str) -> str | None:
