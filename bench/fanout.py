@@ -425,13 +425,7 @@ class ChatTarget(Target):
                 print(f"# chat: could not drop database {name}: {exc}", file=sys.stderr)
 
     def store_pid(self) -> int | None:
-        if self.pg is None or not self.pg.started:
-            return None
-        try:
-            pidfile = self.pg.directory / "data" / "postmaster.pid"
-            return int(pidfile.read_text().splitlines()[0])
-        except (OSError, ValueError, IndexError):
-            return None
+        return self.pg.postmaster_pid if self.pg is not None else None
 
     def close(self) -> None:
         pg, self.pg = self.pg, None

@@ -163,11 +163,7 @@ class Infra:
 
     @property
     def postmaster_pid(self) -> int | None:
-        try:
-            pidfile = self.pg.directory / "data" / "postmaster.pid"
-            return int(pidfile.read_text().splitlines()[0])
-        except (OSError, ValueError, IndexError):
-            return None
+        return self.pg.postmaster_pid
 
     def create_database(self, name: str, template: str | None = None) -> str:
         """A new database (empty, or a copy of ``template``); returns its DSN."""

@@ -336,13 +336,7 @@ class Storm:
             print(f"# storm: Redis on {self.redis.url} (CPU {cpu})", flush=True)
 
     def postmaster_pid(self) -> int | None:
-        if self.pg is None or not self.pg.started:
-            return None
-        try:
-            pidfile = self.pg.directory / "data" / "postmaster.pid"
-            return int(pidfile.read_text().splitlines()[0])
-        except (OSError, ValueError, IndexError):
-            return None
+        return self.pg.postmaster_pid if self.pg is not None else None
 
     def redis_commands(self) -> int | None:
         if self.redis is None:

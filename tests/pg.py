@@ -231,6 +231,13 @@ class TempPostgres(PostgresServer):
     def started(self) -> bool:
         return self._port is not None
 
+    @property
+    def postmaster_pid(self) -> int | None:
+        """The running server's PID (from its data directory), None when not running."""
+        if self._tmpdir is None or not self.started:
+            return None
+        return _read_postmaster_pid(self._tmpdir / "data")
+
     def start(self) -> Self:
         """Create the cluster and start the server; returns self. Raises PostgresError."""
         if self._tmpdir is not None:

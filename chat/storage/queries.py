@@ -101,6 +101,7 @@ async def prune_events(
 # --------------------------------------------------------------------------- users
 
 _USER_COLS = "id, workspace_id, handle, display_name, real_name, avatar_url, tz, role, deactivated"
+_USER_FIELDS = frozenset(_USER_COLS.split(", "))
 
 
 def _user(row: Record) -> wire.User:
@@ -231,24 +232,37 @@ async def create_session(
     )
 
 
+# A user row (u) with its session's state (s, left-joined: both None without a session).
+_USER_AND_SESSION = (
+    ", ".join("u." + c for c in _USER_COLS.split(", "))
+    + ", s.revoked_at AS session_revoked_at, s.expires_at AS session_expires_at"
+)
+
+
+def _user_and_session(row: Record) -> tuple[wire.User, int | None, int | None, dict[str, Any]]:
+    """(user, session revoked_at, session expires_at, the row's other columns)."""
+    fields = dict(row)
+    revoked_at = fields.pop("session_revoked_at")
+    expires_at = fields.pop("session_expires_at")
+    rest = {k: fields.pop(k) for k in list(fields) if k not in _USER_FIELDS}
+    return _user(fields), revoked_at, expires_at, rest
+
+
 async def get_actor(
     conn: Connection, user_id: int, session_id: str
 ) -> tuple[wire.User, int | None, int | None] | None:
     """The user with its session's (revoked_at, expires_at), in one statement; both None
     when the session does not exist or is another user's. None when there is no user."""
     row = await conn.fetchrow(
-        f"SELECT {', '.join('u.' + c for c in _USER_COLS.split(', '))},"
-        " s.revoked_at AS session_revoked_at, s.expires_at AS session_expires_at"
-        " FROM users u LEFT JOIN sessions s ON s.id = $2 AND s.user_id = u.id WHERE u.id = $1",
+        f"SELECT {_USER_AND_SESSION} FROM users u"
+        " LEFT JOIN sessions s ON s.id = $2 AND s.user_id = u.id WHERE u.id = $1",
         user_id,
         session_id,
     )
     if row is None:
         return None
-    fields = dict(row)
-    revoked_at = fields.pop("session_revoked_at")
-    expires_at = fields.pop("session_expires_at")
-    return _user(fields), revoked_at, expires_at
+    user, revoked_at, expires_at, _ = _user_and_session(row)
+    return user, revoked_at, expires_at
 
 
 async def token_identity(
@@ -258,10 +272,8 @@ async def token_identity(
     session's (revoked_at, expires_at) (both None when the session does not exist or is
     another user's). None when there is no such user in that workspace."""
     row = await conn.fetchrow(
-        f"SELECT {', '.join('u.' + c for c in _USER_COLS.split(', '))},"
-        " w.name AS workspace_name,"
-        " s.revoked_at AS session_revoked_at, s.expires_at AS session_expires_at"
-        " FROM users u JOIN workspaces w ON w.id = u.workspace_id AND w.id = $3"
+        f"SELECT {_USER_AND_SESSION}, w.name AS workspace_name FROM users u"
+        " JOIN workspaces w ON w.id = u.workspace_id AND w.id = $3"
         " LEFT JOIN sessions s ON s.id = $2 AND s.user_id = u.id WHERE u.id = $1",
         user_id,
         session_id,
@@ -269,11 +281,8 @@ async def token_identity(
     )
     if row is None:
         return None
-    fields = dict(row)
-    name = fields.pop("workspace_name")
-    revoked_at = fields.pop("session_revoked_at")
-    expires_at = fields.pop("session_expires_at")
-    return _user(fields), name, revoked_at, expires_at
+    user, revoked_at, expires_at, rest = _user_and_session(row)
+    return user, rest["workspace_name"], revoked_at, expires_at
 
 
 async def get_meta(conn: Connection, key: str) -> str | None:
