@@ -53,7 +53,17 @@ class Settings(BaseSettings):
     # the connection is closed (4001: reconnect and resume) instead of growing its buffer.
     send_buffer_soft_bytes: int = 256 * 1024
     send_buffer_hard_bytes: int = 2 * 1024 * 1024
-    listen_backlog: int = 4096
+    # The kernel caps the accept queue at net.core.somaxconn (4096 on recent kernels, 128 on
+    # old ones): raise both for storms (docs/operations.md).
+    listen_backlog: int = 8192
+
+    # Admission control (chat/admission.py): connects in progress at once are capped at what
+    # the node finishes in admission_budget_s at its measured rate, and at max_connecting;
+    # the others get HTTP 503 with a retry hint. A connect not live connect_deadline_s after
+    # its HTTP request is dropped with a hint (its client has likely given up).
+    max_connecting: int = Field(default=10_000, ge=1)
+    admission_budget_s: float = Field(default=2.0, gt=0)
+    connect_deadline_s: float = Field(default=10.0, gt=0)
 
     # Operations: Prometheus /metrics is served on its own listener, never on the client port
     # (None: not served; 0: a free port, logged at start).

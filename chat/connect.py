@@ -123,12 +123,14 @@ Effect = Send | Close | Action | Live
 @dataclass(frozen=True, slots=True)
 class Snapshot:
     """What the snapshot statement read: the workspace position ``as_of`` and, as of the same
-    instant, the user's channels and whether the session may still be used."""
+    instant, the user, the user's channels and whether the session may still be used."""
 
     as_of: int
     channel_ids: frozenset[int]
-    role: str
-    refusal: ErrorCode | None = None  # token_revoked, token_expired, account_inactive
+    user: wire.User | None  # None only with a refusal
+    workspace_name: str = ""
+    # invalid_auth (no such session), token_revoked, token_expired, account_inactive
+    refusal: ErrorCode | None = None
 
 
 class Step(Enum):
@@ -198,23 +200,23 @@ class Connect:
         self._expect(Step.IDENTIFYING)
         self.identity = identity
         self.step = Step.SUBSCRIBING
-        return [Subscribe(identity.user.workspace_id)]
+        return [Subscribe(identity.workspace_id)]
 
     def subscribed(self) -> list[Effect]:
         """Attach first, snapshot second: every event that commits after the snapshot is then
         seen by the hub for this recipient."""
         self._expect(Step.SUBSCRIBING)
         identity = self._identity()
-        self._workspace_id = identity.user.workspace_id
+        self._workspace_id = identity.workspace_id
         self._hub.attach(self._workspace_id, self._recipient)
         self.attached = True
         self.step = Step.SNAPSHOT
-        return [TakeSnapshot(identity.user.workspace_id, identity.user.id, identity.session_id)]
+        return [TakeSnapshot(identity.workspace_id, identity.user_id, identity.session_id)]
 
     def snapshot_taken(self, snapshot: Snapshot) -> list[Effect]:
         self._expect(Step.SNAPSHOT)
-        if snapshot.refusal is not None:
-            return self._refuse(snapshot.refusal)
+        if snapshot.refusal is not None or snapshot.user is None:
+            return self._refuse(snapshot.refusal or ErrorCode.INVALID_AUTH)
         if self._recipient.revoked:
             return self._refuse(ErrorCode.TOKEN_REVOKED)
         self._snapshot = snapshot
@@ -228,7 +230,7 @@ class Connect:
         if resume.seq == snapshot.as_of:
             return self._reply(None)
         self.step = Step.WINDOW
-        return [CheckWindow(self._identity().user.workspace_id, resume.seq, snapshot.as_of)]
+        return [CheckWindow(self._workspace_id, resume.seq, snapshot.as_of)]
 
     def window_checked(self, holds: bool) -> list[Effect]:
         self._expect(Step.WINDOW)
@@ -236,11 +238,10 @@ class Connect:
             return self._reply("too_old")
         resume, snapshot = self._resume, self._snapshot
         assert resume is not None and snapshot is not None
-        self._replay = BacklogFilter(
-            self._identity().user.id, self._identity().user.role, snapshot.channel_ids
-        )
+        user = self._user()
+        self._replay = BacklogFilter(user.id, user.role, snapshot.channel_ids)
         self.step = Step.SCANNING
-        return [ScanReplay(self._identity().user.workspace_id, resume.seq, snapshot.as_of)]
+        return [ScanReplay(self._workspace_id, resume.seq, snapshot.as_of)]
 
     def scan(self, chunk: Sequence[Envelope]) -> None:
         """One chunk of the missed range, in order (first pass)."""
@@ -265,8 +266,7 @@ class Connect:
         self.step = Step.STREAMING
         cached = tuple(self._cache or ())
         self._cache = None
-        workspace_id = self._identity().user.workspace_id
-        return [*reply, StreamReplay(workspace_id, resume.seq, snapshot.as_of, cached)]
+        return [*reply, StreamReplay(self._workspace_id, resume.seq, snapshot.as_of, cached)]
 
     def visible(self, chunk: Sequence[Envelope]) -> list[bytes]:
         """The payloads of one chunk (second pass) that the user may see."""
@@ -336,13 +336,13 @@ class Connect:
     def _reply(self, resume_error: wire.ResumeError | None, *, final: bool = True) -> list[Effect]:
         identity, snapshot, request = self._identity(), self._snapshot, self.request
         assert snapshot is not None and request is not None
-        user = identity.user
+        user = self._user()
         self._protocol.authenticated()
         resumed = self._resume is not None and resume_error is None
         info = wire.SessionInfo(
             user=user,
             workspace_id=user.workspace_id,
-            workspace_name=identity.workspace_name,
+            workspace_name=snapshot.workspace_name,
             session_id=identity.session_id,
             seq=snapshot.as_of,
             token=identity.token,
@@ -364,15 +364,15 @@ class Connect:
         self._expect(Step.READY)
         if self._recipient.revoked:
             return self._refuse(ErrorCode.TOKEN_REVOKED)
-        identity, snapshot = self._identity(), self._snapshot
+        snapshot = self._snapshot
         assert snapshot is not None
-        user = identity.user
+        user = self._user()
         if not self._hub.ready(
             user.workspace_id,
             self._recipient,
             snapshot.channel_ids,
             snapshot.as_of,
-            role=snapshot.role,
+            role=user.role,
         ):
             self.step = Step.CLOSED
             return [Close(CloseCode.SLOW_CONSUMER, "sync_overflow")]
@@ -398,6 +398,10 @@ class Connect:
     def _identity(self) -> Identity:
         assert self.identity is not None
         return self.identity
+
+    def _user(self) -> wire.User:
+        assert self._snapshot is not None and self._snapshot.user is not None
+        return self._snapshot.user
 
     def _expect(self, step: Step) -> None:
         if self.step is not step:

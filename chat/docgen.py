@@ -82,6 +82,17 @@ node got SIGTERM and is closing its connections), `database unavailable`, or `bu
 unavailable`. While a node drains, a websocket handshake is refused with 503 `draining` and
 `Retry-After: 1`: connect to another node.
 
+**Admission control.** A node takes on only as many connects at once (handshake, `auth`,
+snapshot and replay) as it can finish in time. Beyond that, in a reconnect storm, it refuses
+the handshake at once with HTTP 503, `Retry-After` (whole seconds, at least 1) and a JSON
+body that is a `goodbye` frame: `{{"type": "goodbye", "reason": "overloaded",
+"reconnect_after_ms": 1200}}`. A connect that is still not live some seconds after its
+handshake (the server's `connect_deadline_s`, 10 by default) gets the same `goodbye` as a
+frame and a close with 1013, reason `overloaded`. Either way: wait `reconnect_after_ms` plus
+jitter (up to as much again), then reconnect and resume; the hints are already spread by the
+server, and a hint is not a failure (it should not grow your backoff). A browser cannot read
+a refused handshake's status or body (it sees close 1006): it falls back to its backoff.
+
 Every message, in both directions, is a JSON object in a websocket **text** frame, with a
 string `type` that says which frame it is. A **binary** frame is refused with an `error`
 `invalid_frame` (`reply_to` null), whatever it contains. Client frames are validated
@@ -685,6 +696,13 @@ CLOSE_REASONS: list[tuple[CloseCode, str, str, str]] = [
         "A dependency (the database) failed while connecting; the `error` sent first names "
         "the code.",
         "Back off, then reconnect and resume.",
+    ),
+    (
+        CloseCode.TRY_AGAIN_LATER,
+        "overloaded",
+        "A connect that was not live within the node's connect deadline (admission control, "
+        "see [Connecting](#connecting)); a `goodbye` `overloaded` came first.",
+        "Reconnect after `reconnect_after_ms` plus jitter, and resume.",
     ),
     (
         CloseCode.INTERNAL_ERROR,

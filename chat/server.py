@@ -33,6 +33,7 @@ from websockets.http11 import Request, Response
 from websockets.typing import Origin
 
 from chat import __version__, metrics, wire
+from chat.admission import Admission
 from chat.bus import Bus, Envelope, LocalBus
 from chat.config import Settings
 from chat.connect import (
@@ -52,13 +53,14 @@ from chat.errors import ChatError, CloseCode, ErrorCode
 from chat.fanout import Hub
 from chat.handlers import Caller, Services, handle
 from chat.identity import Identifier
-from chat.journal import Journal, now_ms
+from chat.journal import Journal
 from chat.metrics import TALLY
 from chat.presence import ClusterPresence, Presence
 from chat.protocol import Authenticate, ClientProtocol, Close, Dispatch, Send
-from chat.replay import DatabaseLog, ReplayLog
+from chat.replay import DatabaseLog, ReplayCache, ReplayLog
 from chat.retention import Pruner
-from chat.storage import Database, open_database, queries, secret_key_path, token_secret
+from chat.snapshots import Abandoned, SnapshotReader
+from chat.storage import Database, open_database, secret_key_path, token_secret
 from chat.transport import OPEN, Connection, FrameWriter, text_frame
 
 log = logging.getLogger(__name__)
@@ -98,7 +100,7 @@ class Peer(FrameWriter):
         "ws",
     )
 
-    def __init__(self, node: Node, ws: ServerConnection) -> None:
+    def __init__(self, node: Node, ws: Connection) -> None:
         super().__init__(ws)
         self._node = node
         self.ws = ws
@@ -138,6 +140,13 @@ class Peer(FrameWriter):
                 return
         transport.write(frame)
         TALLY.frames_out += 1
+
+    def waited_for(self) -> bool:
+        """Whether a connect in progress is still worth serving: its client is there, and
+        its deadline has not passed."""
+        return (
+            self.open and not self.closing and asyncio.get_running_loop().time() <= self.ws.deadline
+        )
 
     def revoke(self) -> None:
         """No more events, no new requests; close once the requests already in flight have
@@ -236,7 +245,11 @@ class Node:
         self._peers: set[Peer] = set()
         self.services: Services
         self._identifier: Identifier
-        self.replay: ReplayLog
+        self.snapshots: SnapshotReader
+        self.admission = Admission(
+            max_connecting=settings.max_connecting, budget_s=settings.admission_budget_s
+        )
+        self.replay: ReplayCache
         self.port = 0
         self.metrics_port: int | None = None
 
@@ -293,7 +306,8 @@ class Node:
         presence = Presence(bus, s.typing_interval_s, cluster, flush_s=s.presence_flush_s)
         self.services = Services(settings=s, db=db, journal=journal, hub=hub, presence=presence)
         self._identifier = Identifier(s, db)
-        self.replay = replay
+        self.snapshots = SnapshotReader(db)
+        self.replay = ReplayCache(replay)
         self._bus = bus
         self._server = await serve(
             self._connection,
@@ -364,6 +378,7 @@ class Node:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._server.wait_closed(), 1)
         self._identifier.close()
+        await self.snapshots.close()
         assert self._bus is not None
         await _bounded(self._bus.close(), grace / 2, "bus close")
         await _bounded(self.services.db.close(), grace / 2, "database close")
@@ -458,7 +473,16 @@ class Node:
             response = ws.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, "draining\n")
             response.headers["Retry-After"] = "1"
             return response
+        hint_ms = self.admission.admit()
+        if hint_ms is not None:
+            return _overloaded(hint_ms)
+        assert isinstance(ws, Connection)
+        loop = asyncio.get_running_loop()
+        ws.admit(self._connect_ended, loop.time() + self.settings.connect_deadline_s)
         return None
+
+    def _connect_ended(self, served: bool) -> None:
+        self.admission.finished(served=served)
 
     async def _not_ready(self) -> str | None:
         """Why this node should get no new clients, or None. The database ping is cached
@@ -504,6 +528,7 @@ class Node:
         for handshake in (ws.request, ws.response):
             if handshake is not None:
                 handshake.headers.clear()
+        assert isinstance(ws, Connection)  # serve(create_connection=Connection)
         metrics.CONNECTIONS.inc()
         peer = Peer(self, ws)
         self._peers.add(peer)
@@ -516,7 +541,9 @@ class Node:
         )
         sequence = Connect(protocol, self.services.hub, peer)
         try:
-            if not await self._open(peer, protocol, sequence):
+            live = await self._open(peer, protocol, sequence)
+            peer.ws.release(live)
+            if not live:
                 return
             metrics.SESSIONS.inc()
             caller = Caller(peer.user_id, peer.workspace_id, peer.session_id, peer)
@@ -578,7 +605,9 @@ class Node:
         return await self._connect(peer, sequence, sequence.start(verdict.request))
 
     async def _connect(self, peer: Peer, sequence: Connect, effects: list[Effect]) -> bool:
-        """Carry out the connect sequence: its effects, and the I/O of each step."""
+        """Carry out the connect sequence: its effects, and the I/O of each step. A connect
+        whose client has gone stops; one past its deadline is told to come back later."""
+        loop = asyncio.get_running_loop()
         while True:
             action: Effect | None = None
             for effect in effects:
@@ -593,12 +622,17 @@ class Node:
                     return True
                 else:
                     action = effect
-            if peer.closing:
+            if peer.closing or not peer.open:
+                return False
+            if loop.time() > peer.ws.deadline:
+                self._send_away(peer)
                 return False
             try:
                 effects = await self._perform(peer, sequence, action)
             except asyncio.CancelledError:
                 raise
+            except Abandoned:
+                return False
             except Exception as exc:
                 effects = sequence.failed(exc)
 
@@ -607,20 +641,21 @@ class Node:
             address = peer.ws.remote_address
             peer_ip = str(address[0]) if address else None
             identity = await self._identifier.identify(action.request, peer_ip=peer_ip)
-            user = identity.user
-            peer.user_id, peer.workspace_id = user.id, user.workspace_id
-            peer.session_id, peer.role = identity.session_id, user.role
+            peer.user_id, peer.workspace_id = identity.user_id, identity.workspace_id
+            peer.session_id = identity.session_id
             return sequence.identified(identity)
         if isinstance(action, Subscribe):
             await self._subscribe(action.workspace_id)
             return sequence.subscribed()
         if isinstance(action, TakeSnapshot):
-            async with self.services.db.connection() as conn:
-                row = await queries.connect_snapshot(
-                    conn, action.workspace_id, action.user_id, action.session_id, now_ms()
-                )
-            refusal = _REFUSALS.get(row.session)
-            snapshot = Snapshot(row.as_of, frozenset(row.channel_ids), row.role, refusal)
+            row = await self.snapshots.read(
+                action.workspace_id, action.user_id, action.session_id, peer.waited_for
+            )
+            if row.user is not None:
+                peer.role = row.user.role
+            snapshot = Snapshot(
+                row.as_of, row.channel_ids, row.user, row.workspace_name, _REFUSALS.get(row.session)
+            )
             return sequence.snapshot_taken(snapshot)
         if isinstance(action, CheckWindow):
             holds = await self.replay.holds(action.workspace_id, action.after_seq, action.up_to)
@@ -692,6 +727,12 @@ class Node:
             ),
         )
 
+    def _send_away(self, peer: Peer) -> None:
+        """A connect past its deadline: come back later (the client has likely given up)."""
+        hint = wire.Goodbye(reason="overloaded", reconnect_after_ms=self.admission.hint_ms())
+        peer.reply(text_frame(wire.dump(hint)))
+        peer.close(CloseCode.TRY_AGAIN_LATER, "overloaded")
+
     def _reply(self, peer: Peer, frame: bytes) -> None:
         metrics.count_error(frame)
         peer.reply(text_frame(frame))
@@ -726,6 +767,21 @@ class Node:
             metrics.REQUESTS.labels(type=request.type).observe(  # type: ignore[attr-defined]
                 time.perf_counter() - started
             )
+
+
+def _overloaded(hint_ms: int) -> Response:
+    """HTTP 503 refusing an upgrade, with the retry hint both ways: ``Retry-After`` (whole
+    seconds, for HTTP clients and proxies) and a ``goodbye`` body (milliseconds)."""
+    body = wire.dump(wire.Goodbye(reason="overloaded", reconnect_after_ms=hint_ms))
+    headers = Headers(
+        [
+            ("Retry-After", str(max(1, -(-hint_ms // 1000)))),
+            ("Content-Type", "application/json"),
+            ("Content-Length", str(len(body))),
+            ("Connection", "close"),
+        ]
+    )
+    return Response(503, "Service Unavailable", headers, body)
 
 
 async def _bounded(awaitable: Awaitable[object], timeout: float, what: str) -> None:

@@ -10,13 +10,17 @@ one of them moves:
   to the transport leave in write order with websockets' own control frames;
 - ``ServerConnection.data_received``: every inbound byte passes through it, control frames
   (ping, pong) included, which is how a connection's liveness is measured;
+- ``ServerConnection.connection_lost``: called once when the socket goes, also for a
+  handshake that never reached the handler (admission control counts those);
 - ``serve(create_connection=...)``: the server builds our subclass.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import struct
+from collections.abc import Callable
 
 from websockets.asyncio.server import ServerConnection
 from websockets.protocol import State
@@ -35,9 +39,29 @@ def text_frame(payload: bytes) -> bytes:
 
 
 class Connection(ServerConnection):
-    """websockets' server connection, noting when the client last sent anything at all."""
+    """websockets' server connection, noting when the client last sent anything at all, and
+    carrying its admission (:meth:`admit`) from the HTTP request to the end of the connect."""
 
     last_seen: float = 0.0
+    deadline: float = math.inf  # when the connect must be live by (loop time)
+    _release: Callable[[bool], None] | None = None
+
+    def admit(self, release: Callable[[bool], None], deadline: float) -> None:
+        """Admission control took this connect on: ``release(went_live)`` is called exactly
+        once, by :meth:`release` or when the connection is lost (a handshake abandoned
+        before the handler ran)."""
+        self._release = release
+        self.deadline = deadline
+
+    def release(self, served: bool) -> None:
+        release, self._release = self._release, None
+        self.deadline = math.inf
+        if release is not None:
+            release(served)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.release(False)
+        super().connection_lost(exc)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)

@@ -768,10 +768,12 @@ class Error(Frame):
 
 class Goodbye(Frame):
     """Sent before the server closes a connection it would like to see back: reconnect (to
-    any node) after ``reconnect_after_ms`` plus jitter, and resume."""
+    any node) after ``reconnect_after_ms`` plus jitter, and resume. ``overloaded``: the node
+    had more connects in progress than it can serve in time (the close is 1013); the same
+    frame is the body of an HTTP 503 refusing the upgrade."""
 
     type: Literal["goodbye"] = "goodbye"
-    reason: Literal["service_restart", "too_slow"]
+    reason: Literal["service_restart", "too_slow", "overloaded"]
     reconnect_after_ms: int = 0
     examples = [{"type": "goodbye", "reason": "service_restart", "reconnect_after_ms": 1000}]
 

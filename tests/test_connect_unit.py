@@ -79,8 +79,13 @@ def revocation(seq: int, session: str | None = SESSION) -> Envelope:
 
 
 def identity(user_id: int = ALICE) -> Identity:
-    user = wire.User(id=user_id, workspace_id=W, handle="alice", display_name="A", role="member")
-    return Identity(user, "acme", SESSION, None)
+    return Identity(user_id, W, SESSION, None)
+
+
+def snap(as_of: int, channels: frozenset[int], refusal: ErrorCode | None = None) -> Snapshot:
+    """What the snapshot statement reads for Alice, a member."""
+    user = wire.User(id=ALICE, workspace_id=W, handle="alice", display_name="A", role="member")
+    return Snapshot(as_of, channels, None if refusal else user, "acme", refusal)
 
 
 def auth(resume_seq: int | None = None, session: str = SESSION) -> wire.Auth:
@@ -187,7 +192,7 @@ def run(
 
 def test_fresh_connect_replies_then_goes_live() -> None:
     h = Harness()
-    effect = run(h, auth(), Snapshot(5, frozenset({X}), "member"))
+    effect = run(h, auth(), snap(5, frozenset({X})))
     assert effect == Live(W, ALICE)
     assert h.received() == ["reply"]
     reply = json.loads(h.sent[0])
@@ -204,7 +209,7 @@ def test_event_in_the_snapshot_is_not_delivered_again(step: str) -> None:
     snapshot; the hub may see it before or after the attach, and must not deliver it."""
     h = Harness()
     commit = {step: lambda: h.deliver(event(5, "in-snapshot", channel_id=X))}
-    run(h, auth(), Snapshot(5, frozenset({X}), "member"), at=commit)
+    run(h, auth(), snap(5, frozenset({X})), at=commit)
     h.deliver(event(6, "live", channel_id=X))
     assert h.events() == [b"live"]
 
@@ -216,7 +221,7 @@ def test_event_after_the_snapshot_arrives_once_after_the_reply(step: str) -> Non
     h = Harness()
     log = [[event(3, "m3", channel_id=X), event(4, "m4", channel_id=X)]]
     commit = {step: lambda: h.deliver(event(5, "after", channel_id=X))}
-    effect = run(h, auth(resume_seq=2), Snapshot(4, frozenset({X}), "member"), log=log, at=commit)
+    effect = run(h, auth(resume_seq=2), snap(4, frozenset({X})), log=log, at=commit)
     assert effect == Live(W, ALICE)
     assert h.received() == ["reply", "?", "?", "resumed"]
     h.deliver(event(6, "live", channel_id=X))
@@ -229,7 +234,7 @@ def test_events_during_replay_follow_the_replay_in_order() -> None:
     run(
         h,
         auth(resume_seq=2),
-        Snapshot(4, frozenset({X}), "member"),
+        snap(4, frozenset({X})),
         log=log,
         at={"scan": lambda: h.deliver(event(5, "m5", channel_id=X))},
     )
@@ -243,7 +248,7 @@ def test_events_during_replay_follow_the_replay_in_order() -> None:
 
 def test_defect_02_revoked_before_the_snapshot_is_refused_by_the_snapshot() -> None:
     h = Harness()
-    effect = run(h, auth(), Snapshot(5, frozenset({X}), "member", ErrorCode.TOKEN_REVOKED))
+    effect = run(h, auth(), snap(5, frozenset({X}), ErrorCode.TOKEN_REVOKED))
     assert isinstance(effect, Close)
     assert (effect.code, effect.reason) == (CloseCode.POLICY_VIOLATION, "token_revoked")
     error = json.loads(h.sent[-1])
@@ -262,7 +267,7 @@ def test_defect_02_revocation_at_each_step_never_goes_live(step: str) -> None:
     effect = run(
         h,
         auth(resume_seq=2),
-        Snapshot(5, frozenset({X}), "member"),
+        snap(5, frozenset({X})),
         log=[[event(3, "m3", channel_id=X), event(4, "m4", channel_id=X), event(5, "m5")]],
         at={step: lambda: h.deliver(revocation(seq))},
     )
@@ -279,7 +284,7 @@ def test_revocation_of_another_session_does_not_close_this_one() -> None:
     effect = run(
         h,
         auth(),
-        Snapshot(5, frozenset({X}), "member"),
+        snap(5, frozenset({X})),
         at={"snapshot": lambda: h.deliver(revocation(6, session="s_other"))},
     )
     assert effect == Live(W, ALICE)
@@ -296,7 +301,7 @@ def test_join_after_the_snapshot_applies_from_that_event(step: str) -> None:
     def join() -> None:
         h.deliver(event(seq, "joined", channel_id=Y, joins=(ALICE,)))
 
-    run(h, auth(), Snapshot(5, frozenset({X}), "member"), at={step: join})
+    run(h, auth(), snap(5, frozenset({X})), at={step: join})
     h.deliver(event(7, "y7", channel_id=Y))
     # Before the attach the join is in the snapshot (the driver's snapshot would list Y);
     # here the snapshot says X only, so the seq-5 join is not re-applied: Y stays unknown.
@@ -310,7 +315,7 @@ def test_leave_after_the_snapshot_stops_delivery_at_that_event() -> None:
     run(
         h,
         auth(),
-        Snapshot(5, frozenset({X}), "member"),
+        snap(5, frozenset({X})),
         at={"snapshot": lambda: h.deliver(event(6, "x6-before-leave", channel_id=X))},
     )
     h.deliver(leave, event(7, "x7", channel_id=X))
@@ -325,7 +330,7 @@ def test_replay_judges_each_event_by_the_membership_at_that_event() -> None:
         [event(5, "x5", channel_id=X), event(6, "joined-y", channel_id=Y, joins=(ALICE,))],
         [event(7, "y7", channel_id=Y)],
     ]
-    run(h, auth(resume_seq=2), Snapshot(7, frozenset({Y}), "member"), log=log)
+    run(h, auth(resume_seq=2), snap(7, frozenset({Y})), log=log)
     assert h.sent[1:-1] == [b"x3", b"left-x", b"joined-y", b"y7"]
     assert json.loads(h.sent[-1]) == {"type": "resumed", "seq": 7, "replayed": 4}
 
@@ -337,7 +342,7 @@ def test_a_single_chunk_is_not_read_twice() -> None:
     h.carry(h.connect.identified(identity()))
     h.carry(h.connect.subscribed())
     assert isinstance(
-        h.carry(h.connect.snapshot_taken(Snapshot(2, frozenset({X}), "member"))), CheckWindow
+        h.carry(h.connect.snapshot_taken(snap(2, frozenset({X})))), CheckWindow
     )
     assert isinstance(h.carry(h.connect.window_checked(True)), ScanReplay)
     chunk = [event(2, "x2", channel_id=X)]
@@ -373,7 +378,7 @@ def test_backlog_filter_follows_role_changes() -> None:
 )
 def test_refused_resume_still_authenticates(request_: wire.Auth, holds: bool, error: str) -> None:
     h = Harness()
-    effect = run(h, request_, Snapshot(5, frozenset({X}), "member"), holds=holds)
+    effect = run(h, request_, snap(5, frozenset({X})), holds=holds)
     assert effect == Live(W, ALICE)
     data = json.loads(h.sent[0])["data"]
     assert (data["resumed"], data["resume_error"]) == (False, error)
@@ -381,7 +386,7 @@ def test_refused_resume_still_authenticates(request_: wire.Auth, holds: bool, er
 
 def test_resume_at_the_snapshot_needs_no_replay() -> None:
     h = Harness()
-    assert run(h, auth(resume_seq=5), Snapshot(5, frozenset({X}), "member")) == Live(W, ALICE)
+    assert run(h, auth(resume_seq=5), snap(5, frozenset({X}))) == Live(W, ALICE)
     assert h.received() == ["reply", "resumed"]
 
 
@@ -408,7 +413,7 @@ def test_defect_03_a_failure_at_each_step_answers_the_auth_and_closes(
     feed: list[Callable[[], list[Effect]]] = [
         lambda: h.connect.identified(identity()),
         lambda: h.connect.subscribed(),
-        lambda: h.connect.snapshot_taken(Snapshot(5, frozenset({X}), "member")),
+        lambda: h.connect.snapshot_taken(snap(5, frozenset({X}))),
         lambda: h.connect.window_checked(True),
         lambda: h.connect.scanned(),
     ]
@@ -435,7 +440,7 @@ def test_defect_20_log_lost_during_the_scan_answers_too_old_and_goes_live() -> N
     h.carry(h.connect.start(auth(resume_seq=2)))
     h.carry(h.connect.identified(identity()))
     h.carry(h.connect.subscribed())
-    h.carry(h.connect.snapshot_taken(Snapshot(5, frozenset({X}), "member")))
+    h.carry(h.connect.snapshot_taken(snap(5, frozenset({X}))))
     h.carry(h.connect.window_checked(True))
     assert isinstance(h.carry(h.connect.failed(ReplayLost("gone"))), Ready)
     assert h.carry(h.connect.ready()) == Live(W, ALICE)
@@ -448,7 +453,7 @@ def test_defect_20_log_lost_during_the_stream_closes_for_a_new_resume() -> None:
     h.carry(h.connect.start(auth(resume_seq=2)))
     h.carry(h.connect.identified(identity()))
     h.carry(h.connect.subscribed())
-    h.carry(h.connect.snapshot_taken(Snapshot(5, frozenset({X}), "member")))
+    h.carry(h.connect.snapshot_taken(snap(5, frozenset({X}))))
     h.carry(h.connect.window_checked(True))
     h.connect.scan([event(3, "x3", channel_id=X)])
     h.connect.scan([event(4, "x4", channel_id=X), event(5, "x5", channel_id=X)])
@@ -470,7 +475,7 @@ def test_buffered_events_leave_after_the_reply_and_the_replay(resume: bool, step
     log = [[event(3, "m3", channel_id=X)]]
     request = auth(resume_seq=2) if resume else auth()
     commit = {step: lambda: h.deliver(event(4, "after", channel_id=X))}
-    effect = run(h, request, Snapshot(3, frozenset({X}), "member"), log=log, at=commit)
+    effect = run(h, request, snap(3, frozenset({X})), log=log, at=commit)
     assert effect == Live(W, ALICE)
     expected = ["reply", "m3", "resumed", "after"] if resume else ["reply", "after"]
     assert h.on_the_wire() == expected

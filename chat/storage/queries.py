@@ -265,26 +265,6 @@ async def get_actor(
     return user, revoked_at, expires_at
 
 
-async def token_identity(
-    conn: Connection, user_id: int, session_id: str, workspace_id: int
-) -> tuple[wire.User, str, int | None, int | None] | None:
-    """What a token ``auth`` needs, in one statement: the user, its workspace's name, and its
-    session's (revoked_at, expires_at) (both None when the session does not exist or is
-    another user's). None when there is no such user in that workspace."""
-    row = await conn.fetchrow(
-        f"SELECT {_USER_AND_SESSION}, w.name AS workspace_name FROM users u"
-        " JOIN workspaces w ON w.id = u.workspace_id AND w.id = $3"
-        " LEFT JOIN sessions s ON s.id = $2 AND s.user_id = u.id WHERE u.id = $1",
-        user_id,
-        session_id,
-        workspace_id,
-    )
-    if row is None:
-        return None
-    user, revoked_at, expires_at, rest = _user_and_session(row)
-    return user, rest["workspace_name"], revoked_at, expires_at
-
-
 async def get_meta(conn: Connection, key: str) -> str | None:
     value: str | None = await conn.fetchval("SELECT value FROM meta WHERE key = $1", key)
     return value
@@ -796,44 +776,64 @@ async def notify_events(conn: Connection, workspace_id: int, last_seq: int) -> N
 
 @dataclass(frozen=True, slots=True)
 class ConnectState:
-    """What a connecting session's snapshot read, all in one statement."""
+    """What one connecting session's snapshot read: the workspace position, and as of it the
+    user, the user's channels and whether the session may be used."""
 
     as_of: int  # the workspace's event position
-    channel_ids: list[int]  # the user's channels as of that position
-    role: str
+    user: wire.User | None  # None: no such user in the workspace
+    workspace_name: str
+    channel_ids: frozenset[int]
     session: str  # "ok", or why not: "revoked", "expired", "missing", "inactive"
 
 
-async def connect_snapshot(
-    conn: Connection, workspace_id: int, user_id: int, session_id: str, now: int
-) -> ConnectState:
-    """The workspace position, the user's channels and the state of the session and user,
-    read in ONE statement so all come from the same instant: a revocation or membership
-    change either shows here or commits after ``as_of`` (and arrives as an event)."""
+async def connect_snapshots(
+    conn: Connection, workspace_id: int, sessions: Sequence[tuple[int, str]], now: int
+) -> list[ConnectState]:
+    """The snapshot of each (user_id, session_id) connecting to one workspace, in order, read
+    in ONE statement, so all come from the same instant: a revocation or membership change
+    either shows here or commits after ``as_of`` (and arrives as an event). A storm's
+    concurrent connects share it (:class:`chat.snapshots.SnapshotReader`)."""
     rows = await conn.fetch(
-        "SELECT w.last_event_seq, u.role, u.deactivated, s.revoked_at, s.expires_at,"
-        " m.channel_id"
+        f"SELECT w.last_event_seq, w.name AS workspace_name, {_USER_AND_SESSION},"
+        " s.id AS session_id,"
+        " (SELECT string_agg(m.channel_id::text, ',') FROM channel_members m"
+        "  WHERE m.user_id = u.id) AS channel_ids"
         " FROM workspaces w"
-        " JOIN users u ON u.id = $2 AND u.workspace_id = w.id"
-        " LEFT JOIN sessions s ON s.id = $3 AND s.user_id = u.id"
-        " LEFT JOIN channel_members m ON m.user_id = u.id"
+        " JOIN users u ON u.workspace_id = w.id AND u.id = ANY($2::bigint[])"
+        " LEFT JOIN sessions s ON s.user_id = u.id AND s.id = ANY($3::text[])"
         " WHERE w.id = $1",
         workspace_id,
-        user_id,
-        session_id,
+        sorted({user_id for user_id, _ in sessions}),
+        sorted({session_id for _, session_id in sessions}),
     )
-    if not rows:
-        return ConnectState(0, [], "guest", "missing")
-    first = rows[0]
-    if first["expires_at"] is None:
-        state = "missing"
-    elif first["revoked_at"] is not None:
-        state = "revoked"
-    elif first["expires_at"] <= now:
-        state = "expired"
-    elif first["deactivated"]:
-        state = "inactive"
-    else:
-        state = "ok"
-    channels = [r["channel_id"] for r in rows if r["channel_id"] is not None]
-    return ConnectState(int(first["last_event_seq"]), channels, first["role"], state)
+    as_of, name = 0, ""
+    users: dict[int, tuple[wire.User, frozenset[int]]] = {}
+    found: dict[str, tuple[int, int | None, int]] = {}  # session -> (user, revoked, expires)
+    for row in rows:
+        user, revoked_at, expires_at, rest = _user_and_session(row)
+        as_of, name = int(rest["last_event_seq"]), rest["workspace_name"]
+        if user.id not in users:
+            channels = rest["channel_ids"]
+            ids = frozenset(int(c) for c in channels.split(",")) if channels else frozenset()
+            users[user.id] = (user, ids)
+        if rest["session_id"] is not None and expires_at is not None:
+            found[rest["session_id"]] = (user.id, revoked_at, expires_at)
+    out = []
+    for user_id, session_id in sessions:
+        user_channels = users.get(user_id)
+        session = found.get(session_id)
+        if user_channels is None or session is None or session[0] != user_id:
+            out.append(ConnectState(as_of, None, name, frozenset(), "missing"))
+            continue
+        user, channel_ids = user_channels
+        _, revoked_at, expires_at = session
+        if revoked_at is not None:
+            state = "revoked"
+        elif expires_at <= now:
+            state = "expired"
+        elif user.deactivated:
+            state = "inactive"
+        else:
+            state = "ok"
+        out.append(ConnectState(as_of, user, name, channel_ids, state))
+    return out

@@ -36,6 +36,8 @@ _PARAM = re.compile(r"\$(\d+)")
 _CAST = re.compile(r"::\w+")
 # Row locks: SQLite has none (BEGIN IMMEDIATE takes the database's write lock instead).
 _FOR_UPDATE = re.compile(r"\s+FOR UPDATE\b")
+# string_agg is SQLite's only from 3.44; group_concat has the same arguments.
+_STRING_AGG = re.compile(r"\bstring_agg\(")
 
 
 @lru_cache(maxsize=512)
@@ -44,6 +46,7 @@ def translate(sql: str) -> str:
     sql = _ANY.sub(r"IN (SELECT value FROM json_each($\1))", sql)
     sql = _CAST.sub("", sql)
     sql = _FOR_UPDATE.sub("", sql)
+    sql = _STRING_AGG.sub("group_concat(", sql)
     return _PARAM.sub(r"?\1", sql)
 
 
