@@ -88,7 +88,7 @@ async def test_each_connect_gets_its_own_refusal(db: Database) -> None:
 async def test_a_connect_in_another_workspace_is_not_answered_for_this_one(
     db: Database,
 ) -> None:
-    ws, uids, _ = await seed(db, 2)
+    _, uids, _ = await seed(db, 2)
     async with db.transaction() as conn:
         other = await queries.create_workspace(conn, "other", now_ms())
     reader = SnapshotReader(db)
