@@ -13,8 +13,9 @@ queue in arrival order. Errors become :class:`RequestError` with the server's co
 
 :class:`ResilientClient` keeps one live connection to any of several nodes: it reconnects
 with :class:`Backoff`, resumes where it left off, de-duplicates events by ``seq``
-(:class:`EventCursor`), sends heartbeats, and follows the server's hints (``goodbye``, close
-codes). See its docstring for the contract an application relies on.
+(:class:`EventCursor`), sends heartbeats, and follows the server's hints (``goodbye``, an HTTP
+503 refusing the upgrade, close codes). See its docstring for the contract an application
+relies on.
 """
 
 from __future__ import annotations
@@ -26,12 +27,13 @@ import json
 import logging
 import random
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from types import TracebackType
 from typing import Any, Self
 
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, WebSocketException
+from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
+from websockets.http11 import Response
 
 from chat.errors import CloseCode
 
@@ -227,6 +229,10 @@ RETRYABLE_CODES = frozenset({"rate_limited", "internal_error", "unavailable", "o
 #: already, even right after a successful connection: an overloaded server gets a pause.
 OVERLOAD_MIN_ATTEMPT = 3
 
+#: The longest a server hint can make the client wait before its jitter, in ms: a hint past
+#: it (a bug, a typo in a header) counts as this much rather than parking clients for hours.
+HINT_CAP_MS = 300_000
+
 
 class Backoff:
     """Exponential backoff with full jitter: attempt ``n`` waits
@@ -304,9 +310,53 @@ def is_fatal_close(code: int | None, reason: str | None) -> bool:
 
 
 def goodbye_delay(reconnect_after_ms: int, rng: random.Random) -> float:
-    """``reconnect_after_ms`` plus jitter of up to the same amount, in seconds."""
-    base = max(reconnect_after_ms, 0) / 1000
+    """``reconnect_after_ms`` (at most :data:`HINT_CAP_MS`) plus jitter of up to the same
+    amount, in seconds."""
+    base = min(max(reconnect_after_ms, 0), HINT_CAP_MS) / 1000
     return base + rng.uniform(0, base)
+
+
+def _goodbye_ms(frame: object) -> int | None:
+    """The ``reconnect_after_ms`` of a ``goodbye`` frame (0 when absent), or None when
+    ``frame`` is not one."""
+    if not isinstance(frame, dict) or frame.get("type") != "goodbye":
+        return None
+    ms = frame.get("reconnect_after_ms") or 0
+    return ms if isinstance(ms, int) and not isinstance(ms, bool) else 0
+
+
+def goodbye_hint(frames: Iterable[Frame]) -> int | None:
+    """The hint of the last ``goodbye`` among ``frames`` (ms), or None when there is none.
+
+    For frames a connection received before it was live: a node over its limit answers
+    ``auth`` with a ``goodbye`` (``overloaded``) and close 1013 instead of a reply."""
+    hint = None
+    for frame in frames:
+        ms = _goodbye_ms(frame)
+        if ms is not None:
+            hint = ms
+    return hint
+
+
+def refusal_hint(response: Response) -> int | None:
+    """The retry hint (ms) of an HTTP response refusing the websocket upgrade, or None.
+
+    Only a 503 carries one: its body as a ``goodbye`` frame (``reconnect_after_ms``, the
+    node's own spread hint), else its ``Retry-After`` header (whole seconds; an HTTP date is
+    not read). A hint must be positive: 0 would retry at once without growing the backoff,
+    a tight loop against a refusing node. None: fall back to the backoff."""
+    if response.status_code != 503:
+        return None
+    try:
+        body_ms = _goodbye_ms(json.loads(response.body))
+    except (ValueError, RecursionError):  # not JSON ("draining\n"), not UTF-8
+        body_ms = None
+    if body_ms is not None and body_ms > 0:
+        return body_ms
+    seconds = next(iter(response.headers.get_all("Retry-After")), "").strip()
+    if seconds.isascii() and seconds.isdigit() and int(seconds) > 0:
+        return min(int(seconds), HINT_CAP_MS // 1000) * 1000
+    return None
 
 
 def reconnect_delay(
@@ -317,15 +367,20 @@ def reconnect_delay(
     rng: random.Random,
 ) -> float | None:
     """The decision after a connection ends or an attempt fails: seconds to wait before the
-    next attempt, or None to stop for good.
+    next attempt, or None to stop for good. ``goodbye_ms`` is the server's hint, if it gave
+    one: a ``goodbye`` frame before the close (:func:`goodbye_hint`), or an HTTP 503 refusing
+    the upgrade (:func:`refusal_hint`; ``code`` is then None).
 
-    ==========================================  ===========================================
-    1008 with a reason in ``FATAL_REASONS``     stop (None)
-    a ``goodbye`` came first                    :func:`goodbye_delay` of its hint
-    1013 (overloaded)                           backoff, at least ``OVERLOAD_MIN_ATTEMPT``
-    anything else (other codes, no close at     backoff
-    all: refused, timed out, dropped)
-    ==========================================  ===========================================
+    ===========================================  ==========================================
+    1008 with a reason in ``FATAL_REASONS``      stop (None), hint or not
+    a hint: a ``goodbye`` came first (with any   :func:`goodbye_delay` of the hint; the
+    close, 1013 ``overloaded`` included), or a   backoff is neither consulted nor grown
+    503 with a goodbye body or ``Retry-After``   (a hint is not a failure)
+    1013 (overloaded) without a ``goodbye``      backoff, at least ``OVERLOAD_MIN_ATTEMPT``
+    anything else (other codes, no close at      backoff
+    all: refused, timed out, dropped; an HTTP
+    503 with no hint, or any other status)
+    ===========================================  ==========================================
     """
     if is_fatal_close(code, reason):
         return None
@@ -364,10 +419,12 @@ class ResilientClient:
     :meth:`wait_connected` to wait for the first connection. Each attempt uses the next of
     ``urls`` (any node serves any user) and must open the websocket, read ``hello`` and
     authenticate within ``connect_timeout``. After a failure or a dropped connection it waits
-    as :func:`reconnect_delay` decides: ``goodbye`` hints, else :class:`Backoff` (reset once
-    authenticated). A 1008 close or ``auth`` error for a bad, expired or revoked token or an
-    inactive account is final: ``fatal`` is set, nothing reconnects, and the event stream and
-    requests raise :class:`FatalConnectionError`.
+    as :func:`reconnect_delay` decides: the server's hint (a ``goodbye`` frame, also one
+    answering ``auth`` before a 1013 close; or an HTTP 503 refusing the upgrade, with a
+    ``goodbye`` body or ``Retry-After``) without growing the backoff, else :class:`Backoff`
+    (reset once authenticated). A 1008 close or ``auth`` error for a bad, expired or revoked
+    token or an inactive account is final: ``fatal`` is set, nothing reconnects, and the
+    event stream and requests raise :class:`FatalConnectionError`.
 
     *Resuming.* Every ``auth`` after the first success carries ``resume = {session_id, seq:
     position}``. When the reply says ``resumed``, the missed events follow and then a
@@ -391,6 +448,11 @@ class ResilientClient:
     a connection lost before the reply raises ``ConnectionError`` (retrying is the caller's
     call). :meth:`post` retries ``messages.post`` with one ``client_msg_id``, which the server
     de-duplicates, until it is acknowledged.
+
+    *Counters* (for tests and benchmarks): ``attempts``, ``connects``, ``resumes``,
+    ``pings``; and how each wait before a reconnect was chosen: ``hints`` (a server hint
+    honoured) or ``backoffs`` (the backoff drawn); ``refusals`` counts attempts whose upgrade
+    the server refused with an HTTP status (503: overloaded or draining).
     """
 
     def __init__(
@@ -419,6 +481,9 @@ class ResilientClient:
         self.resumes = 0  # ... of which resumed
         self.attempts = 0  # connection attempts
         self.pings = 0  # heartbeats sent
+        self.hints = 0  # reconnect waits taken from a server hint (goodbye, 503)
+        self.backoffs = 0  # reconnect waits drawn from the backoff
+        self.refusals = 0  # attempts whose upgrade was refused with an HTTP status
         self.last_close: tuple[int | None, str] | None = None  # (code, reason) of the last end
         self._events: asyncio.Queue[Frame | None] = asyncio.Queue()  # None: stopped
         self._changed = asyncio.Event()  # pulsed when client/fatal/stopped change
@@ -578,7 +643,7 @@ class ResilientClient:
         """Every frame of the live connection that answers no request, in order."""
         kind = frame.get("type")
         if kind == "goodbye":
-            self._goodbye_ms = int(frame.get("reconnect_after_ms") or 0)
+            self._goodbye_ms = goodbye_hint([frame])
         elif kind == "resumed":
             self.cursor.advance(int(frame["seq"]))
             self._deliver(frame)
@@ -599,6 +664,10 @@ class ResilientClient:
                     log.warning("not reconnecting: %s %s", code, reason)
                     self.fatal = FatalConnectionError(code, reason)
                     return
+                if self._goodbye_ms is not None:  # reconnect_delay took the hint
+                    self.hints += 1
+                else:
+                    self.backoffs += 1
                 log.debug("reconnecting in %.2fs after %s %s", delay, code, reason)
                 await asyncio.sleep(delay)
         except Exception as exc:  # a bug: stop rather than spin
@@ -614,10 +683,12 @@ class ResilientClient:
 
     async def _connection(self, url: str) -> tuple[int | None, str]:
         """One attempt: connect, authenticate (resuming), serve until the connection ends.
-        Returns the close code and reason (``None``/description when there was no close)."""
+        Returns the close code and reason (``None``/description when there was no close)
+        and leaves the server's hint, if any, in ``_goodbye_ms``."""
         self._goodbye_ms = None
         client: Client | None = None
         heartbeat: asyncio.Task[None] | None = None
+        failure: str | None = None  # the attempt failed without a close from the server
         try:
             async with asyncio.timeout(self.connect_timeout):
                 client = await Client.open(url)
@@ -634,10 +705,18 @@ class ResilientClient:
         except RequestError as exc:
             # A refused auth closes with 1008 and the error code as the reason.
             return int(CloseCode.POLICY_VIOLATION), exc.code
+        except InvalidStatus as exc:
+            # The node refused the upgrade (503: overloaded or draining), maybe with a hint.
+            log.debug("connection to %s refused: %s", url, exc)
+            self.refusals += 1
+            self._goodbye_ms = refusal_hint(exc.response)
+            return None, f"HTTP {exc.response.status_code}"
         except (OSError, TimeoutError, WebSocketException, ValueError) as exc:
             log.debug("connection to %s failed: %r", url, exc)
-            if client is None or not client.closed.is_set():
-                return None, repr(exc)
+            if client is None and isinstance(exc, ConnectionClosed) and exc.rcvd is not None:
+                return exc.rcvd.code, exc.rcvd.reason  # closed before hello (1013, ...)
+            if client is None or client.ws.close_code is None:
+                failure = repr(exc)
         finally:
             if heartbeat is not None:
                 heartbeat.cancel()
@@ -646,7 +725,15 @@ class ResilientClient:
             if client is not None:
                 self.client = None
                 self._notify()
-                await client.close()
+                await client.close()  # the reader has consumed every frame after this
+                if client.on_frame is None:
+                    # Never live: a goodbye answering auth (or sent instead of hello) is
+                    # still queued here, unread.
+                    hint = goodbye_hint([client.hello, *client.drain_events()])
+                    if hint is not None:
+                        self._goodbye_ms = hint
+        if failure is not None or client is None:
+            return None, failure or "no connection"
         return client.ws.close_code, client.ws.close_reason or ""
 
     def _resume_point(self) -> Frame | None:

@@ -1,4 +1,5 @@
-"""The resilient client's decisions, without sockets: backoff, event cursor, close handling."""
+"""The resilient client's decisions, without sockets: backoff, event cursor, close handling,
+the server's retry hints (goodbye frames, HTTP 503 refusals)."""
 
 from __future__ import annotations
 
@@ -6,16 +7,22 @@ import random
 import statistics
 
 import pytest
+from websockets.datastructures import Headers
+from websockets.http11 import Response
 
 from chat.client import (
     FATAL_REASONS,
+    HINT_CAP_MS,
     OVERLOAD_MIN_ATTEMPT,
     Backoff,
     EventCursor,
+    Frame,
     ResilientClient,
     goodbye_delay,
+    goodbye_hint,
     is_fatal_close,
     reconnect_delay,
+    refusal_hint,
 )
 from chat.errors import CloseCode
 
@@ -232,6 +239,143 @@ def test_goodbye_hint_wins_over_backoff_for_the_close_that_follows() -> None:
         assert d is not None
         assert 0.5 <= d <= 1.0
     assert b.attempts == 0  # the backoff was not consulted
+
+
+# ------------------------------------------------------------------ overload hints (issue 7)
+
+OVERLOADED = b'{"type":"goodbye","reason":"overloaded","reconnect_after_ms":1500}'
+
+
+def refused(status: int, body: bytes = b"", **headers: str) -> Response:
+    """An HTTP response refusing the upgrade, as websockets hands it over in InvalidStatus."""
+    h = Headers()
+    for name, value in headers.items():
+        h[name.replace("_", "-")] = value
+    return Response(status, "Refused", h, body)
+
+
+def after_refusal(response: Response, backoff: Backoff, rng: random.Random) -> float | None:
+    """What the client decides after ``response`` refused an attempt (as ``_connection``
+    reports it: no close code, and the response's hint)."""
+    return reconnect_delay(
+        None, f"HTTP {response.status_code}", refusal_hint(response), backoff, rng
+    )
+
+
+class Fixed(random.Random):
+    """An rng whose random() is always ``value``: ``uniform(a, b)`` is then predictable."""
+
+    def __init__(self, value: float) -> None:
+        super().__init__(0)
+        self.value = value
+
+    def random(self) -> float:
+        return self.value
+
+
+def test_503_with_a_goodbye_body_waits_the_bodys_hint_and_leaves_the_backoff_alone() -> None:
+    # The body's hint (1500 ms, spread by the server) wins over the rounded-up header (2 s).
+    response = refused(503, OVERLOADED, Retry_After="2", Content_Type="application/json")
+    assert refusal_hint(response) == 1500
+    b = Backoff(base=50, cap=50, rng=random.Random(1))
+    b.attempts = 4  # earlier failures: a hint neither grows nor resets the count
+    for jitter, expected in [(0.0, 1.5), (0.5, 2.25), (1.0, 3.0)]:
+        assert after_refusal(response, b, Fixed(jitter)) == pytest.approx(expected)
+    assert b.attempts == 4
+
+
+def test_503_with_only_retry_after_waits_that_many_seconds_plus_jitter() -> None:
+    response = refused(503, b"", Retry_After="3")
+    assert refusal_hint(response) == 3000
+    b = Backoff(base=50, cap=50, rng=random.Random(1))
+    rng = random.Random(6)
+    draws = [after_refusal(response, b, rng) for _ in range(500)]
+    assert all(d is not None and 3.0 <= d <= 6.0 for d in draws)
+    assert b.attempts == 0
+
+
+def test_the_draining_503_hints_its_retry_after() -> None:
+    # The node's drain refusal: a text body, not a goodbye; its Retry-After still counts.
+    assert refusal_hint(refused(503, b"draining\n", Retry_After="1")) == 1000
+
+
+@pytest.mark.parametrize(
+    "response",
+    [
+        refused(503),
+        refused(503, b"draining\n"),
+        refused(503, b"\xff\xfe not json"),
+        refused(503, b'{"type":"error","reconnect_after_ms":500}'),  # not a goodbye
+        refused(503, b'{"type":"goodbye","reason":"overloaded"}'),  # no hint in it
+        refused(503, b'{"type":"goodbye","reason":"overloaded","reconnect_after_ms":0}'),
+        refused(503, b'{"type":"goodbye","reason":"overloaded","reconnect_after_ms":"5"}'),
+        refused(503, b"[1, 2]"),
+        refused(503, Retry_After="0"),  # 0 would retry at once, in a loop
+        refused(503, Retry_After="-1"),
+        refused(503, Retry_After="1.5"),
+        refused(503, Retry_After="Wed, 21 Oct 2026 07:28:00 GMT"),  # dates are not read
+        refused(429, Retry_After="3"),  # only the 503 is the contract's refusal
+        refused(403, OVERLOADED),
+    ],
+    ids=lambda r: f"{r.status_code}-{bytes(r.body)[:12]!r}-{r.headers.get_all('Retry-After')}",
+)
+def test_a_refusal_without_a_usable_hint_falls_back_to_the_backoff(response: Response) -> None:
+    assert refusal_hint(response) is None
+    b = Backoff(base=1, cap=100, rng=random.Random(2))
+    delays = [after_refusal(response, b, random.Random()) for _ in range(5)]
+    assert b.attempts == 5  # each one grew the backoff
+    for n, d in enumerate(delays):
+        assert d is not None
+        assert 0 <= d <= 2**n
+
+
+def test_an_absurd_hint_is_capped() -> None:
+    assert refusal_hint(refused(503, Retry_After="99999999999999999999")) == HINT_CAP_MS
+    assert goodbye_delay(10**12, Fixed(1.0)) == pytest.approx(2 * HINT_CAP_MS / 1000)
+
+
+def test_goodbye_hint_is_the_last_goodbye_among_the_frames() -> None:
+    hello: Frame = {"type": "hello", "heartbeat_interval_ms": 30000}
+    overloaded: Frame = {"type": "goodbye", "reason": "overloaded", "reconnect_after_ms": 700}
+    assert goodbye_hint([]) is None
+    assert goodbye_hint([hello, {"type": "typing"}]) is None
+    assert goodbye_hint([hello, overloaded]) == 700
+    assert goodbye_hint([overloaded]) == 700  # sent instead of hello
+    later: Frame = {"type": "goodbye", "reason": "service_restart", "reconnect_after_ms": 50}
+    assert goodbye_hint([hello, overloaded, later]) == 50
+    assert goodbye_hint([{"type": "goodbye", "reason": "too_slow"}]) == 0  # no hint: at once
+
+
+def test_goodbye_overloaded_then_1013_waits_the_hint_not_the_overload_backoff() -> None:
+    # The after-upgrade refusal: goodbye (overloaded) answering auth, then close 1013. The
+    # hint wins over the 1013 rule (backoff from OVERLOAD_MIN_ATTEMPT), and the backoff is
+    # not consulted.
+    frames: list[Frame] = [
+        {"type": "hello"},
+        {"type": "goodbye", "reason": "overloaded", "reconnect_after_ms": 400},
+    ]
+    b = Backoff(base=50, cap=50, rng=random.Random(1))
+    for jitter in (0.0, 0.5, 1.0):
+        d = reconnect_delay(1013, "overloaded", goodbye_hint(frames), b, Fixed(jitter))
+        assert d == pytest.approx(0.4 * (1 + jitter))
+    assert b.attempts == 0
+    # Without the goodbye, the same close backs off from the overload attempt on.
+    d = reconnect_delay(1013, "overloaded", goodbye_hint(frames[:1]), b, random.Random(1))
+    assert d is not None
+    assert b.attempts == OVERLOAD_MIN_ATTEMPT + 1
+
+
+def test_hints_never_grow_the_backoff_however_many() -> None:
+    # A storm: one failure, then twenty hinted refusals of each kind; the backoff still
+    # stands where the one failure left it.
+    b = Backoff(base=0.5, cap=20, rng=random.Random(3))
+    rng = random.Random(4)
+    assert reconnect_delay(None, "refused", None, b, rng) is not None
+    for _ in range(20):
+        assert after_refusal(refused(503, OVERLOADED), b, rng) is not None
+        assert after_refusal(refused(503, Retry_After="1"), b, rng) is not None
+        assert reconnect_delay(1013, "overloaded", 250, b, rng) is not None
+    assert b.attempts == 1
 
 
 # ------------------------------------------------------------------ construction
