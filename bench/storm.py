@@ -1,28 +1,47 @@
-"""Reconnect-storm benchmark against one chat node: ``python -m bench.storm``.
+"""Reconnect-storm benchmark: ``python -m bench.storm`` (issue 7).
 
-Cold storm: N clients (``--clients``, default 2,000) open a websocket to one ``chat serve``
-and send ``auth`` all at once (``wsblast --storm --batch 0``: every connect() is issued at
-once, no client-side limit on handshakes in flight). Each client gives up after
-``--timeout`` seconds (default 10) from its connect(), with no retry: failures are counted by
-kind (timeout, upgrade refused with its HTTP status, error frame, server close with its close
-code, socket error).
+Two scenarios (``--scenario``):
 
-1. store: the embedded SQLite file (default), or ``--store postgres``: a throwaway PostgreSQL
-   (:class:`tests.pg.TempPostgres`, as bench.fanout starts it, plus ``pg_stat_statements``
-   preloaded) pinned to CPU 0 with the node; ``--redis`` also starts a
-   :class:`tests.cluster.TempRedis` (on CPU 0) and gives the node ``CHAT_REDIS_URL``;
-2. seed a workspace of N+1 users (``chat admin seed``); users[0] warms the node up (one
-   connect + auth), users[1..N] storm;
-3. ``chat serve`` pinned to CPU 0, wsblast and this harness on CPU 1 (``--no-pin``: off);
-4. measured: time from the first connect() until the last client is authenticated, p50/p99
-   of time-to-authenticated (and time to the 101), failures; the node's CPU seconds until
-   the storm settled (every client authenticated or failed) and until it went idle, its peak
-   RSS (sampled every 100 ms, and VmHWM); PostgreSQL statements per client
-   (``sum(calls)`` of pg_stat_statements for the node's database, reset before the storm)
-   and transactions per client (``pg_stat_database.xact_commit + xact_rollback``); Redis
-   commands per client (``INFO stats``); the kernel's listen-queue overflows and TCP
-   retransmissions (``/proc/net``, machine-wide);
-5. everything started here is stopped by PID, also on errors, Ctrl-C and SIGTERM.
+**cold** (default): N clients (``--clients``, default 2,000) open a websocket to one ``chat
+serve`` and send ``auth`` all at once (``wsblast --storm --batch 0``: every connect() is
+issued at once, no client-side limit on handshakes in flight). Each attempt gives up after
+``--timeout`` seconds (default 10) from its connect(); by default with no retry
+(``--attempts 1``). Failures are counted by kind (timeout, upgrade refused with its HTTP
+status, error frame, server close with its close code, socket error); retry hints (an HTTP
+503 with ``reconnect_after_ms``, a ``goodbye`` before a 1013 close) are followed (the hint
+plus up to as much jitter) and counted apart: a hint uses no attempt.
+
+**kill**: two nodes A and B (PostgreSQL + Redis: ``--store postgres --redis``, implied).
+All N clients connect to A (paced, ``--connect-batch`` in flight) and go live; a poster
+(users[0], an asyncio client in this process) connected to B posts ``--post-rate``
+messages/s into the channel every client is in; after ``--post-before`` s, A is SIGKILLed.
+Every client reconnects to B (``wsblast --failover-port``) after uniform(0, ``--jitter-ms``)
+ms (0: all at once) and resumes (``auth`` with ``resume``: its session and the last durable
+``seq`` it saw; live again at the ``resumed`` frame). Measured from the kill: time until all
+are live again, p50/p99 per client, hints, timeouts and other failures (each failed attempt
+backs off exponentially with full jitter, as the client library does; a hint does not grow
+the backoff); PostgreSQL statements per client (``pg_stat_statements``, reset right before
+the kill) and Redis commands per client (``INFO commandstats`` delta), both also net of the
+background rate (poster, idle nodes) measured over the ``--post-before`` window; node B's
+CPU. Then the poster goes on for ``--post-after`` s and stops, deliveries settle, and every
+client live at the end must hold exactly the number of messages the poster stored in
+PostgreSQL (it started after all clients were live and stopped before the count): fewer is
+lost, a durable ``seq`` seen twice on a connection is a duplicate.
+
+Both: ``--procs K`` wsblast processes share the clients (10,000 clients need two: the
+file-descriptor limit is 20,000); they start together (``--go``). Nodes, PostgreSQL and
+Redis run on CPU 0; wsblast, the poster and this harness on CPU 1 (``--no-pin``: off).
+The store is seeded with N+1 users (``chat admin seed``); users[0] warms every node up
+(one connect + auth) and posts, users[1..N] are the clients.
+
+Before/after in one run: ``--chat-src [LABEL=]DIR`` (repeatable) runs seed and nodes from
+another checkout (``PYTHONPATH=DIR``, ``PYTHONSAFEPATH=1``, same venv), each on a fresh
+store, one after the other; the table has a column per source. Without it, the working
+tree runs. E.g. ``git worktree add /work/before e1563d2`` and ``git worktree add
+/work/after HEAD``, then ``--chat-src before=/work/before --chat-src after=/work/after``.
+
+Everything started here is stopped by PID, also on errors, Ctrl-C and SIGTERM; every wait is
+bounded (``--storm-max`` per storm, wsblast's own ``--max-seconds``).
 
 Results: ``bench/results/storm-<date>.json``; a Markdown table is printed at the end.
 """
@@ -34,6 +53,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import json
+import math
 import os
 import shutil
 import signal
@@ -42,6 +62,9 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -65,7 +88,7 @@ from bench.fanout import (
     wait_ready,
     write_results,
 )
-from bench.infra import cpu_busy, cpu_times, source_state
+from bench.infra import NODE_ENV, cpu_busy, cpu_times, source_state
 
 if TYPE_CHECKING:
     from tests.cluster import TempRedis
@@ -78,12 +101,65 @@ PG_SETTINGS = {
     "pg_stat_statements.track": "all",
     "pg_stat_statements.track_utility": "on",
     "pg_stat_statements.max": "5000",
-    # The node's pool (CHAT_DB_POOL_MAX_SIZE, default 20) plus our own connections.
+    # Two nodes' pools (CHAT_DB_POOL_MAX_SIZE, default 20) plus our own connections.
     "max_connections": "200",
 }
 # PostgreSQL >= 15 flushes a backend's pending statistics (pg_stat_database) at most once a
 # second while busy, and within 10 s once idle: xact_commit is read this long after the storm.
 PG_STATS_FLUSH_S = 11.0
+FAIL_MATCH = '"type":"error"'  # a frame before the auth reply that fails the attempt
+PING = '{"type":"ping","id":"hb"}'
+# Redis commands that are ours (reading the counters), not the nodes'.
+OWN_REDIS_COMMANDS = {"info", "config|resetstat", "config", "ping", "client|setinfo"}
+
+
+# --------------------------------------------------------------------------------- sources
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where the chat code comes from: the working tree (``path`` None) or another checkout,
+    run with ``PYTHONPATH=path`` and ``PYTHONSAFEPATH=1`` (so the working directory, this
+    repository, is not searched first)."""
+
+    label: str
+    path: Path | None
+
+    @classmethod
+    def parse(cls, text: str) -> Source:
+        label, sep, path = text.partition("=")
+        if not sep:
+            label, path = Path(text).name or text, text
+        p = Path(path).resolve()
+        if not (p / "chat" / "__init__.py").is_file():
+            raise argparse.ArgumentTypeError(f"{p} has no chat/ package")
+        return cls(label, p)
+
+    def env(self) -> dict[str, str]:
+        if self.path is None:
+            return {}
+        return {"PYTHONPATH": str(self.path), "PYTHONSAFEPATH": "1"}
+
+    def state(self) -> dict[str, Any]:
+        """The checkout's commit and any uncommitted change under chat/."""
+        if self.path is None:
+            return {"path": str(REPO), **source_state()}
+        try:
+            rev = subprocess.run(
+                ["git", "-C", str(self.path), "rev-parse", "--short", "HEAD"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            ).stdout.strip()
+            dirty = subprocess.run(
+                ["git", "-C", str(self.path), "status", "--porcelain", "--", "chat"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            ).stdout.splitlines()
+        except (OSError, subprocess.SubprocessError):
+            return {"path": str(self.path)}
+        return {"path": str(self.path), "git_rev": rev or None, "chat_uncommitted": dirty}
 
 
 # ----------------------------------------------------------------------------------- /proc
@@ -224,15 +300,231 @@ async def _pg_counts(admin_dsn: str, db: str, statements: bool, top: int = 0) ->
         await conn.close()
 
 
+async def _pg_statements(admin_dsn: str, db: str, top: int = 0) -> dict[str, Any]:
+    """pg_stat_statements of database ``db`` (read from the maintenance database, so our own
+    queries are not counted): total calls and the ``top`` most called statements."""
+    import asyncpg
+
+    conn = await asyncpg.connect(admin_dsn, timeout=10)
+    try:
+        dbid = await conn.fetchval("SELECT oid FROM pg_database WHERE datname = $1", db)
+        total = await conn.fetchval(
+            "SELECT coalesce(sum(calls), 0) FROM pg_stat_statements WHERE dbid = $1", dbid
+        )
+        out: dict[str, Any] = {"statements": int(total)}
+        if top:
+            rows = await conn.fetch(
+                "SELECT calls, left(regexp_replace(query, '\\s+', ' ', 'g'), 160) AS query "
+                "FROM pg_stat_statements WHERE dbid = $1 ORDER BY calls DESC LIMIT $2",
+                dbid,
+                top,
+            )
+            out["top_statements"] = [{"calls": r["calls"], "query": r["query"]} for r in rows]
+        return out
+    finally:
+        await conn.close()
+
+
+async def _pg_count_posted(dsn: str, channel_id: int, user_id: int) -> int:
+    """Messages stored in the channel by the poster: what every client must have received."""
+    import asyncpg
+
+    conn = await asyncpg.connect(dsn, timeout=10)
+    try:
+        n = await conn.fetchval(
+            "SELECT count(*) FROM messages WHERE channel_id = $1 AND user_id = $2",
+            channel_id,
+            user_id,
+        )
+        return int(n)
+    finally:
+        await conn.close()
+
+
+# ---------------------------------------------------------------------------------- poster
+
+
+class Poster(threading.Thread):
+    """users[0] posting ``rate`` messages/s into the channel (a fixed schedule, not waiting
+    for replies) until :meth:`stop` or ``max_s``; its own asyncio loop in a thread of the
+    harness (CPU 1). PostgreSQL, not this count, is the truth for the delivery check."""
+
+    def __init__(self, url: str, token: str, channel_id: int, rate: float, max_s: float):
+        super().__init__(name="poster", daemon=True)
+        self.url, self.token, self.channel_id = url, token, channel_id
+        self.rate, self.max_s = rate, max_s
+        self.run_id = uuid.uuid4().hex[:8]
+        self.ready = threading.Event()
+        self.stopping = threading.Event()
+        self.sent = self.acked = self.errors = 0
+        self.error: str | None = None
+        self.error_sample: str | None = None
+
+    def run(self) -> None:
+        try:
+            asyncio.run(self._main())
+        except Exception as exc:
+            self.error = f"{type(exc).__name__}: {exc}"[:300]
+        finally:
+            self.ready.set()  # never leave a waiter hanging
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self.stopping.set()
+        self.join(timeout)
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "rate": self.rate,
+            "sent": self.sent,
+            "acked": self.acked,
+            "errors": self.errors,
+            "error": self.error,
+            "error_sample": self.error_sample,
+        }
+
+    async def _main(self) -> None:
+        from websockets.asyncio.client import ClientConnection, connect
+
+        async def read(ws: ClientConnection) -> None:
+            async for raw in ws:
+                frame = json.loads(raw)
+                rid = frame.get("reply_to")
+                if isinstance(rid, str) and rid.startswith("p"):
+                    if frame.get("type") == "reply":
+                        self.acked += 1
+                    else:
+                        self.errors += 1
+                        self.error_sample = self.error_sample or str(raw)[:300]
+
+        async with asyncio.timeout(self.max_s + 90):
+            async with connect(self.url, compression=None, max_size=None, open_timeout=30) as ws:
+                hello = json.loads(await ws.recv())
+                if hello.get("type") != "hello":
+                    raise BenchError(f"poster: expected hello, got {hello!r}"[:300])
+                auth = {"type": "auth", "id": "poster-auth", "token": self.token}
+                await ws.send(json.dumps(auth))
+                while True:
+                    frame = json.loads(await ws.recv())
+                    if frame.get("reply_to") == "poster-auth":
+                        if frame.get("type") != "reply":
+                            raise BenchError(f"poster: auth refused: {frame!r}"[:300])
+                        break
+                self.ready.set()
+                reader = asyncio.create_task(read(ws))
+                start, i = time.monotonic(), 0
+                while not self.stopping.is_set() and time.monotonic() - start < self.max_s:
+                    delay = start + i / self.rate - time.monotonic()
+                    if delay > 0:
+                        await asyncio.sleep(min(delay, 0.1))
+                        continue
+                    post = {
+                        "type": "messages.post",
+                        "id": f"p{i}",
+                        "channel_id": self.channel_id,
+                        "client_msg_id": f"{self.run_id}-{i}",
+                        "text": f"storm {i}",
+                    }
+                    await ws.send(json.dumps(post, separators=(",", ":")))
+                    self.sent += 1
+                    i += 1
+                deadline = time.monotonic() + 15  # the replies still on their way
+                while self.acked + self.errors < self.sent and time.monotonic() < deadline:
+                    if reader.done():
+                        break
+                    await asyncio.sleep(0.05)
+                reader.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await reader
+
+
+# ------------------------------------------------------------------------- wsblast reports
+
+
+def pct(values: Sequence[float], q: float) -> float | None:
+    """The q-quantile as wsblast computes it (the ceil(q*n)-th smallest)."""
+    if not values:
+        return None
+    s = sorted(values)
+    return s[max(0, min(len(s) - 1, math.ceil(q * len(s) - 1e-9) - 1))]
+
+
+STORM_SUMS = (
+    "conns ok failed unfinished not_lost out_before live_now connects retries max_inflight "
+    "upgraded conn_errors timeouts refused error_frames server_closed hints hint_wait_ms "
+    "goodbyes resumed replayed switched lost"
+).split()
+STORM_DICTS = ("hint_kinds", "resume_errors", "close_codes", "http_status")
+
+
+def merge_storm(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """One STORM report from those of the K wsblast processes of a round: counts summed,
+    percentiles over every client, times from the earliest process's start (round 0) or
+    from the MARK (later rounds: the same instant for all)."""
+    out: dict[str, Any] = {k: sum(int(r.get(k, 0)) for r in reports) for k in STORM_SUMS}
+    for key in STORM_DICTS:
+        merged: dict[str, int] = {}
+        for r in reports:
+            for k, v in r.get(key, {}).items():
+                merged[k] = merged.get(k, 0) + int(v)
+        out[key] = merged
+    t0 = min(int(r["t0_ns"]) for r in reports)
+    ready = [x for r in reports for x in r.get("ready_ms", [])]
+    hs = [x for r in reports for x in r.get("handshake_ms", [])]
+    last_ns = max(int(r["last_ready_ns"]) for r in reports)
+    out |= {
+        "round": reports[0]["round"],
+        "procs": len(reports),
+        "attempts": reports[0]["attempts"],
+        "t0_ns": t0,
+        "last_ready_ms": round((last_ns - t0) / 1e6, 1) if ready else None,
+        "settled_ms": round(
+            max(float(r["settled_ms"]) + (int(r["t0_ns"]) - t0) / 1e6 for r in reports), 1
+        ),
+        "ready_p50_ms": pct(ready, 0.5),
+        "ready_p90_ms": pct(ready, 0.9),
+        "ready_p99_ms": pct(ready, 0.99),
+        "ready_max_ms": pct(ready, 1.0),
+        "handshake_p50_ms": pct(hs, 0.5),
+        "handshake_p99_ms": pct(hs, 0.99),
+        "handshake_max_ms": pct(hs, 1.0),
+        "cpu_s": round(sum(r["cpu_user_s"] + r["cpu_sys_s"] for r in reports), 3),
+        "per_proc": [
+            {k: v for k, v in r.items() if k not in ("ready_ms", "handshake_ms")} for r in reports
+        ],
+    }
+    return out
+
+
+def merge_counts(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    keys = (
+        "conns live posted dups conns_exact conns_short short_sum conns_over over_sum "
+        "conns_with_dups not_live not_live_posted not_live_dups"
+    ).split()
+    out: dict[str, Any] = {k: sum(int(r[k]) for r in reports) for k in keys}
+    live = [r for r in reports if r["live"]]
+    out["expected"] = reports[0]["expected"]
+    out["min_posted"] = min((r["min_posted"] for r in live), default=None)
+    out["max_posted"] = max((r["max_posted"] for r in live), default=None)
+    return out
+
+
+def redis_delta(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
+    """Calls per command between two INFO commandstats readings, without our own."""
+    out = {k: v - before.get(k, 0) for k, v in after.items() if k not in OWN_REDIS_COMMANDS}
+    return {k: v for k, v in sorted(out.items(), key=lambda kv: -kv[1]) if v}
+
+
 # ----------------------------------------------------------------------------------- storm
 
 
 class Storm:
-    """One run: the store (and Redis), the seed, the node, the warm-up, the storm."""
+    """One run of one scenario against one source: the store (and Redis), the seed, the
+    node(s), the warm-up, the storm."""
 
-    def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
+    def __init__(self, args: argparse.Namespace, workdir: Path, source: Source) -> None:
         self.args = args
         self.dir = workdir
+        self.source = source
         self.pin = args.pin
         self.pg: TempPostgres | None = None
         self.redis: TempRedis | None = None
@@ -268,8 +560,10 @@ class Storm:
             else:
                 print("# storm: PostgreSQL stopped", flush=True)
 
-    def env(self) -> dict[str, str]:
+    def env(self, node: str = "") -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("CHAT_")}
+        env.pop("PYTHONPATH", None)
+        env.update(self.source.env())
         if self.pg is not None:
             env["CHAT_DATABASE_URL"] = self.pg.dsn_for(DB)
         else:
@@ -281,6 +575,9 @@ class Storm:
             CHAT_LOG_LEVEL="warning",
             CHAT_SECRET_KEY=SECRET,
         )
+        if node:
+            env.update(NODE_ENV)
+            env["CHAT_NODE_ID"] = node
         for item in self.args.chat_env:
             key, _, value = item.partition("=")
             env[key] = value
@@ -338,23 +635,47 @@ class Storm:
     def postmaster_pid(self) -> int | None:
         return self.pg.postmaster_pid if self.pg is not None else None
 
+    def _redis_info(self, section: str) -> dict[str, Any]:
+        import redis
+
+        assert self.redis is not None
+        client = redis.Redis(host="127.0.0.1", port=self.redis.port, socket_timeout=10)
+        try:
+            return dict(client.info(section))
+        finally:
+            client.close()
+
     def redis_commands(self) -> int | None:
         if self.redis is None:
             return None
-        import redis
+        return int(self._redis_info("stats")["total_commands_processed"])
 
-        client = redis.Redis(host="127.0.0.1", port=self.redis.port, socket_timeout=10)
-        try:
-            return int(client.info("stats")["total_commands_processed"])
-        finally:
-            client.close()
+    def redis_commandstats(self) -> dict[str, int]:
+        """Calls per command so far (INFO commandstats)."""
+        if self.redis is None:
+            return {}
+        out = {}
+        for key, value in self._redis_info("commandstats").items():
+            name = key.removeprefix("cmdstat_")
+            if isinstance(value, dict) and "calls" in value:
+                out[name] = int(value["calls"])
+        return out
 
     def pg_counts(self, top: int = 0) -> dict[str, Any] | None:
         if self.pg is None:
             return None
         return asyncio.run(_pg_counts(self.pg.dsn, DB, self.statements, top))
 
-    # -- run ------------------------------------------------------------------------------
+    def pg_reset(self) -> None:
+        if self.pg is not None and self.statements:
+            asyncio.run(_pg_exec(self.pg.dsn, "SELECT pg_stat_statements_reset()"))
+
+    def pg_statements(self, top: int = 0) -> dict[str, Any] | None:
+        if self.pg is None or not self.statements:
+            return None
+        return asyncio.run(_pg_statements(self.pg.dsn, DB, top))
+
+    # -- pieces ---------------------------------------------------------------------------
 
     def seed(self, users: int) -> dict[str, Any]:
         argv = [self.args.python, "-m", "chat", "admin", "seed", "--workspace", "storm"]
@@ -374,42 +695,95 @@ class Storm:
         print(f"# storm: seeded {users} users in {time.monotonic() - t0:.1f}s", flush=True)
         return seed
 
+    def start_node(self, name: str, port: int, node_id: str = "") -> tuple[Proc, float]:
+        argv = [self.args.python, "-m", "chat", "serve", "--host", "127.0.0.1", "--port", str(port)]
+        node = self.start(name, argv, SERVER_CPU, env=self.env(node_id), pipes=False)
+        return node, wait_ready(node, port, self.args.start_timeout)
+
     def blast_argv(self, port: int, n: int, auth: Path) -> list[str]:
         argv = [str(WSBLAST), "--port", str(port), "--path", "/", "--conns", str(n)]
         argv += ["--auth-file", str(auth), "--ready-frames", "1", "--ready-match", AUTH_ID]
-        argv += ["--fail-match", '"error"']
+        argv += ["--fail-match", FAIL_MATCH]
         return argv
 
-    def run(self) -> dict[str, Any]:
-        args, n = self.args, self.args.clients
-        self.start_store()
-        seed = self.seed(n + 1)
-        lines = [
-            json.dumps({"type": "auth", "id": AUTH_ID, "token": u["token"]}, separators=(",", ":"))
-            for u in seed["users"][: n + 1]
-        ]
-        warm, auth = self.dir / "warm.txt", self.dir / "auth.txt"
-        warm.write_text(lines[0] + "\n")
-        auth.write_text("".join(line + "\n" for line in lines[1:]))
+    def warm_up(self, port: int, line: str, name: str) -> None:
+        """One connect + auth (users[0]), so one-time costs stay out of the storm."""
+        path = self.dir / f"{name}.txt"
+        path.write_text(line + "\n")
+        argv = [*self.blast_argv(port, 1, path), "--expect-per-conn", "0"]
+        argv += ["--connect-timeout-ms", "30000", "--max-seconds", "60"]
+        warm = self.start(name, argv, CLIENT_CPU)
+        warm.expect("READY", 40)
+        warm.expect("RESULT", 10)
+        warm.stop()
 
+    def start_blasts(self, port: int, lines: list[str], extra: list[str]) -> list[Proc]:
+        """``--procs`` wsblast processes in storm mode, the clients split evenly; each waits
+        for GO (:meth:`go`)."""
+        k = min(self.args.procs, len(lines))
+        blasts = []
+        for i in range(k):
+            part = lines[i * len(lines) // k : (i + 1) * len(lines) // k]
+            path = self.dir / f"auth-{i}.txt"
+            path.write_text("".join(line + "\n" for line in part))
+            argv = [*self.blast_argv(port, len(part), path), "--storm", "--go", *extra]
+            if self.args.heartbeat_ms:
+                argv += ["--heartbeat-ms", str(self.args.heartbeat_ms), "--heartbeat-text", PING]
+            blasts.append(self.start(f"wsblast-{i}", argv, CLIENT_CPU))
+        for b in blasts:
+            b.expect("WAITING", 60)
+        return blasts
+
+    @staticmethod
+    def go(blasts: list[Proc]) -> None:
+        for b in blasts:
+            b.send("GO")
+
+    @staticmethod
+    def collect(blasts: list[Proc], timeout: float) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        return merge_storm(
+            [b.expect_json("STORM", max(1.0, deadline - time.monotonic())) for b in blasts]
+        )
+
+    def wsblast_common(self) -> list[str]:
+        a = self.args
+        argv = ["--conn-timeout-ms", str(int(a.timeout * 1000))]
+        argv += ["--storm-max-ms", str(int(a.storm_max * 1000))]
+        argv += ["--backoff-ms", str(a.backoff_ms), "--backoff-cap-ms", str(a.backoff_cap_ms)]
+        lifetime = 3 * a.storm_max + a.post_before + a.post_after + a.settle_max
+        argv += ["--max-seconds", str(int(lifetime + a.idle_timeout + 300))]
+        return argv
+
+    def auth_lines(self, seed: dict[str, Any]) -> list[str]:
+        return [
+            json.dumps({"type": "auth", "id": AUTH_ID, "token": u["token"]}, separators=(",", ":"))
+            for u in seed["users"][: self.args.clients + 1]
+        ]
+
+    # -- run ------------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        self.start_store()
+        seed = self.seed(self.args.clients + 1)
+        if self.args.scenario == "kill":
+            return self.run_kill(seed)
+        return self.run_cold(seed)
+
+    def run_cold(self, seed: dict[str, Any]) -> dict[str, Any]:
+        args, n = self.args, self.args.clients
+        lines = self.auth_lines(seed)
         port = free_port()
-        argv = [args.python, "-m", "chat", "serve", "--host", "127.0.0.1", "--port", str(port)]
-        server = self.start("server", argv, SERVER_CPU, env=self.env(), pipes=False)
-        startup_s = wait_ready(server, port, args.start_timeout)
-        # Warm-up: one connect + auth (users[0]), so one-time costs stay out of the storm.
-        wargv = [*self.blast_argv(port, 1, warm), "--expect-per-conn", "0"]
-        wargv += ["--connect-timeout-ms", "30000", "--max-seconds", "60"]
-        warmup = self.start("warmup", wargv, CLIENT_CPU)
-        warmup.expect("READY", 40)
-        warmup.expect("RESULT", 10)
-        warmup.stop()
+        server, startup_s = self.start_node("server", port)
+        self.warm_up(port, lines[0], "warmup")
+        extra = ["--attempts", str(args.attempts), "--batch", str(args.max_inflight)]
+        blasts = self.start_blasts(port, lines[1:], extra + self.wsblast_common())
         time.sleep(args.settle)
 
         log_offset = server.log.stat().st_size
         rss0, hwm0 = rss_bytes(server.pid), vm_hwm(server.pid)
         pm = self.postmaster_pid()
-        if self.pg is not None and self.statements:
-            asyncio.run(_pg_exec(self.pg.dsn, "SELECT pg_stat_statements_reset()"))
+        self.pg_reset()
         pg0 = self.pg_counts()
         redis0 = self.redis_commands()
         net0, cpus0 = net_counters(), cpu_times()
@@ -417,20 +791,17 @@ class Storm:
         redis_pid = self.redis.pid if self.redis is not None else None
         redis_cpu0 = cpu_seconds(redis_pid) if redis_pid is not None else None
 
-        bargv = [*self.blast_argv(port, n, auth), "--storm", "--attempts", "1"]
-        bargv += ["--batch", str(args.max_inflight)]
-        bargv += ["--conn-timeout-ms", str(int(args.timeout * 1000))]
-        bargv += ["--max-seconds", str(int(args.timeout + args.idle_timeout + 120))]
-        if args.heartbeat_ms:
-            bargv += ["--heartbeat-ms", str(args.heartbeat_ms)]
-            bargv += ["--heartbeat-text", '{"type":"ping","id":"hb"}']
-        sampler = Sampler(server.pid, max_s=args.timeout + args.idle_timeout + 120)
+        sampler = Sampler(server.pid, max_s=args.storm_max + args.idle_timeout + 120)
         cpu0, t0 = cpu_seconds(server.pid), time.monotonic()
         sampler.start()
         try:
-            print(f"# storm: {n} clients at once (timeout {args.timeout:g} s)", flush=True)
-            blast = self.start("wsblast", bargv, CLIENT_CPU)
-            storm = blast.expect_json("STORM", args.timeout + 60)
+            print(
+                f"# storm: {n} clients at once in {len(blasts)} wsblast "
+                f"(timeout {args.timeout:g} s, {args.attempts} attempt(s))",
+                flush=True,
+            )
+            self.go(blasts)
+            storm = self.collect(blasts, args.storm_max + 60)
             settled_wall = time.monotonic() - t0
             cpu_settled = cpu_seconds(server.pid) - cpu0
             pg_cpu_settled = (
@@ -438,10 +809,10 @@ class Storm:
             )
             cpus1 = cpu_times()
             print(
-                f"#   {storm['ok']}/{n} authenticated, last at {storm['last_ready_ms']:.0f} ms, "
-                f"p50/p99 {storm['ready_p50_ms']:.0f}/{storm['ready_p99_ms']:.0f} ms, "
-                f"{storm['failed']} failed ({storm['timeouts']} timeouts); "
-                f"node CPU {cpu_settled:.2f} s",
+                f"#   {storm['ok']}/{n} authenticated, last at {_ms(storm['last_ready_ms'])}, "
+                f"p50/p99 {_ms(storm['ready_p50_ms'])}/{_ms(storm['ready_p99_ms'])}, "
+                f"{storm['failed']} failed ({storm['timeouts']} timeouts), "
+                f"{storm['hints']} hints; node CPU {cpu_settled:.2f} s",
                 flush=True,
             )
             # The node may go on working for clients that gave up: CPU until it is idle.
@@ -471,12 +842,15 @@ class Storm:
                 print(f"#   waiting {wait:.0f} s for PostgreSQL's statistics", flush=True)
                 time.sleep(wait)
         pg1 = self.pg_counts(top=25)
-        blast.send("QUIT")
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            blast.popen.wait(10)
+        for b in blasts:
+            b.send("QUIT")
+        for b in blasts:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                b.popen.wait(10)
 
         log_lines = server.log.read_bytes()[log_offset:].decode(errors="replace").splitlines()
         result: dict[str, Any] = {
+            "scenario": "cold",
             "clients": n,
             "port": port,
             "server_startup_s": round(startup_s, 3),
@@ -484,12 +858,13 @@ class Storm:
             "ok": storm["ok"],
             "failed": storm["failed"],
             "timeouts": storm["timeouts"],
-            "last_auth_s": round(storm["last_ready_ms"] / 1000, 3),
-            "settled_s": round(storm["settled_ms"] / 1000, 3),
-            "auth_p50_s": round(storm["ready_p50_ms"] / 1000, 3),
-            "auth_p99_s": round(storm["ready_p99_ms"] / 1000, 3),
-            "handshake_p50_s": round(storm["handshake_p50_ms"] / 1000, 3),
-            "handshake_p99_s": round(storm["handshake_p99_ms"] / 1000, 3),
+            "hints": storm["hints"],
+            "last_auth_s": _s(storm["last_ready_ms"]),
+            "settled_s": _s(storm["settled_ms"]),
+            "auth_p50_s": _s(storm["ready_p50_ms"]),
+            "auth_p99_s": _s(storm["ready_p99_ms"]),
+            "handshake_p50_s": _s(storm["handshake_p50_ms"]),
+            "handshake_p99_s": _s(storm["handshake_p99_ms"]),
             "server_cpu_s_settled": round(cpu_settled, 3),
             "server_cpu_util_settled": round(cpu_settled / max(settled_wall, 1e-9), 3),
             "server_cpu_s_to_idle": round(cpu_idle, 3),
@@ -528,6 +903,202 @@ class Storm:
             result["redis"] = {"commands": cmds, "commands_per_client": round(cmds / n, 2)}
         return result
 
+    def run_kill(self, seed: dict[str, Any]) -> dict[str, Any]:
+        args, n = self.args, self.args.clients
+        assert self.pg is not None and self.redis is not None
+        lines = self.auth_lines(seed)
+        channel_id = int(seed["channels"][0]["id"])
+        poster_user = seed["users"][0]
+        port_a = free_port()
+        port_b = free_port()
+        while port_b == port_a:
+            port_b = free_port()
+        node_a, start_a = self.start_node("node-a", port_a, "a")
+        node_b, start_b = self.start_node("node-b", port_b, "b")
+        self.warm_up(port_a, lines[0], "warm-a")
+        self.warm_up(port_b, lines[0], "warm-b")
+
+        # 1. every client live on A (paced: --connect-batch handshakes in flight)
+        extra = ["--attempts", str(args.attempts), "--batch", str(args.connect_batch)]
+        extra += ["--resume", "--failover-port", str(port_b), "--jitter-ms", str(args.jitter_ms)]
+        blasts = self.start_blasts(port_a, lines[1:], extra + self.wsblast_common())
+        t0 = time.monotonic()
+        self.go(blasts)
+        initial = self.collect(blasts, args.storm_max + 60)
+        print(
+            f"# storm: {initial['ok']}/{n} clients live on node A in "
+            f"{time.monotonic() - t0:.1f} s ({args.connect_batch} in flight)",
+            flush=True,
+        )
+        if initial["ok"] < n:
+            raise BenchError(f"only {initial['ok']} of {n} clients went live on node A")
+
+        # 2. the poster (on B), and the background rate of statements and commands
+        poster = Poster(
+            f"ws://127.0.0.1:{port_b}/",
+            str(poster_user["token"]),
+            channel_id,
+            args.post_rate,
+            args.post_before + args.storm_max + args.post_after + 120,
+        )
+        poster.start()
+        if not poster.ready.wait(60) or poster.error:
+            raise BenchError(f"poster did not start: {poster.error}")
+        self.pg_reset()
+        redis_bg0, t_bg = self.redis_commandstats(), time.monotonic()
+        time.sleep(args.post_before)
+        bg_pg = self.pg_statements(top=10)
+        bg_redis = redis_delta(self.redis_commandstats(), redis_bg0)
+        bg_s = time.monotonic() - t_bg
+
+        # 3. the kill, right after resetting the counters
+        self.pg_reset()
+        redis0 = self.redis_commandstats()
+        net0, cpus0 = net_counters(), cpu_times()
+        pm, redis_pid = self.postmaster_pid(), self.redis.pid
+        pg_cpu0 = cpu_seconds(pm) if pm is not None else 0.0
+        redis_cpu0 = cpu_seconds(redis_pid) if redis_pid is not None else 0.0
+        b_cpu0, rss_b0 = cpu_seconds(node_b.pid), rss_bytes(node_b.pid)
+        log_offset = node_b.log.stat().st_size
+        sampler = Sampler(node_b.pid, max_s=args.storm_max + 120)
+        sampler.start()
+        try:
+            kill_ns = time.monotonic_ns()
+            for b in blasts:
+                b.send(f"MARK {kill_ns}")
+            for b in blasts:
+                b.expect("MARKED", 10)
+            os.kill(node_a.pid, signal.SIGKILL)
+            node_a.popen.wait(10)
+            t_kill = time.monotonic()
+            posted_at_kill = poster.sent
+            print(
+                f"# storm: node A killed; {n} clients reconnect to B (jitter {args.jitter_ms} ms)",
+                flush=True,
+            )
+            storm = self.collect(blasts, args.storm_max + 60)
+            storm_s = time.monotonic() - t_kill
+            b_cpu = cpu_seconds(node_b.pid) - b_cpu0
+            pg_cpu = cpu_seconds(pm) - pg_cpu0 if pm is not None else None
+            redis_cpu = cpu_seconds(redis_pid) - redis_cpu0 if redis_pid is not None else None
+            cpus1 = cpu_times()
+            pg_storm = self.pg_statements(top=25)
+            redis_storm = redis_delta(self.redis_commandstats(), redis0)
+            counted_s = time.monotonic() - t_kill
+            net1 = net_counters()
+        finally:
+            sampler.stop()
+        print(
+            f"#   {storm['ok']}/{n} live again, last at {_ms(storm['last_ready_ms'])} after "
+            f"the kill, p50/p99 {_ms(storm['ready_p50_ms'])}/{_ms(storm['ready_p99_ms'])}; "
+            f"{storm['hints']} hints, {storm['timeouts']} timeouts, {storm['failed']} gave up, "
+            f"{storm['unfinished']} unfinished; node B CPU {b_cpu:.2f} s",
+            flush=True,
+        )
+
+        # 4. posts after the storm, then the delivery check against PostgreSQL
+        time.sleep(args.post_after)
+        poster.stop()
+        if poster.is_alive():
+            raise BenchError("poster did not stop")
+        expected = asyncio.run(
+            _pg_count_posted(self.pg.dsn_for(DB), channel_id, int(poster_user["id"]))
+        )
+        counts = self.settle(blasts, expected)
+        print(
+            f"#   delivery: {expected} messages stored; {counts['live']} live clients hold "
+            f"{counts['min_posted']}..{counts['max_posted']} each; lost {counts['short_sum']}, "
+            f"duplicated {counts['dups']}",
+            flush=True,
+        )
+        rss_b1 = rss_bytes(node_b.pid)
+        for b in blasts:
+            b.send("QUIT")
+        for b in blasts:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                b.popen.wait(10)
+        log_lines = node_b.log.read_bytes()[log_offset:].decode(errors="replace").splitlines()
+
+        result: dict[str, Any] = {
+            "scenario": "kill",
+            "clients": n,
+            "jitter_ms": args.jitter_ms,
+            "ports": {"a": port_a, "b": port_b},
+            "node_startup_s": {"a": round(start_a, 3), "b": round(start_b, 3)},
+            "initial": initial,
+            "wsblast": storm,
+            "ok": storm["ok"],
+            "all_live": storm["ok"] == n,
+            "failed": storm["failed"],
+            "unfinished": storm["unfinished"],
+            "timeouts": storm["timeouts"],
+            "hints": storm["hints"],
+            "last_live_s": _s(storm["last_ready_ms"]),
+            "live_p50_s": _s(storm["ready_p50_ms"]),
+            "live_p99_s": _s(storm["ready_p99_ms"]),
+            "storm_wall_s": round(storm_s, 3),
+            "node_b_cpu_s": round(b_cpu, 3),
+            "node_b_cpu_util": round(b_cpu / max(storm_s, 1e-9), 3),
+            "node_b_rss_before": rss_b0,
+            "node_b_rss_peak_sampled": sampler.peak_rss,
+            "node_b_rss_end": rss_b1,
+            "node_b_timeline": sampler.timeline(),
+            "postgres_cpu_s": _round(pg_cpu),
+            "redis_cpu_s": _round(redis_cpu),
+            "cpu_busy": cpu_busy(cpus0, cpus1),
+            "net": {k: net1.get(k, 0) - v for k, v in net0.items()},
+            "poster": poster.stats() | {"sent_at_kill": posted_at_kill},
+            "expected_messages": expected,
+            "deliveries_checked": counts["posted"] + counts["dups"],
+            "counts": counts,
+            "lost": counts["short_sum"],
+            "duplicated": counts["dups"],
+            "node_b_log_lines": len(log_lines),
+            "node_b_log_sample": sorted({ln[:300] for ln in log_lines})[:10],
+        }
+        bg: dict[str, Any] = {"window_s": round(bg_s, 3)}
+        if bg_pg is not None:
+            bg |= {"pg_statements": bg_pg["statements"], "pg_top": bg_pg.get("top_statements")}
+        bg |= {"redis_commands": sum(bg_redis.values()), "redis_by_command": bg_redis}
+        result["background"] = bg
+        if pg_storm is not None:
+            gross = pg_storm["statements"]
+            net = gross - bg.get("pg_statements", 0) * counted_s / bg_s
+            result["postgres"] = {
+                "statements": gross,
+                "statements_per_client": round(gross / n, 2),
+                "statements_per_client_net": round(net / n, 2),
+                "window_s": round(counted_s, 3),
+                "top_statements": pg_storm.get("top_statements", []),
+            }
+        redis_total = sum(redis_storm.values())
+        redis_net = redis_total - bg["redis_commands"] * counted_s / bg_s
+        result["redis"] = {
+            "commands": redis_total,
+            "commands_per_client": round(redis_total / n, 2),
+            "commands_per_client_net": round(redis_net / n, 2),
+            "by_command": redis_storm,
+        }
+        return result
+
+    def settle(self, blasts: list[Proc], expected: int) -> dict[str, Any]:
+        """Poll the delivery counts until every live client holds ``expected`` messages or
+        the counts stop moving (3 polls a second apart), at most ``--settle-max`` s."""
+        deadline = time.monotonic() + self.args.settle_max
+        prev, still = -1, 0
+        while True:
+            for b in blasts:
+                b.send(f"COUNTS {expected}")
+            counts = merge_counts([b.expect_json("COUNTS", 30) for b in blasts])
+            if counts["conns_exact"] == counts["live"] or time.monotonic() > deadline:
+                return counts
+            total = counts["posted"] + counts["dups"]
+            still = still + 1 if total == prev else 0
+            if still >= 3:
+                return counts
+            prev = total
+            time.sleep(1.0)
+
 
 # ---------------------------------------------------------------------------------- report
 
@@ -536,33 +1107,51 @@ def _round(x: float | None, digits: int = 3) -> float | None:
     return None if x is None else round(x, digits)
 
 
+def _s(ms: float | None) -> float | None:
+    return None if ms is None else round(ms / 1000, 3)
+
+
+def _ms(ms: float | None) -> str:
+    return "—" if ms is None else f"{ms:.0f} ms"
+
+
 def fmt_s(x: float | None) -> str:
     return "—" if x is None else f"{x:.2f} s"
 
 
-def markdown(r: dict[str, Any], args: argparse.Namespace, info: dict[str, Any]) -> str:
-    n = r["clients"]
-    w = r["wsblast"]
-    store = args.store + (" + Redis" if args.redis else "")
-    if args.store == "postgres":
-        store = f"PostgreSQL {info.get('server_version', '?')}" + (" + Redis" if args.redis else "")
-    pins = f"node on CPU {SERVER_CPU}, clients on CPU {CLIENT_CPU}" if args.pin else "not pinned"
+def _kinds(w: dict[str, Any]) -> str:
     kinds = ", ".join(
-        f"{w[k]} {k.replace('_', ' ')}"
+        f"{w[k]:,} {k.replace('_', ' ')}"
         for k in ("timeouts", "refused", "error_frames", "server_closed", "conn_errors")
         if w.get(k)
     )
-    codes = ", ".join(f"{c}: {k}" for c, k in w.get("close_codes", {}).items())
-    statuses = ", ".join(f"{c}: {k}" for c, k in w.get("http_status", {}).items())
+    return kinds or "none"
+
+
+def _hints(w: dict[str, Any]) -> str:
+    if not w["hints"]:
+        return "0"
+    kinds = ", ".join(f"{v:,} {k.replace('_', ' ')}" for k, v in w["hint_kinds"].items() if v)
+    return f"{w['hints']:,} ({kinds})"
+
+
+def _codes(d: dict[str, int]) -> str:
+    return ", ".join(f"{c}: {k:,}" for c, k in d.items()) or "—"
+
+
+def rows_cold(r: dict[str, Any]) -> list[tuple[str, str]]:
+    n, w = r["clients"], r["wsblast"]
     rss_peak = max(r["server_rss_peak_sampled"], r["server_rss_after"])
     rows = [
-        ("clients (all `auth` at once, no retry)", f"{n:,}"),
+        ("clients (all `auth` at once)", f"{n:,} in {w['procs']} wsblast"),
         ("authenticated", f"{r['ok']:,} of {n:,}"),
-        ("failed", f"{r['failed']:,}" + (f" ({kinds})" if kinds else "")),
+        ("gave up", f"{r['failed']:,}"),
+        ("failed attempts by kind", _kinds(w)),
+        ("retry hints followed", _hints(w)),
         ("time until the last client is authenticated",
          fmt_s(r["last_auth_s"] if r["ok"] else None)),
-        ("time until every client authenticated or failed", fmt_s(r["settled_s"])),
-        ("time-to-authenticated p50 / p99 (per client, from its connect)",
+        ("time until every client authenticated or gave up", fmt_s(r["settled_s"])),
+        ("time-to-authenticated p50 / p99 (per client, from its first connect)",
          f"{fmt_s(r['auth_p50_s'])} / {fmt_s(r['auth_p99_s'])}" if r["ok"] else "—"),
         ("time to the 101 (handshake) p50 / p99", f"{fmt_s(r['handshake_p50_s'])} / "
          f"{fmt_s(r['handshake_p99_s'])}"),
@@ -573,11 +1162,9 @@ def markdown(r: dict[str, Any], args: argparse.Namespace, info: dict[str, Any]) 
             if r["server_idle_after_s"] is not None else " (not idle)")),
         ("node RSS before → peak", f"{r['server_rss_before'] / 2**20:.0f} → "
          f"{rss_peak / 2**20:.0f} MiB"),
+        ("close codes before auth", _codes(w.get("close_codes", {}))),
+        ("upgrades refused (HTTP status)", _codes(w.get("http_status", {}))),
     ]  # fmt: skip
-    if codes:
-        rows.append(("close codes before auth", codes))
-    if statuses:
-        rows.append(("upgrades refused (HTTP status)", statuses))
     pg = r.get("postgres")
     if pg:
         if pg.get("statements") is not None:
@@ -598,23 +1185,110 @@ def markdown(r: dict[str, Any], args: argparse.Namespace, info: dict[str, Any]) 
     rd = r.get("redis")
     if rd:
         rows.append(("Redis commands per client", f"{rd['commands_per_client']:.2f}"))
-    net = r["net"]
+    rows += _net_rows(r["net"])
+    rows.append(("node log lines (warnings+) during the storm", f"{r['server_log_lines']:,}"))
+    return rows
+
+
+def rows_kill(r: dict[str, Any]) -> list[tuple[str, str]]:
+    n, w, c = r["clients"], r["wsblast"], r["counts"]
+    ini = r["initial"]
+    rss_peak = max(r["node_b_rss_peak_sampled"], r["node_b_rss_end"])
+    rows = [
+        ("clients (in wsblast processes)", f"{n:,} ({w['procs']})"),
+        ("reconnect jitter per client", f"uniform(0, {r['jitter_ms']:,} ms)"
+         if r["jitter_ms"] else "none (all at once)"),
+        ("before the kill: all live on node A after",
+         fmt_s(_s(ini["last_ready_ms"]))),
+        ("live again on node B (resumed)", f"{r['ok']:,} of {n:,}"),
+        ("**time from the kill until all are live**",
+         f"**{fmt_s(r['last_live_s'])}**" if r["all_live"] else
+         f"not all: {r['unfinished']:,} unfinished after {r['storm_wall_s']:.0f} s, "
+         f"{r['failed']:,} gave up"),
+        ("time to live p50 / p99 (per client, from the kill)",
+         f"{fmt_s(r['live_p50_s'])} / {fmt_s(r['live_p99_s'])}"),
+        ("retry hints followed", _hints(w)),
+        ("failed attempts by kind", _kinds(w)),
+        ("resumed / resume refused", f"{w['resumed']:,} / "
+         + (", ".join(f"{v:,} {k}" for k, v in w["resume_errors"].items() if v) or "0")),
+        ("events replayed on resume", f"{w['replayed']:,}"),
+        ("connection attempts", f"{w['connects']:,}"),
+        ("close codes before live", _codes(w.get("close_codes", {}))),
+        ("upgrades refused (HTTP status)", _codes(w.get("http_status", {}))),
+        ("node B CPU from the kill until all live (s, cores)",
+         f"{r['node_b_cpu_s']:.2f} s ({r['node_b_cpu_util']:.2f})"),
+        ("node B RSS before → peak", f"{r['node_b_rss_before'] / 2**20:.0f} → "
+         f"{rss_peak / 2**20:.0f} MiB"),
+    ]  # fmt: skip
+    pg = r.get("postgres")
+    if pg:
+        rows.append(
+            (
+                "PostgreSQL statements per client (net of the poster; gross)",
+                f"{pg['statements_per_client_net']:.2f} ({pg['statements_per_client']:.2f})",
+            )
+        )
+    rd = r["redis"]
     rows.append(
+        (
+            "Redis commands per client (net of the poster; gross)",
+            f"{rd['commands_per_client_net']:.2f} ({rd['commands_per_client']:.2f})",
+        )
+    )
+    if r.get("postgres_cpu_s") is not None:
+        rows.append(
+            ("PostgreSQL / Redis CPU until all live", f"{r['postgres_cpu_s']:.2f} s / "
+             f"{(r['redis_cpu_s'] or 0):.2f} s")
+        )  # fmt: skip
+    p = r["poster"]
+    rows += [
+        ("messages posted (stored in PostgreSQL)", f"{r['expected_messages']:,} at "
+         f"{p['rate']:g}/s ({p['errors']} errors)"),
+        ("deliveries checked", f"{r['deliveries_checked']:,} on {c['live']:,} live clients"),
+        ("**lost / duplicated messages**", f"**{r['lost']:,} / {r['duplicated']:,}**"
+         + (f" ({c['conns_short']:,} clients short)" if c["conns_short"] else "")),
+    ]  # fmt: skip
+    rows += _net_rows(r["net"])
+    rows.append(("node B log lines (warnings+) during the storm", f"{r['node_b_log_lines']:,}"))
+    return rows
+
+
+def _net_rows(net: dict[str, int]) -> list[tuple[str, str]]:
+    return [
         (
             "listen overflows / SYN-queue drops / retransmits (kernel)",
             f"{net.get('ListenOverflows', 0):,} / {net.get('ListenDrops', 0):,} / "
             f"{net.get('RetransSegs', 0):,}",
         )
-    )
-    rows.append(("node log lines (warnings+) during the storm", f"{r['server_log_lines']:,}"))
-    head = [
-        f"Cold reconnect storm, one node ({store}); {pins}; client timeout "
-        f"{args.timeout:g} s, no retry.",
-        "",
-        "| metric | value |",
-        "|---|---:|",
     ]
-    return "\n".join(head + [f"| {a} | {b} |" for a, b in rows])
+
+
+def markdown(runs: list[dict[str, Any]], args: argparse.Namespace) -> str:
+    """One table, a column per source (before / after)."""
+    info = runs[0]["store_info"]
+    store = args.store + (" + Redis" if args.redis else "")
+    if args.store == "postgres":
+        store = f"PostgreSQL {info.get('server_version', '?')}" + (" + Redis" if args.redis else "")
+    pins = f"nodes on CPU {SERVER_CPU}, clients on CPU {CLIENT_CPU}" if args.pin else "not pinned"
+    if args.scenario == "kill":
+        head = (
+            f"Node kill: {args.clients:,} clients live on node A, A SIGKILLed, clients resume "
+            f"on node B ({store}); {pins}; attempt timeout {args.timeout:g} s, at most "
+            f"{args.attempts} failed attempts, storm bounded at {args.storm_max:g} s."
+        )
+        rows = [rows_kill(r["result"]) for r in runs]
+    else:
+        head = (
+            f"Cold storm, one node ({store}); {pins}; attempt timeout {args.timeout:g} s, "
+            f"{args.attempts} attempt(s), retry hints followed."
+        )
+        rows = [rows_cold(r["result"]) for r in runs]
+    labels = [f"{r['source']['label']} ({r['source'].get('git_rev') or '?'})" for r in runs]
+    out = [head, "", "| | " + " | ".join(labels) + " |", "|---|" + "---:|" * len(runs)]
+    values = [dict(rs) for rs in rows]
+    for label, _ in rows[0]:
+        out.append(f"| {label} | " + " | ".join(v.get(label, "—") for v in values) + " |")
+    return "\n".join(out)
 
 
 # ------------------------------------------------------------------------------------ main
@@ -626,30 +1300,78 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    p.add_argument("--scenario", choices=["cold", "kill"], default="cold")
     p.add_argument("--clients", type=int, default=2000, help="clients in the storm (N)")
+    p.add_argument("--procs", type=int, default=1, help="wsblast processes (clients split evenly)")
     p.add_argument(
         "--store",
         choices=["sqlite", "postgres"],
         default="sqlite",
-        help="the embedded SQLite file (default), or a throwaway PostgreSQL on the node's CPU",
+        help="cold: the embedded SQLite file (default), or a throwaway PostgreSQL on the "
+        "nodes' CPU; kill: always postgres",
     )
-    p.add_argument("--redis", action="store_true", help="also a throwaway Redis (postgres only)")
-    p.add_argument("--timeout", type=float, default=10.0, help="client timeout (s), no retry")
+    p.add_argument("--redis", action="store_true", help="also a throwaway Redis (kill: always)")
+    p.add_argument(
+        "--chat-src",
+        dest="sources",
+        action="append",
+        type=Source.parse,
+        default=[],
+        metavar="[LABEL=]DIR",
+        help="run seed and nodes from this checkout (repeat: one column each, in order)",
+    )
+    p.add_argument("--timeout", type=float, default=10.0, help="per attempt (s)")
+    p.add_argument(
+        "--attempts",
+        type=int,
+        help="failed attempts a client makes before giving up (hints are not counted); "
+        "default 1 (cold: no retry), 20 (kill)",
+    )
+    p.add_argument(
+        "--storm-max",
+        type=float,
+        default=120.0,
+        help="a storm ends after this many s: clients not live then are 'unfinished'",
+    )
+    p.add_argument("--backoff-ms", type=int, default=500, help="exponential backoff base")
+    p.add_argument("--backoff-cap-ms", type=int, default=20000, help="exponential backoff cap")
     p.add_argument(
         "--max-inflight",
         type=int,
         default=0,
-        help="wsblast: connections in flight before authenticated (0: no limit, the storm)",
+        help="cold: connections in flight before authenticated (0: no limit, the storm)",
     )
+    p.add_argument(
+        "--jitter-ms",
+        type=int,
+        default=0,
+        help="kill: each client waits uniform(0, J) ms before reconnecting (0: all at once)",
+    )
+    p.add_argument(
+        "--connect-batch",
+        type=int,
+        default=200,
+        help="kill: connections in flight while the clients first connect to node A",
+    )
+    p.add_argument("--post-rate", type=float, default=5.0, help="kill: poster messages/s")
+    p.add_argument(
+        "--post-before", type=float, default=3.0, help="kill: s of posting before the kill"
+    )
+    p.add_argument(
+        "--post-after", type=float, default=2.0, help="kill: s of posting after all are live"
+    )
+    p.add_argument("--settle-max", type=float, default=30.0, help="kill: s to wait for deliveries")
     p.add_argument("--channels", type=int, default=1, help="seeded channels (all users in all)")
     p.add_argument(
         "--heartbeat-ms",
         type=int,
         default=15000,
-        help='authenticated clients send {"type":"ping"} this often (0: never)',
+        help='live clients send {"type":"ping"} this often (0: never)',
     )
-    p.add_argument("--settle", type=float, default=1.0, help="seconds after the warm-up")
-    p.add_argument("--idle-timeout", type=float, default=30.0, help="wait for the node's idle")
+    p.add_argument("--settle", type=float, default=1.0, help="cold: seconds after the warm-up")
+    p.add_argument(
+        "--idle-timeout", type=float, default=30.0, help="cold: wait for the node's idle"
+    )
     p.add_argument("--start-timeout", type=float, default=60.0)
     p.add_argument("--no-pin", dest="pin", action="store_false", help="don't pin CPUs")
     p.add_argument("--python", default=sys.executable, help="interpreter for chat")
@@ -662,10 +1384,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--out", type=Path, help="JSON output (default bench/results/storm-<date>)")
     args = p.parse_args(argv)
+    if args.attempts is None:
+        args.attempts = 20 if args.scenario == "kill" else 1
+    if args.scenario == "kill":
+        args.store, args.redis = "postgres", True  # two nodes share PostgreSQL and Redis
     if args.clients < 1 or args.timeout <= 0 or args.max_inflight < 0 or args.channels < 1:
         p.error("--clients, --timeout, --channels must be positive, --max-inflight >= 0")
+    if args.procs < 1 or args.attempts < 1 or args.storm_max <= 0 or args.jitter_ms < 0:
+        p.error("--procs, --attempts, --storm-max must be positive, --jitter-ms >= 0")
+    if args.post_rate <= 0 or args.post_before <= 0 or args.connect_batch < 0:
+        p.error("--post-rate and --post-before must be positive")
     if args.redis and args.store != "postgres":
         p.error("--redis needs --store postgres (Redis joins nodes that share PostgreSQL)")
+    labels = [s.label for s in args.sources]
+    if len(set(labels)) != len(labels):
+        p.error("--chat-src labels must differ (LABEL=DIR)")
     return args
 
 
@@ -675,37 +1408,55 @@ def main(argv: list[str] | None = None) -> int:
         print(f"# CPUs {SERVER_CPU} and {CLIENT_CPU} not both available: not pinning")
         args.pin = False
     if args.pin:
-        os.sched_setaffinity(0, {CLIENT_CPU})  # the harness stays off the node's CPU
+        os.sched_setaffinity(0, {CLIENT_CPU})  # the harness stays off the nodes' CPU
     build_wsblast()
     started = dt.datetime.now()
-    workdir = Path(tempfile.mkdtemp(prefix="storm-"))
     signal.signal(signal.SIGTERM, _terminate)  # unwinds like Ctrl-C: everything is stopped
-    source0 = source_state()
-    load0 = os.getloadavg()
-    print(f"# load average {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}", flush=True)
-    run = Storm(args, workdir)
-    try:
-        result = run.run()
-    except BaseException:
-        print(f"# logs kept in {workdir}", file=sys.stderr)
-        raise
-    finally:
-        run.close()
-    shutil.rmtree(workdir, ignore_errors=True)
-    table = markdown(result, args, run.store_info)
+    sources = args.sources or [Source("tree", None)]
+    runs: list[dict[str, Any]] = []
+    for source in sources:
+        state = source.state()
+        load = os.getloadavg()
+        print(
+            f"# --- {source.label} ({state.get('git_rev')}, {state['path']}); "
+            f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}",
+            flush=True,
+        )
+        workdir = Path(tempfile.mkdtemp(prefix=f"storm-{source.label}-"))
+        run = Storm(args, workdir, source)
+        try:
+            result = run.run()
+        except BaseException:
+            print(f"# logs kept in {workdir}", file=sys.stderr)
+            raise
+        finally:
+            run.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+        runs.append(
+            {
+                "source": {"label": source.label, **state, "end": source.state()},
+                "loadavg_before": load,
+                "store_info": run.store_info,
+                "result": result,
+            }
+        )
+    table = markdown(runs, args)
     out = args.out or RESULTS / f"storm-{started:%Y%m%d-%H%M%S}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     doc = {
         "benchmark": "storm",
+        "scenario": args.scenario,
         "started": started.isoformat(timespec="seconds"),
         "store": args.store,
         "redis": args.redis,
-        "store_info": run.store_info,
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "config": {
+            k: (str(v) if isinstance(v, Path) else v)
+            for k, v in vars(args).items()
+            if k != "sources"
+        }
+        | {"sources": [{"label": s.label, "path": str(s.path)} for s in sources]},
         "machine": machine_info(),
-        "source": {"start": source0, "end": source_state()},
-        "loadavg_before": load0,
-        "result": result,
+        "runs": runs,
         "table_md": table,
     }
     write_results(out, doc, table)
