@@ -6,6 +6,10 @@ database makes them revocable. Passwords are hashed with argon2id.
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
+import json
 import secrets
 import time
 from dataclasses import dataclass
@@ -46,8 +50,55 @@ def issue_token(
     return token, claims
 
 
+# The header of every token issue_token makes (PyJWT's HS256 header, base64url).
+_HEADER = jwt.encode({}, "only-the-header-of-this-is-used-0123456789", algorithm="HS256").partition(
+    "."
+)[0]
+_CLAIMS = frozenset({"sub", "ws", "sid", "exp"})
+
+
 def verify_token(secret: str, token: str) -> TokenClaims:
-    """Check signature and expiry; revocation is the caller's check (it needs the database)."""
+    """Check signature and expiry; revocation is the caller's check (it needs the database).
+
+    A token shaped exactly like the ones :func:`issue_token` makes is checked by a short path
+    (one HMAC, one JSON decode: ~8x cheaper than PyJWT's, which matters when thousands of
+    clients reconnect at once); that path only ever accepts. Anything else, and every
+    refusal, goes through PyJWT, so the answers are PyJWT's."""
+    claims = _verify_our_shape(secret, token)
+    if claims is not None:
+        return claims
+    return _verify_with_pyjwt(secret, token)
+
+
+def _verify_our_shape(secret: str, token: str) -> TokenClaims | None:
+    header, _, rest = token.partition(".")
+    body, _, signature = rest.partition(".")
+    if header != _HEADER or not body or not signature.isascii():
+        return None
+    mac = hmac.new(secret.encode(), f"{header}.{body}".encode(), hashlib.sha256).digest()
+    expected = base64.urlsafe_b64encode(mac).rstrip(b"=")
+    if not hmac.compare_digest(expected, signature.encode()):
+        return None  # PyJWT says why
+    try:
+        payload = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
+    except ValueError:
+        return None
+    if not isinstance(payload, dict) or payload.keys() != _CLAIMS:
+        return None
+    sub, ws, sid, exp = payload["sub"], payload["ws"], payload["sid"], payload["exp"]
+    if not (
+        isinstance(sub, str)
+        and sub.isdecimal()
+        and type(ws) is int
+        and isinstance(sid, str)
+        and type(exp) is int
+        and exp > int(time.time())
+    ):
+        return None
+    return TokenClaims(int(sub), ws, sid, exp)
+
+
+def _verify_with_pyjwt(secret: str, token: str) -> TokenClaims:
     try:
         payload = jwt.decode(
             token, secret, algorithms=["HS256"], options={"require": ["exp", "sub", "sid"]}
