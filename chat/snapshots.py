@@ -5,8 +5,10 @@ each needs the same read (:func:`chat.storage.queries.connect_snapshots`): the w
 position and, as of it, the user, the user's channels and the session's state. Reads of a
 workspace that arrive while earlier ones are in flight wait, and go together in the next
 statement (group commit, for reads): a storm costs a handful of statements, not one or more
-per client. A few statements run at once (``concurrency``), so one slow workspace does not
-hold up the others, and the pool keeps connections for the requests of live sessions.
+per client. While connects stream in (a statement ran in the last ``busy_s``), a batch also
+waits ``linger_s`` for more before it leaves; a lone connect never waits. A few statements
+run at once (``concurrency``), so one slow workspace does not hold up the others, and the
+pool keeps connections for the requests of live sessions.
 
 A read whose client has gone (or passed its deadline) by the time its batch is formed is
 dropped with :class:`Abandoned` instead of being served: a storm must not spend the
@@ -40,9 +42,20 @@ class _Wanted:
 class SnapshotReader:
     """One per node. :meth:`read` is what the connect sequence's ``TakeSnapshot`` awaits."""
 
-    def __init__(self, db: Database, *, max_batch: int = 500, concurrency: int = 2) -> None:
+    def __init__(
+        self,
+        db: Database,
+        *,
+        max_batch: int = 500,
+        concurrency: int = 2,
+        linger_s: float = 0.005,
+        busy_s: float = 0.05,
+    ) -> None:
         self._db = db
         self._max_batch = max_batch
+        self._linger_s = linger_s
+        self._busy_s = busy_s
+        self._busy_until = 0.0
         self._slots = asyncio.Semaphore(concurrency)
         self._waiting: dict[int, list[_Wanted]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -71,6 +84,11 @@ class SnapshotReader:
         return await wanted.future
 
     async def _flush(self, workspace_id: int) -> None:
+        loop = asyncio.get_running_loop()
+        if loop.time() < self._busy_until:
+            # Connects are streaming in (a statement ran moments ago): let a few more
+            # milliseconds' worth join this batch. A lone connect never waits.
+            await asyncio.sleep(self._linger_s)
         while True:
             async with self._slots:
                 waiting = self._waiting.get(workspace_id)
@@ -110,6 +128,7 @@ class SnapshotReader:
             return
         self.statements += 1
         self.served += len(batch)
+        self._busy_until = asyncio.get_running_loop().time() + self._busy_s
         for wanted, state in zip(batch, states, strict=True):
             if not wanted.future.done():
                 wanted.future.set_result(state)

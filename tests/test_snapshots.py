@@ -156,3 +156,14 @@ async def test_waiters_are_released_when_the_reader_closes(db: Database) -> None
         await task
     with pytest.raises(Abandoned):  # and nothing more is read
         await reader.read(ws, uids[1], f"s{uids[1]}", alive)
+
+
+async def test_while_connects_stream_in_a_batch_lingers_for_more(db: Database) -> None:
+    ws, uids, _ = await seed(db, 3)
+    reader = SnapshotReader(db, linger_s=0.5, busy_s=60)
+    await reader.read(ws, uids[0], f"s{uids[0]}", alive)  # busy from here on
+    first = asyncio.ensure_future(reader.read(ws, uids[1], f"s{uids[1]}", alive))
+    await asyncio.sleep(0.05)  # arrives while the batch lingers
+    second = asyncio.ensure_future(reader.read(ws, uids[2], f"s{uids[2]}", alive))
+    await asyncio.gather(first, second)
+    assert reader.statements == 2 and reader.served == 3
