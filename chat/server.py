@@ -307,6 +307,7 @@ class Node:
         self.services = Services(settings=s, db=db, journal=journal, hub=hub, presence=presence)
         self._identifier = Identifier(s, db)
         self.snapshots = SnapshotReader(db)
+        self._hello_frame = text_frame(wire.dump(self._hello()))  # the same for every client
         self.replay = ReplayCache(replay)
         self._bus = bus
         self._server = await serve(
@@ -588,7 +589,7 @@ class Node:
         """Hello, then the first frame must authenticate. True once the session is live.
         (A function of its own so the auth frame and token are freed when it returns.)"""
         ws = peer.ws
-        peer.write(text_frame(wire.dump(self._hello())))
+        peer.write(self._hello_frame)
         try:
             async with asyncio.timeout(self.settings.auth_timeout_s):
                 first = await ws.recv()
