@@ -203,6 +203,12 @@ class Admin:
             cname = _TOPICS[i] if i < len(_TOPICS) else f"{_TOPICS[i % len(_TOPICS)]}-{i}"
             channels.append(await self.create_channel(wid, cname, ids[0], ids, private=False))
         toks = await self.issue_tokens(ids) if tokens else [""] * len(ids)
+        if self.db.dialect == "postgres":
+            # A bulk load leaves the planner's statistics stale (a table of thousands of
+            # rows still looks empty), and plans from them scan where an index would do:
+            # refresh them now, as autovacuum would a little later.
+            async with self.db.connection() as conn:
+                await conn.execute("ANALYZE users, sessions, channel_members, channels")
         return {
             "workspace_id": wid,
             "users": [
