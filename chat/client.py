@@ -452,7 +452,8 @@ class ResilientClient:
     *Counters* (for tests and benchmarks): ``attempts``, ``connects``, ``resumes``,
     ``pings``; and how each wait before a reconnect was chosen: ``hints`` (a server hint
     honoured) or ``backoffs`` (the backoff drawn); ``refusals`` counts attempts whose upgrade
-    the server refused with an HTTP status (503: overloaded or draining).
+    the server refused with an HTTP status (503: overloaded or draining), ``timeouts`` those
+    that gave up after ``connect_timeout``.
     """
 
     def __init__(
@@ -484,6 +485,7 @@ class ResilientClient:
         self.hints = 0  # reconnect waits taken from a server hint (goodbye, 503)
         self.backoffs = 0  # reconnect waits drawn from the backoff
         self.refusals = 0  # attempts whose upgrade was refused with an HTTP status
+        self.timeouts = 0  # attempts that gave up waiting (connect_timeout)
         self.last_close: tuple[int | None, str] | None = None  # (code, reason) of the last end
         self._events: asyncio.Queue[Frame | None] = asyncio.Queue()  # None: stopped
         self._changed = asyncio.Event()  # pulsed when client/fatal/stopped change
@@ -713,6 +715,8 @@ class ResilientClient:
             return None, f"HTTP {exc.response.status_code}"
         except (OSError, TimeoutError, WebSocketException, ValueError) as exc:
             log.debug("connection to %s failed: %r", url, exc)
+            if isinstance(exc, TimeoutError):
+                self.timeouts += 1
             if client is None and isinstance(exc, ConnectionClosed) and exc.rcvd is not None:
                 return exc.rcvd.code, exc.rcvd.reason  # closed before hello (1013, ...)
             if client is None or client.ws.close_code is None:

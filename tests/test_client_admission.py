@@ -7,8 +7,7 @@ answering ``auth`` and close 1013) and then relays frames both ways. It tests th
 alone, whatever the node's own admission does.
 
 Real admission: a node with ``CHAT_MAX_CONNECTING`` low and a burst of clients; every one
-ends connected, having waited only as hinted. It needs the server side of issue 7 and is
-skipped until ``Settings`` has ``max_connecting``.
+ends connected, having waited only as hinted.
 
 Every assertion is on counts and outcomes, never on elapsed time.
 """
@@ -23,14 +22,12 @@ import random
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
-import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from chat.client import Backoff, Client, ResilientClient
-from chat.config import Settings
 from tests.harness import RunningNode, running_node
 from tests.timing import scaled
 
@@ -215,16 +212,10 @@ async def test_refused_reconnects_resume_and_lose_nothing(node: RunningNode) -> 
 
 # =========================================================================== real admission
 
-needs_admission = pytest.mark.skipif(
-    "max_connecting" not in Settings.model_fields,
-    reason="server side of issue 7 (CHAT_MAX_CONNECTING) not in chat/config.py yet",
-)
-
 BURST = 40  # clients connecting at once
 MAX_CONNECTING = 2
 
 
-@needs_admission
 async def test_a_burst_over_max_connecting_is_admitted_by_hints_alone(tmp_path: Path) -> None:
     async with running_node(
         sqlite_path=str(tmp_path / "chat.sqlite3"), max_connecting=MAX_CONNECTING
