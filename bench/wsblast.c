@@ -747,7 +747,7 @@ static int parse_handshake(conn_t *c, int64_t now, int eof) {
         send_auth(c, line);
         if (c->st != C_OPEN) return -1;
     }
-    if (opt.ready_frames == 0) set_ready(c);
+    if (opt.ready_frames == 0 && !(opt.storm && line[0])) set_ready(c); /* storm: the reply */
     if (parse_frames(c, now) < 0) return -1;
     if (eof) return conn_fail(c, "EOF"), -1;
     return 0;
