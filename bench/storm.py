@@ -1372,6 +1372,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--idle-timeout", type=float, default=30.0, help="cold: wait for the node's idle"
     )
+    p.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=0.0,
+        help="before each run, wait up to this many s for both CPUs to be under 20%% busy",
+    )
     p.add_argument("--start-timeout", type=float, default=60.0)
     p.add_argument("--no-pin", dest="pin", action="store_false", help="don't pin CPUs")
     p.add_argument("--python", default=sys.executable, help="interpreter for chat")
@@ -1402,6 +1408,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def quiet_check(wait_s: float) -> dict[str, Any]:
+    """How busy each CPU is before a run, over 1 s (others' benchmarks or tests skew every
+    figure). While any CPU is more than 20% busy, waits up to ``wait_s`` s for it to calm
+    down, then warns and goes on."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        before = cpu_times()
+        time.sleep(1.0)
+        busy = cpu_busy(before, cpu_times())
+        loaded = {cpu: b["busy"] for cpu, b in busy.items() if b["busy"] > 0.2}
+        if not loaded:
+            return busy
+        if time.monotonic() >= deadline:
+            print(f"# WARNING: the machine is not quiet before the run: {loaded}", flush=True)
+            return busy
+        time.sleep(4.0)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.pin and not {SERVER_CPU, CLIENT_CPU} <= os.sched_getaffinity(0):
@@ -1417,6 +1441,7 @@ def main(argv: list[str] | None = None) -> int:
     for source in sources:
         state = source.state()
         load = os.getloadavg()
+        quiet = quiet_check(args.wait_quiet)
         print(
             f"# --- {source.label} ({state.get('git_rev')}, {state['path']}); "
             f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}",
@@ -1436,6 +1461,7 @@ def main(argv: list[str] | None = None) -> int:
             {
                 "source": {"label": source.label, **state, "end": source.state()},
                 "loadavg_before": load,
+                "cpu_busy_before": quiet,
                 "store_info": run.store_info,
                 "result": result,
             }
