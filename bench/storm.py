@@ -1270,23 +1270,28 @@ def markdown(runs: list[dict[str, Any]], args: argparse.Namespace) -> str:
     if args.store == "postgres":
         store = f"PostgreSQL {info.get('server_version', '?')}" + (" + Redis" if args.redis else "")
     pins = f"nodes on CPU {SERVER_CPU}, clients on CPU {CLIENT_CPU}" if args.pin else "not pinned"
+    ok = [r for r in runs if "error" not in r["result"]]
+    if not ok:
+        return "Every run failed: " + "; ".join(r["result"]["error"][:300] for r in runs)
     if args.scenario == "kill":
         head = (
             f"Node kill: {args.clients:,} clients live on node A, A SIGKILLed, clients resume "
             f"on node B ({store}); {pins}; attempt timeout {args.timeout:g} s, at most "
             f"{args.attempts} failed attempts, storm bounded at {args.storm_max:g} s."
         )
-        rows = [rows_kill(r["result"]) for r in runs]
+        rows = [rows_kill(r["result"]) if r in ok else [] for r in runs]
     else:
         head = (
             f"Cold storm, one node ({store}); {pins}; attempt timeout {args.timeout:g} s, "
             f"{args.attempts} attempt(s), retry hints followed."
         )
-        rows = [rows_cold(r["result"]) for r in runs]
+        rows = [rows_cold(r["result"]) if r in ok else [] for r in runs]
     labels = [f"{r['source']['label']} ({r['source'].get('git_rev') or '?'})" for r in runs]
     out = [head, "", "| | " + " | ".join(labels) + " |", "|---|" + "---:|" * len(runs)]
-    values = [dict(rs) for rs in rows]
-    for label, _ in rows[0]:
+    values = [dict(rs) if rs else {"run": "failed (see the JSON)"} for rs in rows]
+    if len(ok) < len(runs):
+        out.append("| run | " + " | ".join(v.get("run", "ok") for v in values) + " |")
+    for label, _ in next(rs for rs in rows if rs):
         out.append(f"| {label} | " + " | ".join(v.get(label, "—") for v in values) + " |")
     return "\n".join(out)
 
@@ -1451,12 +1456,16 @@ def main(argv: list[str] | None = None) -> int:
         run = Storm(args, workdir, source)
         try:
             result = run.run()
+        except BenchError as exc:  # this source failed: the others still run
+            print(f"# {source.label} failed: {exc}\n# logs kept in {workdir}", file=sys.stderr)
+            result = {"scenario": args.scenario, "error": str(exc)[:2000]}
         except BaseException:
             print(f"# logs kept in {workdir}", file=sys.stderr)
             raise
         finally:
             run.close()
-        shutil.rmtree(workdir, ignore_errors=True)
+        if "error" not in result:
+            shutil.rmtree(workdir, ignore_errors=True)
         runs.append(
             {
                 "source": {"label": source.label, **state, "end": source.state()},
