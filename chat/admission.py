@@ -6,20 +6,23 @@ still serves the abandoned ones: the storm compounds. So a node takes on at most
 connects at once as it can finish within ``budget_s`` at the rate it has been finishing them
 (and never more than ``max_connecting``), and answers the others at once with a retry hint:
 HTTP 503 with ``Retry-After`` and a ``goodbye`` ``overloaded`` body before the upgrade (the
-driver, :mod:`chat.server`). The hints are spread (about the time the queue takes to drain,
-times a random factor), so the refused clients come back spread out rather than as a second
-wave.
+driver, :mod:`chat.server`).
+
+A hint is an appointment: refused clients are given distinct times, after the queue ahead of
+them has drained and spaced at the rate the node serves, so that they come back as it has
+room (clients add up to as much again in jitter, so the spacing allows for that). Short or
+equal hints would bring the refused back together, to be refused again, each refusal costing
+the node a handshake: the storm would compound.
 
 The rate is measured only while the node is behind (more connects waiting at the end of a
 measurement window than it finished in it): a node that is merely idle has not shown what it
-can do, and must not shrink its limit because few clients came. No I/O here; the clock and
-the randomness are injected, for the tests.
+can do, and must not shrink its limit because few clients came. No I/O here; the clock is
+injected, for the tests.
 """
 
 from __future__ import annotations
 
 import math
-import random
 import time
 from collections.abc import Callable
 
@@ -30,6 +33,11 @@ SMOOTHING = 0.5
 # never so long that an idle node waits for clients it turned away.
 MIN_HINT_MS = 250
 MAX_HINT_MS = 30_000
+# A node is assumed to finish at least this many connects a second, however slow it looked.
+MIN_RATE = 50.0
+# Clients wait a hint plus up to as much again (1.5x on average): appointments are spaced
+# that much tighter, so that returns arrive at about the rate the node serves.
+CLIENT_STRETCH = 1.5
 
 
 class Admission:
@@ -45,7 +53,7 @@ class Admission:
         "_done",
         "_max",
         "_min_limit",
-        "_random",
+        "_next_slot",
         "_rate",
         "_window_start",
         "admitted",
@@ -61,15 +69,14 @@ class Admission:
         initial_rate: float = 2_000.0,
         min_limit: int = 64,
         clock: Callable[[], float] = time.monotonic,
-        rng: Callable[[], float] = random.random,
     ) -> None:
         self._max = max_connecting
         self._budget_s = budget_s
         self._min_limit = min(min_limit, max_connecting)
         self._rate = initial_rate
         self._clock = clock
-        self._random = rng
         self._window_start = clock()
+        self._next_slot = 0.0
         self._done = 0
         self.pending = 0
         self.admitted = 0
@@ -82,10 +89,12 @@ class Admission:
 
     def limit(self) -> int:
         """How many connects may be in progress at once now."""
-        return min(self._max, max(self._min_limit, int(self._rate * self._budget_s)))
+        rate = max(self._rate, MIN_RATE)
+        return min(self._max, max(self._min_limit, int(rate * self._budget_s)))
 
     def admit(self) -> int | None:
-        self._roll(self._clock())
+        now = self._clock()
+        self._roll(now)
         if self.pending >= self.limit():
             self.refused += 1
             return self.hint_ms()
@@ -101,10 +110,14 @@ class Admission:
             self._done += 1
 
     def hint_ms(self) -> int:
-        """When to come back: about the time the current queue takes to drain, spread by a
-        random factor in [0.5, 1) so that those refused together do not return together."""
-        drain_s = self.pending / max(self._rate, 1.0)
-        hint = drain_s * 1000 * (0.5 + self._random() / 2)
+        """An appointment for a client sent away: the next free slot once half the queue
+        now in progress has drained (by then there is room), slots spaced at the rate the
+        node serves. Each call takes a slot."""
+        now = self._clock()
+        rate = max(self._rate, MIN_RATE)
+        room_at = now + self.pending / 2 / rate
+        self._next_slot = max(self._next_slot, room_at) + 1 / (rate * CLIENT_STRETCH)
+        hint = (self._next_slot - now) * 1000
         return int(min(MAX_HINT_MS, max(MIN_HINT_MS, math.ceil(hint))))
 
     def _roll(self, now: float) -> None:

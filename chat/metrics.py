@@ -26,6 +26,19 @@ REQUESTS = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
     registry=REGISTRY,
 )
+ADMISSION_REFUSED = Counter(
+    "chat_admission_refused_total",
+    "Connects sent away with a retry hint: HTTP 503 before the upgrade (at_upgrade), or "
+    "goodbye + close 1013 past the connect deadline (past_deadline)",
+    ["when"],
+    registry=REGISTRY,
+)
+SNAPSHOT_BATCH = Histogram(
+    "chat_connect_snapshot_batch_size",
+    "Connecting sessions whose snapshots one statement read",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+    registry=REGISTRY,
+)
 DB_COMMIT = Histogram(
     "chat_db_commit_seconds",
     "Journal transaction time (one batch of operations)",

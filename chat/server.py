@@ -476,6 +476,7 @@ class Node:
             return response
         hint_ms = self.admission.admit()
         if hint_ms is not None:
+            metrics.ADMISSION_REFUSED.labels(when="at_upgrade").inc()
             return _overloaded(hint_ms)
         assert isinstance(ws, Connection)
         loop = asyncio.get_running_loop()
@@ -730,6 +731,7 @@ class Node:
 
     def _send_away(self, peer: Peer) -> None:
         """A connect past its deadline: come back later (the client has likely given up)."""
+        metrics.ADMISSION_REFUSED.labels(when="past_deadline").inc()
         hint = wire.Goodbye(reason="overloaded", reconnect_after_ms=self.admission.hint_ms())
         peer.reply(text_frame(wire.dump(hint)))
         peer.close(CloseCode.TRY_AGAIN_LATER, "overloaded")

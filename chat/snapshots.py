@@ -21,6 +21,7 @@ import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from chat import metrics
 from chat.journal import now_ms
 from chat.storage import Database, queries
 
@@ -128,6 +129,7 @@ class SnapshotReader:
             return
         self.statements += 1
         self.served += len(batch)
+        metrics.SNAPSHOT_BATCH.observe(len(batch))
         self._busy_until = asyncio.get_running_loop().time() + self._busy_s
         for wanted, state in zip(batch, states, strict=True):
             if not wanted.future.done():

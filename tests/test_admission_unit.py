@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from chat.admission import MAX_HINT_MS, MIN_HINT_MS, WINDOW_S, Admission
+from chat.admission import CLIENT_STRETCH, MAX_HINT_MS, MIN_HINT_MS, WINDOW_S, Admission
 
 
 class Clock:
@@ -13,16 +13,9 @@ class Clock:
         return self.now
 
 
-def admission(
-    clock: Clock, *, max_connecting: int = 10_000, rate: float = 1_000.0, rng: float = 0.5
-) -> Admission:
+def admission(clock: Clock, *, max_connecting: int = 10_000, rate: float = 1_000.0) -> Admission:
     return Admission(
-        max_connecting=max_connecting,
-        budget_s=2.0,
-        initial_rate=rate,
-        min_limit=8,
-        clock=clock,
-        rng=lambda: rng,
+        max_connecting=max_connecting, budget_s=2.0, initial_rate=rate, min_limit=8, clock=clock
     )
 
 
@@ -48,16 +41,57 @@ def test_a_finished_connect_frees_its_place() -> None:
     assert a.pending == 2
 
 
-def test_hints_are_about_the_drain_time_and_spread() -> None:
+def test_hints_are_appointments_after_the_queue_spaced_at_the_service_rate() -> None:
     clock = Clock()
-    low = admission(clock, max_connecting=1_000, rate=500.0, rng=0.0)
-    high = admission(clock, max_connecting=1_000, rate=500.0, rng=0.999)
-    for a in (low, high):
-        while a.admit() is None:
-            pass
-    # 1,000 waiting at 500/s: 2 s to drain; the hint is that times 0.5 .. 1.
-    assert low.hint_ms() == 1_000
-    assert 1_990 <= high.hint_ms() <= 2_000
+    a = admission(clock, max_connecting=1_000, rate=500.0)
+    assert all(a.admit() is None for _ in range(1_000))
+    first = a.admit()
+    hints = [a.admit() for _ in range(299)]
+    # 1,000 in progress at 500/s: room once half has drained, after 1 s.
+    assert first == 1_000 + 2  # the first slot: 1/(500 x 1.5) s later, rounded up
+    assert hints == sorted(hints) and len(set(hints)) == len(hints), "distinct, in order"
+    assert hints[-1] is not None and first is not None
+    # 300 appointments span what the node serves in 300 / (500 x 1.5) s.
+    assert abs((hints[-1] - first) - 299 / (500 * CLIENT_STRETCH) * 1000) <= 2
+
+
+def test_appointments_start_again_from_now_once_passed() -> None:
+    clock = Clock()
+    a = admission(clock, max_connecting=2, rate=1_000.0)
+    a.admit(), a.admit()
+    assert a.admit() == MIN_HINT_MS
+    clock.now += 60.0
+    assert a.admit() == MIN_HINT_MS
+
+
+def test_a_storm_is_given_about_one_appointment_per_client() -> None:
+    """Clients come back at their appointment (plus up to as much again): refused clients
+    must find room mostly at the first return, not be refused over and over."""
+    clock = Clock()
+    a = admission(clock, max_connecting=100, rate=200.0)
+    returns: list[tuple[float, int]] = [(clock.now, i) for i in range(2_000)]
+    served = refusals = 0
+    live: list[float] = []  # when each admitted connect finishes (200/s, one at a time)
+    busy_until = clock.now
+    for _ in range(20_000):
+        if not returns:
+            break
+        returns.sort()
+        at, client = returns.pop(0)
+        clock.now = max(clock.now, at)
+        while live and live[0] <= clock.now:
+            live.pop(0)
+            a.finished(served=True)
+        hint = a.admit()
+        if hint is None:
+            busy_until = max(busy_until, clock.now) + 1 / 200
+            live.append(busy_until)
+            served += 1
+        else:
+            refusals += 1
+            returns.append((clock.now + hint / 1000 * (1 + (client % 10) / 10), client))
+    assert served == 2_000
+    assert refusals <= 1.1 * 2_000  # about one each (1,948 when written)
 
 
 def test_hints_are_bounded() -> None:
