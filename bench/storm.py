@@ -932,6 +932,7 @@ class Storm:
         )
         if initial["ok"] < n:
             raise BenchError(f"only {initial['ok']} of {n} clients went live on node A")
+        time.sleep(args.settle)
 
         # 2. the poster (on B), and the background rate of statements and commands
         poster = Poster(
@@ -1373,7 +1374,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=15000,
         help='live clients send {"type":"ping"} this often (0: never)',
     )
-    p.add_argument("--settle", type=float, default=1.0, help="cold: seconds after the warm-up")
+    p.add_argument(
+        "--settle",
+        type=float,
+        help="s of calm after the warm-up (cold, default 1) or after every client went live "
+        "on node A (kill, default 5: the connects' aftermath stays out of the background rate)",
+    )
     p.add_argument(
         "--idle-timeout", type=float, default=30.0, help="cold: wait for the node's idle"
     )
@@ -1397,6 +1403,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.attempts is None:
         args.attempts = 20 if args.scenario == "kill" else 1
+    if args.settle is None:
+        args.settle = 5.0 if args.scenario == "kill" else 1.0
     if args.scenario == "kill":
         args.store, args.redis = "postgres", True  # two nodes share PostgreSQL and Redis
     if args.clients < 1 or args.timeout <= 0 or args.max_inflight < 0 or args.channels < 1:
