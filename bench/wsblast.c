@@ -58,7 +58,8 @@
  * (round 0: from its first connect(); later rounds: from the MARK) as p50/p90/p99/max and as
  * a list (ready_ms, for merging processes), time to the 101, hints, failures by kind, close
  * codes, HTTP statuses, resumes and resume errors, failover switches. Live connections stay
- * open (pings answered; an application ping every --heartbeat-ms) until QUIT on stdin.
+ * open (pings answered; an application ping every --heartbeat-ms, the first after a random
+ * part of it, so connections do not ping in step) until QUIT on stdin.
  *
  * Build: gcc -O2 -o bench/.build/wsblast bench/wsblast.c
  */
@@ -116,6 +117,7 @@ typedef struct {
     int fail_kind;                     /* --storm: enum fkind of the pending conn_fail */
     /* --storm */
     int64_t attempt_ns, wake_ns;   /* this attempt's connect(); C_WAIT: when to reconnect */
+    int64_t hb_ns;                 /* next application ping (live connections) */
     int fails, backoff_k;          /* failed attempts this round (vs --attempts); backoff step */
     int hint_ms, hint_kind;        /* a retry hint for the pending close (-1: none) */
     int close_code, refused_conn;  /* the server's close code; connect() refused */
@@ -419,6 +421,8 @@ static void set_ready(conn_t *c) {
     if (opt.storm) {
         c->live_round = round_no;
         c->fails = c->backoff_k = c->wait_resumed = 0;
+        /* the first ping after interval * random(), as chat.client: a herd does not ping in step */
+        c->hb_ns = c->ready_ns + (int64_t)(rnd01() * (double)opt.heartbeat_ms * 1e6);
     }
 }
 
@@ -944,6 +948,10 @@ static int storm_scan(int64_t now) {
             now - c->attempt_ns > opt.conn_timeout_ms * 1000000LL)
             conn_fail_kind(c, F_TIMEOUT, "timeout");
         if (c->st == C_WAIT && now >= c->wake_ns) start_connect(c);
+        if (opt.heartbeat_ms > 0 && c->ready && c->st == C_OPEN && now >= c->hb_ns) {
+            c->hb_ns = now + opt.heartbeat_ms * 1000000LL;
+            send_frame(c, 0x1, opt.hb_text, strlen(opt.hb_text));
+        }
         if (!c->ready && c->st != C_CLOSED && c->st != C_IDLE) pending = 1;
         if (!settled(c)) all_settled = 0;
     }
@@ -1197,7 +1205,6 @@ int main(int argc, char **argv) {
     if (opt.go) wait_go();
     int64_t start = now_ns(), ready_ns = 0, next_hb = 0, next_scan = 0;
     round_t0 = start;
-    if (opt.storm && opt.heartbeat_ms > 0) next_hb = start + opt.heartbeat_ms * 1000000LL;
     int64_t hard_end = start + opt.max_seconds * 1000000000LL;
     struct epoll_event evs[512];
     for (;;) {
@@ -1231,7 +1238,7 @@ int main(int argc, char **argv) {
             fprintf(stderr, "wsblast: --max-seconds reached, exiting\n");
             quit(3);
         }
-        if ((ready_ns || opt.storm) && opt.heartbeat_ms > 0 && now >= next_hb) {
+        if (!opt.storm && ready_ns && opt.heartbeat_ms > 0 && now >= next_hb) {
             for (int i = 0; i < opt.conns; i++)
                 if (conns[i].st == C_OPEN && conns[i].ready) send_frame(&conns[i], 0x1, opt.hb_text, strlen(opt.hb_text));
             next_hb = now + opt.heartbeat_ms * 1000000LL;
@@ -1241,7 +1248,7 @@ int main(int argc, char **argv) {
         if (!ready_ns) wake = now + 100000000LL; /* re-check connect progress every 100 ms */
         if (opt.storm && next_scan < wake) wake = next_scan;
         if (ph.armed && ph.deadline_ns < wake) wake = ph.deadline_ns;
-        if ((ready_ns || opt.storm) && opt.heartbeat_ms > 0 && next_hb < wake) wake = next_hb;
+        if (!opt.storm && ready_ns && opt.heartbeat_ms > 0 && next_hb < wake) wake = next_hb;
         int64_t wait_ms = wake > now ? (wake - now + 999999LL) / 1000000LL : 0;
         if (need_scan) wait_ms = 0;
         int timeout = wait_ms > 1000000 ? 1000000 : (int)wait_ms;
