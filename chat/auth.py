@@ -7,7 +7,6 @@ database makes them revocable. Passwords are hashed with argon2id.
 from __future__ import annotations
 
 import base64
-import hashlib
 import hmac
 import json
 import secrets
@@ -75,7 +74,7 @@ def _verify_our_shape(secret: str, token: str) -> TokenClaims | None:
     body, _, signature = rest.partition(".")
     if header != _HEADER or not body or not signature.isascii():
         return None
-    mac = hmac.new(secret.encode(), f"{header}.{body}".encode(), hashlib.sha256).digest()
+    mac = hmac.digest(secret.encode(), f"{header}.{body}".encode(), "sha256")
     expected = base64.urlsafe_b64encode(mac).rstrip(b"=")
     if not hmac.compare_digest(expected, signature.encode()):
         return None  # PyJWT says why
