@@ -14,6 +14,13 @@ room (clients add up to as much again in jitter, so the spacing allows for that)
 equal hints would bring the refused back together, to be refused again, each refusal costing
 the node a handshake: the storm would compound.
 
+The queue a node sees is not the whole queue: connections wait in the kernel's listen queue
+before the node accepts them, and a node that falls behind could serve every connect it
+takes on and still have its clients time out there. So :meth:`Admission.admit` is also told
+how long the connection already waited (the kernel knows: :func:`chat.transport.waited_s`);
+past ``max_wait_s`` it is sent away with an appointment too. Refusing is cheap (no upgrade,
+no query), so the queue drains fast and the connects that are served are fresh ones.
+
 The rate is measured only while the node is behind (more connects waiting at the end of a
 measurement window than it finished in it): a node that is merely idle has not shown what it
 can do, and must not shrink its limit because few clients came. No I/O here; the clock is
@@ -52,6 +59,7 @@ class Admission:
         "_clock",
         "_done",
         "_max",
+        "_max_wait_s",
         "_min_limit",
         "_next_slot",
         "_rate",
@@ -59,6 +67,7 @@ class Admission:
         "admitted",
         "pending",
         "refused",
+        "stale",
     )
 
     def __init__(
@@ -66,12 +75,14 @@ class Admission:
         *,
         max_connecting: int,
         budget_s: float,
+        max_wait_s: float = math.inf,
         initial_rate: float = 2_000.0,
         min_limit: int = 64,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._max = max_connecting
         self._budget_s = budget_s
+        self._max_wait_s = max_wait_s
         self._min_limit = min(min_limit, max_connecting)
         self._rate = initial_rate
         self._clock = clock
@@ -81,6 +92,7 @@ class Admission:
         self.pending = 0
         self.admitted = 0
         self.refused = 0
+        self.stale = 0  # of the refused: because they had waited too long already
 
     @property
     def rate(self) -> float:
@@ -92,9 +104,15 @@ class Admission:
         rate = max(self._rate, MIN_RATE)
         return min(self._max, max(self._min_limit, int(rate * self._budget_s)))
 
-    def admit(self) -> int | None:
+    def admit(self, waited_s: float = 0.0) -> int | None:
+        """None: taken on. Else the retry hint (ms). ``waited_s``: how long the connection
+        had waited before it reached the node's code."""
         now = self._clock()
         self._roll(now)
+        if waited_s >= self._max_wait_s:
+            self.refused += 1
+            self.stale += 1
+            return self.hint_ms()
         if self.pending >= self.limit():
             self.refused += 1
             return self.hint_ms()

@@ -28,8 +28,9 @@ REQUESTS = Histogram(
 )
 ADMISSION_REFUSED = Counter(
     "chat_admission_refused_total",
-    "Connects sent away with a retry hint: HTTP 503 before the upgrade (at_upgrade), or "
-    "goodbye + close 1013 past the connect deadline (past_deadline)",
+    "Connects sent away with a retry hint: HTTP 503 before the upgrade, for a full queue "
+    "(at_upgrade) or a connection that had waited too long in the listen queue "
+    "(waited_too_long); or goodbye + close 1013 past the connect deadline (past_deadline)",
     ["when"],
     registry=REGISTRY,
 )

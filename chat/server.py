@@ -61,7 +61,7 @@ from chat.replay import DatabaseLog, ReplayCache, ReplayLog
 from chat.retention import Pruner
 from chat.snapshots import Abandoned, SnapshotReader
 from chat.storage import Database, open_database, secret_key_path, token_secret
-from chat.transport import OPEN, Connection, FrameWriter, text_frame
+from chat.transport import OPEN, Connection, FrameWriter, text_frame, waited_s
 
 log = logging.getLogger(__name__)
 
@@ -247,7 +247,10 @@ class Node:
         self._identifier: Identifier
         self.snapshots: SnapshotReader
         self.admission = Admission(
-            max_connecting=settings.max_connecting, budget_s=settings.admission_budget_s
+            max_connecting=settings.max_connecting,
+            budget_s=settings.admission_budget_s,
+            # Half the deadline gone before the node even saw it: it will not make it.
+            max_wait_s=settings.connect_deadline_s / 2,
         )
         self.replay: ReplayCache
         self.port = 0
@@ -474,13 +477,16 @@ class Node:
             response = ws.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, "draining\n")
             response.headers["Retry-After"] = "1"
             return response
-        hint_ms = self.admission.admit()
+        waited = waited_s(ws.transport)
+        stale = self.admission.stale
+        hint_ms = self.admission.admit(waited)
         if hint_ms is not None:
-            metrics.ADMISSION_REFUSED.labels(when="at_upgrade").inc()
+            when = "waited_too_long" if self.admission.stale > stale else "at_upgrade"
+            metrics.ADMISSION_REFUSED.labels(when=when).inc()
             return _overloaded(hint_ms)
         assert isinstance(ws, Connection)
         loop = asyncio.get_running_loop()
-        ws.admit(self._connect_ended, loop.time() + self.settings.connect_deadline_s)
+        ws.admit(self._connect_ended, loop.time() + self.settings.connect_deadline_s - waited)
         return None
 
     def _connect_ended(self, served: bool) -> None:

@@ -13,19 +13,47 @@ one of them moves:
 - ``ServerConnection.connection_lost``: called once when the socket goes, also for a
   handshake that never reached the handler (admission control counts those);
 - ``serve(create_connection=...)``: the server builds our subclass.
+
+It also reads one kernel fact, Linux's ``TCP_INFO.tcpi_last_data_recv`` (:func:`waited_s`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
+import socket
 import struct
 from collections.abc import Callable
+from typing import Any
 
 from websockets.asyncio.server import ServerConnection
 from websockets.protocol import State
 
 OPEN = State.OPEN
+
+# struct tcp_info (linux/tcp.h): tcpi_last_data_recv, in ms, after 8 one-byte fields and
+# eight 32-bit ones.
+_TCP_INFO_LAST_DATA_RECV = 52
+_TCP_INFO_SIZE = 104
+
+
+def waited_s(transport: asyncio.BaseTransport) -> float:
+    """How long ago the client's last bytes arrived on this connection, in seconds, from the
+    kernel (Linux ``TCP_INFO``); 0 when it cannot say. Asked when the HTTP request is handled,
+    that is how long the connection waited: in the kernel's listen queue (invisible to the
+    server otherwise), then in ours."""
+    sock: Any = transport.get_extra_info("socket")
+    tcp_info = getattr(socket, "TCP_INFO", None)
+    if sock is None or tcp_info is None:
+        return 0.0
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, tcp_info, _TCP_INFO_SIZE)
+    except OSError:
+        return 0.0
+    if len(info) < _TCP_INFO_LAST_DATA_RECV + 4:
+        return 0.0
+    ms: int = struct.unpack_from("I", info, _TCP_INFO_LAST_DATA_RECV)[0]
+    return ms / 1000
 
 
 def text_frame(payload: bytes) -> bytes:

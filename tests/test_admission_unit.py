@@ -142,3 +142,12 @@ def test_failed_connects_do_not_count_as_capacity() -> None:
     a.admit()
     assert a.rate == 1_000.0
     assert a.pending == 101
+
+
+def test_a_connect_that_waited_too_long_is_sent_away_even_with_room() -> None:
+    """It waited in the kernel's listen queue, where the node could not count it."""
+    a = Admission(max_connecting=100, budget_s=2.0, max_wait_s=5.0, clock=Clock())
+    assert a.admit(waited_s=4.9) is None
+    hint = a.admit(waited_s=5.0)
+    assert hint is not None and hint >= MIN_HINT_MS
+    assert (a.pending, a.refused, a.stale) == (1, 1, 1)

@@ -10,6 +10,8 @@ and outcomes, never on time.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 
 from chat.client import Backoff, ResilientClient
 from tests.cluster import Cluster
@@ -68,9 +70,7 @@ async def test_a_storm_over_the_admission_limit_gets_hints_then_resumes_without_
         assert cold_hints == refused, "every refusal was a hint the client followed"
         assert sum(rc.timeouts for rc in clients) == 0
         assert sum(rc.backoffs for rc in clients) == 0, "hints only, no blind retries"
-        await wait_until(
-            lambda: all(r.of_type("client.reset") for r in recs), scaled(10), "resets"
-        )
+        await wait_until(lambda: all(r.of_type("client.reset") for r in recs), scaled(10), "resets")
 
         # 2. Messages before, while the node is down (missed: replayed on resume), and
         #    while the clients storm back in.
@@ -108,3 +108,36 @@ async def test_a_storm_over_the_admission_limit_gets_hints_then_resumes_without_
         for rc in clients:
             await rc.close()
         await asyncio.gather(*pumps, return_exceptions=True)
+
+
+async def test_connects_that_waited_out_a_frozen_node_are_sent_away_then_served(
+    make_cluster: MakeCluster,
+) -> None:
+    """The node stops (a long pause: CPU starvation, swapping) while clients connect: they
+    wait in the kernel's listen queue, where the node cannot count them. Once it runs again,
+    those that waited past half the connect deadline get an appointment instead of a
+    connect that would finish too late; then every client is served."""
+    cluster = await make_cluster(1, extra_env={**FAST, "CHAT_CONNECT_DEADLINE_S": "2"})
+    node = cluster.nodes[0]
+    assert node.pid is not None
+    tokens = await sessions(cluster, 30)
+    clients = [ResilientClient([node.url], t, backoff=Backoff(base=0.05, cap=0.5)) for t in tokens]
+    try:
+        os.kill(node.pid, signal.SIGSTOP)
+        try:
+            for rc in clients:
+                rc.start()
+            await asyncio.sleep(1.5)  # past half the deadline, in the listen queue
+        finally:
+            os.kill(node.pid, signal.SIGCONT)
+        await asyncio.gather(*(rc.wait_connected(scaled(30)) for rc in clients))
+        stale = await ametric(node, "chat_admission_refused_total", 'when="waited_too_long"')
+        assert stale > 0
+        assert sum(rc.hints for rc in clients) == stale + await ametric(
+            node, "chat_admission_refused_total", 'when="at_upgrade"'
+        )
+        assert sum(rc.timeouts for rc in clients) == 0
+        assert all(rc.fatal is None for rc in clients)
+    finally:
+        for rc in clients:
+            await rc.close()

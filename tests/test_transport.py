@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import socket
+import sys
+import time
 
+import pytest
 from websockets.asyncio.client import connect
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.protocol import State
 
-from chat.transport import Connection, FrameWriter, text_frame
+from chat.transport import Connection, FrameWriter, text_frame, waited_s
 from tests.timing import scaled
 
 
@@ -54,3 +58,27 @@ async def test_raw_frames_interleave_with_the_library_and_pings_count_as_traffic
             await asyncio.wait_for(await client.ping(), scaled(5))  # the pong came back
             assert connections[0].last_seen > before
             done.set()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="TCP_INFO is Linux's")
+async def test_waited_is_the_time_a_connection_spent_in_the_listen_queue() -> None:
+    listener = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(listener.getsockname())
+    try:
+        client.sendall(b"GET / HTTP/1.1\r\n\r\n")  # the request arrives, nobody accepts
+        await asyncio.sleep(0.3)
+        accepted, _ = listener.accept()
+        transport, _ = await asyncio.get_running_loop().connect_accepted_socket(
+            asyncio.Protocol, accepted
+        )
+        started = time.monotonic()
+        waited = waited_s(transport)
+        assert 0.3 <= waited <= 0.3 + (time.monotonic() - started) + scaled(1.0)
+        transport.close()
+    finally:
+        client.close()
+        listener.close()
+
+
+def test_waited_is_zero_without_a_socket() -> None:
+    assert waited_s(asyncio.Transport()) == 0.0
