@@ -85,6 +85,7 @@ class Peer(FrameWriter):
     """One websocket connection, as the hub sees it once authenticated."""
 
     __slots__ = (
+        "_corked",
         "_hard",
         "_node",
         "_soft",
@@ -115,6 +116,7 @@ class Peer(FrameWriter):
         self.revoked = False
         self.closer: asyncio.Task[object] | None = None
         self.requests = Slots(node.settings.max_inflight_requests)
+        self._corked: list[bytes] | None = None
 
     def send(self, frame: bytes, droppable: bool) -> None:
         # The per-recipient hot path of fan-out: keep it short (FrameWriter's fields, inline).
@@ -128,7 +130,22 @@ class Peer(FrameWriter):
             return
         self._write(frame, False)
 
+    def cork(self) -> None:
+        """Hold frames until :meth:`uncork`, which writes them in one go: a connect's reply,
+        replay, marker and buffered events cost one system call, not one each (in a storm,
+        the node's time goes to system calls)."""
+        if self._corked is None:
+            self._corked = []
+
+    def uncork(self) -> None:
+        corked, self._corked = self._corked, None
+        if corked and self._protocol.state is OPEN:
+            self._transport.write(b"".join(corked))
+
     def _write(self, frame: bytes, droppable: bool) -> None:
+        if self._corked is not None:
+            self._corked.append(frame)
+            return
         transport = self._transport
         if transport.get_write_buffer_size() > self._soft:
             if droppable:
@@ -173,6 +190,7 @@ class Peer(FrameWriter):
     def close(self, code: CloseCode, reason: str) -> None:
         if self.closing:
             return
+        self.uncork()  # what was written before the close goes before it
         self.closing = True
         metrics.CLOSES.labels(code=str(int(code))).inc()
         self.closer = self._node.spawn(self._close(code, reason))
@@ -613,8 +631,17 @@ class Node:
         return await self._connect(peer, sequence, sequence.start(verdict.request))
 
     async def _connect(self, peer: Peer, sequence: Connect, effects: list[Effect]) -> bool:
-        """Carry out the connect sequence: its effects, and the I/O of each step. A connect
-        whose client has gone stops; one past its deadline is told to come back later."""
+        """Carry out the connect sequence (what it writes leaves in one write, see
+        :meth:`Peer.cork`)."""
+        peer.cork()
+        try:
+            return await self._steps(peer, sequence, effects)
+        finally:
+            peer.uncork()
+
+    async def _steps(self, peer: Peer, sequence: Connect, effects: list[Effect]) -> bool:
+        """The effects of each step, and its I/O. A connect whose client has gone stops;
+        one past its deadline is told to come back later."""
         loop = asyncio.get_running_loop()
         while True:
             action: Effect | None = None
@@ -673,6 +700,8 @@ class Node:
                 sequence.scan(chunk)
             return sequence.scanned()
         if isinstance(action, StreamReplay):
+            if not action.cached:
+                peer.uncork()  # a long replay: written with flow control, chunk by chunk
             chunks = action.cached or self._read(
                 action.workspace_id, action.after_seq, action.up_to
             )
