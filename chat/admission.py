@@ -21,10 +21,15 @@ how long the connection already waited (the kernel knows: :func:`chat.transport.
 past ``max_wait_s`` it is sent away with an appointment too. Refusing is cheap (no upgrade,
 no query), so the queue drains fast and the connects that are served are fresh ones.
 
-The rate is measured only while the node is behind (more connects waiting at the end of a
-measurement window than it finished in it): a node that is merely idle has not shown what it
-can do, and must not shrink its limit because few clients came. No I/O here; the clock is
-injected, for the tests.
+The rate is what the node finishes per second of its own CPU time (connects per CPU
+second, over half-second windows with enough connects to tell): it is what a fully busy node
+would do, whether the node is busy now or not. (Connects finished per second of wall time
+would only say how many came: a node that hints clients to come at the rate it believes it
+can serve would then measure exactly that rate, and never learn that it could do more, nor
+recover after a slow spell. That ratchet was measured: a storm of 5,000 that went on for
+minutes.) All the CPU the node spends counts against its connects (fan-out, refusals, the
+collector), so the estimate errs low, and under load that work is real. No I/O here; the
+clocks are injected, for the tests.
 """
 
 from __future__ import annotations
@@ -33,8 +38,10 @@ import math
 import time
 from collections.abc import Callable
 
-# Rate measurement window, and the weight of a new window in the estimate.
+# Rate measurement window, the connects a window needs to count, and the weight of a new
+# window in the estimate.
 WINDOW_S = 0.5
+MIN_SAMPLE = 20
 SMOOTHING = 0.5
 # Hints, in milliseconds: never so short that the client is back before anything changed,
 # never so long that an idle node waits for clients it turned away.
@@ -57,6 +64,8 @@ class Admission:
     __slots__ = (
         "_budget_s",
         "_clock",
+        "_cpu_clock",
+        "_cpu_start",
         "_done",
         "_max",
         "_max_wait_s",
@@ -79,6 +88,7 @@ class Admission:
         initial_rate: float = 2_000.0,
         min_limit: int = 64,
         clock: Callable[[], float] = time.monotonic,
+        cpu_clock: Callable[[], float] = time.process_time,
     ) -> None:
         self._max = max_connecting
         self._budget_s = budget_s
@@ -86,7 +96,9 @@ class Admission:
         self._min_limit = min(min_limit, max_connecting)
         self._rate = initial_rate
         self._clock = clock
+        self._cpu_clock = cpu_clock
         self._window_start = clock()
+        self._cpu_start = cpu_clock()
         self._next_slot = 0.0
         self._done = 0
         self.pending = 0
@@ -96,7 +108,7 @@ class Admission:
 
     @property
     def rate(self) -> float:
-        """Connects finished per second, as last measured under load."""
+        """Connects the node finishes per second of CPU, as last measured."""
         return self._rate
 
     def limit(self) -> int:
@@ -142,11 +154,11 @@ class Admission:
         elapsed = now - self._window_start
         if elapsed < WINDOW_S:
             return
-        behind = self.pending >= max(self._min_limit, self._done)
-        if behind and self._done > 0 and elapsed < 4 * WINDOW_S:
-            # More were waiting than finished: the node was working flat out, so what
-            # finished is what it can do.
-            measured = self._done / elapsed
+        cpu_now = self._cpu_clock()
+        cpu = cpu_now - self._cpu_start
+        if self._done >= MIN_SAMPLE and cpu > 0:
+            measured = self._done / cpu
             self._rate = (1 - SMOOTHING) * self._rate + SMOOTHING * measured
         self._window_start = now
+        self._cpu_start = cpu_now
         self._done = 0

@@ -5,10 +5,11 @@ each needs the same read (:func:`chat.storage.queries.connect_snapshots`): the w
 position and, as of it, the user, the user's channels and the session's state. Reads of a
 workspace that arrive while earlier ones are in flight wait, and go together in the next
 statement (group commit, for reads): a storm costs a handful of statements, not one or more
-per client. While connects stream in (a statement ran in the last ``busy_s``), a batch also
-waits ``linger_s`` for more before it leaves; a lone connect never waits. A few statements
-run at once (``concurrency``), so one slow workspace does not hold up the others, and the
-pool keeps connections for the requests of live sessions.
+per client. A workspace has one statement in flight at a time; while connects stream in (a
+statement ran in the last ``busy_s``), each batch also waits ``linger_s`` for more before it
+leaves; a lone connect never waits. A few workspaces' statements run at once
+(``concurrency``), so one slow workspace does not hold up the others, and the pool keeps
+connections for the requests of live sessions.
 
 A read whose client has gone (or passed its deadline) by the time its batch is formed is
 dropped with :class:`Abandoned` instead of being served: a storm must not spend the
@@ -49,7 +50,7 @@ class SnapshotReader:
         *,
         max_batch: int = 500,
         concurrency: int = 2,
-        linger_s: float = 0.005,
+        linger_s: float = 0.02,
         busy_s: float = 0.05,
     ) -> None:
         self._db = db
@@ -86,11 +87,12 @@ class SnapshotReader:
 
     async def _flush(self, workspace_id: int) -> None:
         loop = asyncio.get_running_loop()
-        if loop.time() < self._busy_until:
-            # Connects are streaming in (a statement ran moments ago): let a few more
-            # milliseconds' worth join this batch. A lone connect never waits.
-            await asyncio.sleep(self._linger_s)
         while True:
+            waiting = self._waiting.get(workspace_id)
+            if waiting and len(waiting) < self._max_batch and loop.time() < self._busy_until:
+                # Connects are streaming in (a statement ran moments ago): let a few more
+                # milliseconds' worth join this batch. A lone connect never waits.
+                await asyncio.sleep(self._linger_s)
             async with self._slots:
                 waiting = self._waiting.get(workspace_id)
                 if not waiting:

@@ -15,7 +15,12 @@ class Clock:
 
 def admission(clock: Clock, *, max_connecting: int = 10_000, rate: float = 1_000.0) -> Admission:
     return Admission(
-        max_connecting=max_connecting, budget_s=2.0, initial_rate=rate, min_limit=8, clock=clock
+        max_connecting=max_connecting,
+        budget_s=2.0,
+        initial_rate=rate,
+        min_limit=8,
+        clock=clock,
+        cpu_clock=clock,  # a node busy all the time
     )
 
 
@@ -105,40 +110,69 @@ def test_hints_are_bounded() -> None:
     assert max(h for h in hints if h is not None) == MAX_HINT_MS
 
 
-def test_the_rate_is_learned_while_the_node_is_behind() -> None:
-    clock = Clock()
-    a = admission(clock, rate=1_000.0)
+def cpu_admission(clock: Clock, cpu: Clock, rate: float = 1_000.0) -> Admission:
+    return Admission(
+        max_connecting=10_000,
+        budget_s=2.0,
+        initial_rate=rate,
+        min_limit=8,
+        clock=clock,
+        cpu_clock=cpu,
+    )
+
+
+def test_the_rate_is_connects_per_cpu_second() -> None:
+    clock, cpu = Clock(), Clock()
+    a = cpu_admission(clock, cpu, rate=1_000.0)
     for _ in range(400):
         assert a.admit() is None
-    # Half a second in which only 50 finished while 350 still wait: the node does 100/s.
+    # Half a second in which 50 finished using 0.5 s of CPU: 100 a CPU second.
     for _ in range(50):
         a.finished(served=True)
     clock.now += WINDOW_S
+    cpu.now += 0.5
     a.admit()
     assert a.rate == 0.5 * 1_000 + 0.5 * 100
     assert a.limit() == int(a.rate * 2)
 
 
-def test_an_idle_node_does_not_shrink_its_limit() -> None:
-    """Few clients, each served at once: the node was never behind, so what finished says
-    nothing about what it can do."""
-    clock = Clock()
-    a = admission(clock, rate=1_000.0)
+def test_a_node_that_is_not_busy_learns_it_can_do_more() -> None:
+    """The ratchet: 100 connects a second arrive (the clients it hinted come at the rate it
+    believes), each finished at once with 10% of the CPU: the node can do ten times that,
+    and the estimate must rise, not stay where the arrivals put it."""
+    clock, cpu = Clock(), Clock()
+    a = cpu_admission(clock, cpu, rate=100.0)
+    for _ in range(10):
+        for _ in range(50):
+            assert a.admit() is None
+            a.finished(served=True)
+        clock.now += WINDOW_S
+        cpu.now += WINDOW_S / 10
+    a.admit()
+    assert a.rate > 900
+
+
+def test_a_quiet_node_keeps_its_estimate() -> None:
+    """A few connects in a window say nothing about what the node can do."""
+    clock, cpu = Clock(), Clock()
+    a = cpu_admission(clock, cpu, rate=1_000.0)
     for _ in range(20):
         assert a.admit() is None
         a.finished(served=True)
         clock.now += WINDOW_S / 2
+        cpu.now += WINDOW_S / 2  # busy with something else
     assert a.rate == 1_000.0
 
 
 def test_failed_connects_do_not_count_as_capacity() -> None:
-    clock = Clock()
-    a = admission(clock, rate=1_000.0)
+    clock, cpu = Clock(), Clock()
+    a = cpu_admission(clock, cpu, rate=1_000.0)
     for _ in range(400):
         a.admit()
     for _ in range(300):
         a.finished(served=False)  # refused or abandoned: not work the node finished
     clock.now += WINDOW_S
+    cpu.now += WINDOW_S
     a.admit()
     assert a.rate == 1_000.0
     assert a.pending == 101
@@ -146,7 +180,8 @@ def test_failed_connects_do_not_count_as_capacity() -> None:
 
 def test_a_connect_that_waited_too_long_is_sent_away_even_with_room() -> None:
     """It waited in the kernel's listen queue, where the node could not count it."""
-    a = Admission(max_connecting=100, budget_s=2.0, max_wait_s=5.0, clock=Clock())
+    clock = Clock()
+    a = Admission(max_connecting=100, budget_s=2.0, max_wait_s=5.0, clock=clock, cpu_clock=clock)
     assert a.admit(waited_s=4.9) is None
     hint = a.admit(waited_s=5.0)
     assert hint is not None and hint >= MIN_HINT_MS
