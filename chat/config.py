@@ -62,7 +62,7 @@ class Settings(BaseSettings):
     # the others get HTTP 503 with a retry hint. A connect not live connect_deadline_s after
     # its HTTP request is dropped with a hint (its client has likely given up).
     max_connecting: int = Field(default=10_000, ge=1)
-    admission_budget_s: float = Field(default=2.0, gt=0)
+    admission_budget_s: float = Field(default=4.0, gt=0)
     connect_deadline_s: float = Field(default=10.0, gt=0)
 
     # Operations: Prometheus /metrics is served on its own listener, never on the client port

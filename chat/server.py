@@ -267,8 +267,9 @@ class Node:
         self.admission = Admission(
             max_connecting=settings.max_connecting,
             budget_s=settings.admission_budget_s,
-            # Half the deadline gone before the node even saw it: it will not make it.
-            max_wait_s=settings.connect_deadline_s / 2,
+            # Most of the deadline gone before the node even saw it: with the queue ahead
+            # (up to the budget) it would not make it.
+            max_wait_s=max(settings.connect_deadline_s - settings.admission_budget_s, 0.5),
         )
         self.replay: ReplayCache
         self.port = 0
