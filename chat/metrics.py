@@ -34,6 +34,11 @@ ADMISSION_REFUSED = Counter(
     ["when"],
     registry=REGISTRY,
 )
+CONNECTING = Gauge(
+    "chat_connects_in_progress",
+    "Connects admitted and not yet live or ended (admission control's queue)",
+    registry=REGISTRY,
+)
 SNAPSHOT_BATCH = Histogram(
     "chat_connect_snapshot_batch_size",
     "Connecting sessions whose snapshots one statement read",

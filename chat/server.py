@@ -328,6 +328,7 @@ class Node:
         presence = Presence(bus, s.typing_interval_s, cluster, flush_s=s.presence_flush_s)
         self.services = Services(settings=s, db=db, journal=journal, hub=hub, presence=presence)
         self._identifier = Identifier(s, db)
+        metrics.CONNECTING.set_function(lambda: self.admission.pending)
         self.snapshots = SnapshotReader(db)
         self._hello_frame = text_frame(wire.dump(self._hello()))  # the same for every client
         self.replay = ReplayCache(replay)

@@ -98,6 +98,7 @@ async def test_a_storm_over_the_admission_limit_gets_hints_then_resumes_without_
         assert restart_hints > 0, "the restart storm never reached the limit"
         assert restart_hints == refused_after
         assert sum(rc.timeouts for rc in clients) == 0
+        assert await ametric(storm_node, "chat_connects_in_progress") == 0, "none leaked"
         for i, (rc, rec) in enumerate(zip(clients, recs, strict=True)):
             assert rc.fatal is None
             assert_same_ids(f"client {i}", rec.ids(), expected)
@@ -140,6 +141,7 @@ async def test_connects_that_waited_out_a_frozen_node_are_sent_away_then_served(
         )
         assert sum(rc.timeouts for rc in clients) == 0
         assert all(rc.fatal is None for rc in clients)
+        assert await ametric(node, "chat_connects_in_progress") == 0, "none leaked"
     finally:
         for rc in clients:
             await rc.close()
