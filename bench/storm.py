@@ -819,6 +819,7 @@ class Storm:
         self.pg_reset()
         pg0 = self.pg_counts()
         redis0 = self.redis_commands()
+        redis_by0 = self.redis_commandstats()
         net0, cpus0 = net_counters(), cpu_times()
         pg_cpu0 = cpu_seconds(pm) if pm is not None else None
         redis_pid = self.redis.pid if self.redis is not None else None
@@ -871,6 +872,7 @@ class Storm:
         )
         net1 = net_counters()
         redis1 = self.redis_commands()
+        redis_by = redis_delta(self.redis_commandstats(), redis_by0)
         if self.pg is not None:
             wait = PG_STATS_FLUSH_S - (time.monotonic() - t0 - settled_wall)
             if wait > 0:
@@ -936,7 +938,11 @@ class Storm:
         if redis0 is not None and redis1 is not None:
             # Our own INFO call is one command: not the node's.
             cmds = redis1 - redis0 - 1
-            result["redis"] = {"commands": cmds, "commands_per_client": round(cmds / n, 2)}
+            result["redis"] = {
+                "commands": cmds,
+                "commands_per_client": round(cmds / n, 2),
+                "by_command": redis_by,
+            }
         return result
 
     def run_kill(self, seed: dict[str, Any]) -> dict[str, Any]:
