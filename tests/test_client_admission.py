@@ -29,7 +29,7 @@ from websockets.http11 import Request, Response
 
 from chat.client import Backoff, Client, ResilientClient
 from tests.harness import RunningNode, running_node
-from tests.timing import scaled
+from tests.timing import Fixed, scaled
 
 HINT_MS = 40  # the gate's goodbye hint: short, so the test is quick
 
@@ -39,17 +39,6 @@ REFUSE_WITH_BODY = "503 goodbye body + Retry-After"
 REFUSE_WITH_RETRY_AFTER = "503 Retry-After only"
 REFUSE_BARE = "503 without a hint"
 GOODBYE_1013 = "goodbye overloaded answering auth, close 1013"
-
-
-class Fixed(random.Random):
-    """An rng whose random() is always ``value``: hints are then waited without jitter."""
-
-    def __init__(self, value: float) -> None:
-        super().__init__(0)
-        self.value = value
-
-    def random(self) -> float:
-        return self.value
 
 
 def small_backoff() -> Backoff:

@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import itertools
 import json
-import random
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -31,20 +30,9 @@ from tests.cluster import TempRedis
 from tests.conftest import PostgresFixture
 from tests.harness import RunningNode, running_node
 from tests.pg import unique_database_name
-from tests.timing import scaled
+from tests.timing import Fixed, scaled
 
 Frame = dict[str, Any]
-
-
-class Fixed(random.Random):
-    """An rng whose random() is always ``value``: ``uniform(a, b)`` is then predictable."""
-
-    def __init__(self, value: float) -> None:
-        super().__init__(0)
-        self.value = value
-
-    def random(self) -> float:
-        return self.value
 
 
 def fixed_backoff(seconds: float) -> Backoff:

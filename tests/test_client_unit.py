@@ -25,6 +25,7 @@ from chat.client import (
     refusal_hint,
 )
 from chat.errors import CloseCode
+from tests.timing import Fixed
 
 # ------------------------------------------------------------------ Backoff
 
@@ -260,17 +261,6 @@ def after_refusal(response: Response, backoff: Backoff, rng: random.Random) -> f
     return reconnect_delay(
         None, f"HTTP {response.status_code}", refusal_hint(response), backoff, rng
     )
-
-
-class Fixed(random.Random):
-    """An rng whose random() is always ``value``: ``uniform(a, b)`` is then predictable."""
-
-    def __init__(self, value: float) -> None:
-        super().__init__(0)
-        self.value = value
-
-    def random(self) -> float:
-        return self.value
 
 
 def test_503_with_a_goodbye_body_waits_the_bodys_hint_and_leaves_the_backoff_alone() -> None:

@@ -6,10 +6,8 @@ from __future__ import annotations
 import asyncio
 import inspect
 import socket
-import sys
 import time
 
-import pytest
 from websockets.asyncio.client import connect
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.protocol import State
@@ -60,7 +58,6 @@ async def test_raw_frames_interleave_with_the_library_and_pings_count_as_traffic
             done.set()
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="TCP_INFO is Linux's")
 async def test_waited_is_the_time_a_connection_spent_in_the_listen_queue() -> None:
     listener = socket.create_server(("127.0.0.1", 0))
     client = socket.create_connection(listener.getsockname())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import random
 
 TIMEOUT_FACTOR_ENV = "CHAT_TEST_TIMEOUT_FACTOR"
 
@@ -34,3 +35,15 @@ def timeout_factor() -> float:
 def scaled(seconds: float) -> float:
     """``seconds`` multiplied by :func:`timeout_factor`."""
     return seconds * timeout_factor()
+
+
+class Fixed(random.Random):
+    """An rng whose random() is always ``value``: jitter (``uniform(a, b)``) is then
+    predictable, and a test can wait a hint or a backoff without it."""
+
+    def __init__(self, value: float) -> None:
+        super().__init__(0)
+        self.value = value
+
+    def random(self) -> float:
+        return self.value
