@@ -17,12 +17,9 @@ the node a handshake: the storm would compound.
 The queue a node sees is not the whole queue: connections wait in the kernel's listen queue
 before the node accepts them, and a node that falls behind could serve every connect it
 takes on and still have its clients time out there. So :meth:`Admission.admit` is also told
-how long the connection already waited (the kernel knows: :func:`chat.transport.waited_s`):
-a connect that would go live after ``deadline_s`` counted from its request (what it waited
-plus the queue ahead of it) is sent away with an appointment too; its client would have
-given up. And an appointment lies after the listen queue as well as the node's own: a client
-sent back into a queue it cannot get through in time is sent away again, and each refusal
-costs the node a handshake.
+how long the connection already waited (the kernel knows: :func:`chat.transport.waited_s`);
+past ``max_wait_s`` it is sent away with an appointment too. Refusing is cheap (no upgrade,
+no query), so the queue drains fast and the connects that are served are fresh ones.
 
 The rate is what the node finishes per second it ran or was ready to run (its CPU time plus
 the time it waited for a CPU, from the kernel's scheduler statistics; connects per such
@@ -56,8 +53,8 @@ MAX_HINT_MS = 30_000
 # A node is assumed to finish at least this many connects a second, however slow it looked.
 MIN_RATE = 50.0
 # Clients wait a hint plus up to as much again (1.5x on average): appointments are spaced
-# 1.2x tighter than the rate, so that returns arrive at ~80% of the rate the node serves.
-CLIENT_STRETCH = 1.2
+# that much tighter, so that returns arrive at about the rate the node serves.
+CLIENT_STRETCH = 1.5
 
 
 def busy_seconds() -> float:
@@ -84,9 +81,9 @@ class Admission:
         "_clock",
         "_cpu_clock",
         "_cpu_start",
-        "_deadline_s",
         "_done",
         "_max",
+        "_max_wait_s",
         "_min_limit",
         "_next_slot",
         "_rate",
@@ -102,7 +99,7 @@ class Admission:
         *,
         max_connecting: int,
         budget_s: float,
-        deadline_s: float = math.inf,
+        max_wait_s: float = math.inf,
         initial_rate: float = 2_000.0,
         min_limit: int = 64,
         clock: Callable[[], float] = time.monotonic,
@@ -110,7 +107,7 @@ class Admission:
     ) -> None:
         self._max = max_connecting
         self._budget_s = budget_s
-        self._deadline_s = deadline_s
+        self._max_wait_s = max_wait_s
         self._min_limit = min(min_limit, max_connecting)
         self._rate = initial_rate
         self._clock = clock
@@ -122,7 +119,7 @@ class Admission:
         self.pending = 0
         self.admitted = 0
         self.refused = 0
-        self.stale = 0  # of the refused: because they would have been served too late
+        self.stale = 0  # of the refused: because they had waited too long already
 
     @property
     def rate(self) -> float:
@@ -134,20 +131,18 @@ class Admission:
         rate = max(self._rate, MIN_RATE)
         return min(self._max, max(self._min_limit, int(rate * self._budget_s)))
 
-    def admit(self, waited_s: float = 0.0, queued: Callable[[], int] = lambda: 0) -> int | None:
+    def admit(self, waited_s: float = 0.0) -> int | None:
         """None: taken on. Else the retry hint (ms). ``waited_s``: how long the connection
-        had waited before it reached the node's code; ``queued()``: how many connections
-        wait behind it in the listen queue (asked only to make an appointment)."""
+        had waited before it reached the node's code."""
         now = self._clock()
         self._roll(now)
-        rate = max(self._rate, MIN_RATE)
-        if waited_s + (self.pending + 1) / rate >= self._deadline_s:
+        if waited_s >= self._max_wait_s:
             self.refused += 1
             self.stale += 1
-            return self.hint_ms(queued())
+            return self.hint_ms()
         if self.pending >= self.limit():
             self.refused += 1
-            return self.hint_ms(queued())
+            return self.hint_ms()
         self.pending += 1
         self.admitted += 1
         return None
@@ -159,14 +154,13 @@ class Admission:
         if served:
             self._done += 1
 
-    def hint_ms(self, queued: int = 0) -> int:
-        """An appointment for a client sent away: the next free slot once the listen queue
-        (``queued``) and half the connects in progress have gone through (by then there is
-        room), slots spaced a little tighter than the rate the node serves (allowing for the
-        clients' jitter). Each call takes a slot."""
+    def hint_ms(self) -> int:
+        """An appointment for a client sent away: the next free slot once half the queue
+        now in progress has drained (by then there is room), slots spaced at the rate the
+        node serves. Each call takes a slot."""
         now = self._clock()
         rate = max(self._rate, MIN_RATE)
-        room_at = now + (queued + self.pending / 2) / rate
+        room_at = now + self.pending / 2 / rate
         self._next_slot = max(self._next_slot, room_at) + 1 / (rate * CLIENT_STRETCH)
         hint = (self._next_slot - now) * 1000
         return int(min(MAX_HINT_MS, max(MIN_HINT_MS, math.ceil(hint))))

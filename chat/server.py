@@ -61,7 +61,7 @@ from chat.replay import DatabaseLog, ReplayCache, ReplayLog
 from chat.retention import Pruner
 from chat.snapshots import Abandoned, SnapshotReader
 from chat.storage import Database, open_database, secret_key_path, token_secret
-from chat.transport import OPEN, Connection, FrameWriter, listen_queue, text_frame, waited_s
+from chat.transport import OPEN, Connection, FrameWriter, text_frame, waited_s
 
 log = logging.getLogger(__name__)
 
@@ -267,9 +267,9 @@ class Node:
         self.admission = Admission(
             max_connecting=settings.max_connecting,
             budget_s=settings.admission_budget_s,
-            # Live after 80% of the deadline (counted from the request): its client will
-            # most likely have given up (clients' timeouts are about the deadline).
-            deadline_s=0.8 * settings.connect_deadline_s,
+            # Most of the deadline gone before the node even saw it: with the queue ahead
+            # (up to the budget) it would not make it.
+            max_wait_s=max(settings.connect_deadline_s - settings.admission_budget_s, 0.5),
         )
         self.replay: ReplayCache
         self.port = 0
@@ -499,7 +499,7 @@ class Node:
             return response
         waited = waited_s(ws.transport)
         stale = self.admission.stale
-        hint_ms = self.admission.admit(waited, self._listen_queue)
+        hint_ms = self.admission.admit(waited)
         if hint_ms is not None:
             when = "waited_too_long" if self.admission.stale > stale else "at_upgrade"
             metrics.ADMISSION_REFUSED.labels(when=when).inc()
@@ -508,10 +508,6 @@ class Node:
         loop = asyncio.get_running_loop()
         ws.admit(self._connect_ended, loop.time() + self.settings.connect_deadline_s - waited)
         return None
-
-    def _listen_queue(self) -> int:
-        assert self._server is not None
-        return listen_queue(self._server.sockets[0])
 
     def _connect_ended(self, served: bool) -> None:
         self.admission.finished(served=served)

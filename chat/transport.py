@@ -14,8 +14,7 @@ one of them moves:
   handshake that never reached the handler (admission control counts those);
 - ``serve(create_connection=...)``: the server builds our subclass.
 
-It also reads two kernel facts from Linux's ``TCP_INFO``: how long ago a connection's last
-bytes arrived (:func:`waited_s`) and a listening socket's accept queue (:func:`listen_queue`).
+It also reads one kernel fact, Linux's ``TCP_INFO.tcpi_last_data_recv`` (:func:`waited_s`).
 """
 
 from __future__ import annotations
@@ -36,25 +35,6 @@ OPEN = State.OPEN
 # eight 32-bit ones.
 _TCP_INFO_LAST_DATA_RECV = 52
 _TCP_INFO_SIZE = 104
-
-
-_TCP_INFO_UNACKED = 24  # on a listening socket: the connections in its accept queue
-
-
-def listen_queue(sock: Any) -> int:
-    """How many connections wait in a listening socket's accept queue (Linux ``TCP_INFO``);
-    0 when it cannot say."""
-    tcp_info = getattr(socket, "TCP_INFO", None)
-    if sock is None or tcp_info is None:
-        return 0
-    try:
-        info = sock.getsockopt(socket.IPPROTO_TCP, tcp_info, _TCP_INFO_SIZE)
-    except OSError:
-        return 0
-    if len(info) < _TCP_INFO_UNACKED + 4:
-        return 0
-    queued: int = struct.unpack_from("I", info, _TCP_INFO_UNACKED)[0]
-    return queued
 
 
 def waited_s(transport: asyncio.BaseTransport) -> float:

@@ -116,10 +116,11 @@ async def test_connects_that_waited_out_a_frozen_node_are_sent_away_then_served(
 ) -> None:
     """The node stops (a long pause: CPU starvation, swapping) while clients connect: they
     wait in the kernel's listen queue, where the node cannot count them. Once it runs again,
-    those that would go live after 80% of the connect deadline (counted from their
-    request) get an appointment instead of a
+    those that waited past the connect deadline less the admission budget get an
+    appointment instead of a
     connect that would finish too late; then every client is served."""
-    cluster = await make_cluster(1, extra_env={**FAST, "CHAT_CONNECT_DEADLINE_S": "2"})
+    deadline = {"CHAT_CONNECT_DEADLINE_S": "2", "CHAT_ADMISSION_BUDGET_S": "1"}
+    cluster = await make_cluster(1, extra_env={**FAST, **deadline})
     node = cluster.nodes[0]
     assert node.pid is not None
     tokens = await sessions(cluster, 30)
@@ -129,7 +130,7 @@ async def test_connects_that_waited_out_a_frozen_node_are_sent_away_then_served(
         try:
             for rc in clients:
                 rc.start()
-            await asyncio.sleep(2.0)  # past 80% of 2 s, in the listen queue
+            await asyncio.sleep(1.5)  # past 2 - 1 s, in the listen queue
         finally:
             os.kill(node.pid, signal.SIGCONT)
         await asyncio.gather(*(rc.wait_connected(scaled(30)) for rc in clients))

@@ -12,7 +12,7 @@ from websockets.asyncio.client import connect
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.protocol import State
 
-from chat.transport import Connection, FrameWriter, listen_queue, text_frame, waited_s
+from chat.transport import Connection, FrameWriter, text_frame, waited_s
 from tests.timing import scaled
 
 
@@ -79,18 +79,3 @@ async def test_waited_is_the_time_a_connection_spent_in_the_listen_queue() -> No
 
 def test_waited_is_zero_without_a_socket() -> None:
     assert waited_s(asyncio.Transport()) == 0.0
-
-
-def test_listen_queue_counts_the_connections_not_yet_accepted() -> None:
-    listener = socket.create_server(("127.0.0.1", 0), backlog=16)
-    clients = [socket.create_connection(listener.getsockname()) for _ in range(3)]
-    try:
-        assert listen_queue(listener) == 3
-        accepted, _ = listener.accept()
-        accepted.close()
-        assert listen_queue(listener) == 2
-        assert listen_queue(None) == 0
-    finally:
-        for client in clients:
-            client.close()
-        listener.close()
