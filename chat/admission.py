@@ -21,18 +21,15 @@ how long the connection already waited (the kernel knows: :func:`chat.transport.
 past ``max_wait_s`` it is sent away with an appointment too. Refusing is cheap (no upgrade,
 no query), so the queue drains fast and the connects that are served are fresh ones.
 
-The rate is what the node finishes per second it ran or was ready to run (its CPU time plus
-the time it waited for a CPU, from the kernel's scheduler statistics; connects per such
-second, over half-second windows with enough connects to tell): what a fully busy node does
-on the share of the machine it gets, whether it is busy now or not. A node that gets half a
-core because another process takes the rest measures half the rate, as its clients see it.
-Connects finished per wall second would only say how many came: a node that hints clients
-to come at the rate it believes it can serve would then measure exactly that rate, and
-never learn that it could do more, nor recover after a slow spell (that ratchet was
-measured: a storm of 5,000 that went on for minutes). All the time the node runs counts
-against its connects (fan-out, refusals, the collector), so the estimate errs low, and
-under load that work is real. The decisions do no I/O; both clocks are injected (the
-default busy clock reads ``/proc``), for the tests.
+The rate is what the node finishes per second of its own CPU time (connects per CPU
+second, over half-second windows with enough connects to tell): it is what a fully busy node
+would do, whether the node is busy now or not. (Connects finished per second of wall time
+would only say how many came: a node that hints clients to come at the rate it believes it
+can serve would then measure exactly that rate, and never learn that it could do more, nor
+recover after a slow spell. That ratchet was measured: a storm of 5,000 that went on for
+minutes.) All the CPU the node spends counts against its connects (fan-out, refusals, the
+collector), so the estimate errs low, and under load that work is real. No I/O here; the
+clocks are injected, for the tests.
 """
 
 from __future__ import annotations
@@ -55,18 +52,6 @@ MIN_RATE = 50.0
 # Clients wait a hint plus up to as much again (1.5x on average): appointments are spaced
 # that much tighter, so that returns arrive at about the rate the node serves.
 CLIENT_STRETCH = 1.5
-
-
-def busy_seconds() -> float:
-    """Seconds the calling thread (the event loop's) has run or waited to run: Linux's
-    ``/proc/thread-self/schedstat`` (run time and run-queue wait, in ns); elsewhere, the
-    process's CPU time."""
-    try:
-        with open("/proc/thread-self/schedstat", "rb") as f:
-            ran, waited = f.read().split()[:2]
-        return (int(ran) + int(waited)) / 1e9
-    except (OSError, ValueError):
-        return time.process_time()
 
 
 class Admission:
@@ -103,7 +88,7 @@ class Admission:
         initial_rate: float = 2_000.0,
         min_limit: int = 64,
         clock: Callable[[], float] = time.monotonic,
-        cpu_clock: Callable[[], float] | None = None,
+        cpu_clock: Callable[[], float] = time.process_time,
     ) -> None:
         self._max = max_connecting
         self._budget_s = budget_s
@@ -111,9 +96,9 @@ class Admission:
         self._min_limit = min(min_limit, max_connecting)
         self._rate = initial_rate
         self._clock = clock
-        self._cpu_clock = cpu_clock or busy_seconds
+        self._cpu_clock = cpu_clock
         self._window_start = clock()
-        self._cpu_start = self._cpu_clock()
+        self._cpu_start = cpu_clock()
         self._next_slot = 0.0
         self._done = 0
         self.pending = 0
@@ -123,7 +108,7 @@ class Admission:
 
     @property
     def rate(self) -> float:
-        """Connects the node finishes per second it runs (or waits to), as last measured."""
+        """Connects the node finishes per second of CPU, as last measured."""
         return self._rate
 
     def limit(self) -> int:
