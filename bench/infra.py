@@ -119,6 +119,18 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def run_seed(argv: list[str], env: dict[str, str], timeout: float) -> dict[str, Any]:
+    """Run ``chat admin seed`` (``argv``) and return the JSON object it printed last."""
+    proc = subprocess.run(argv, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise BenchError(f"seed failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if not lines:
+        raise BenchError(f"seed printed no JSON object:\n{proc.stdout[-2000:]}")
+    seed: dict[str, Any] = json.loads(lines[-1])
+    return seed
+
+
 class Infra:
     """One TempPostgres, optionally one TempRedis, and the chat nodes started on them."""
 
@@ -208,13 +220,7 @@ class Infra:
         argv += ["--users", str(users), "--channels", str(channels)]
         env = clean_env(CHAT_SECRET_KEY=SECRET, CHAT_LOG_LEVEL="warning", **env)
         t0 = time.monotonic()
-        proc = subprocess.run(argv, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
-        if proc.returncode != 0:
-            raise BenchError(f"seed failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-        if not lines:
-            raise BenchError(f"seed printed no JSON object:\n{proc.stdout[-2000:]}")
-        seed: dict[str, Any] = json.loads(lines[-1])
+        seed = run_seed(argv, env, timeout=600)
         if len(seed["users"]) < users or len(seed["channels"]) < channels:
             raise BenchError(f"seed gave {len(seed['users'])} users, {len(seed['channels'])} ch.")
         print(

@@ -89,7 +89,7 @@ from bench.fanout import (
     wait_ready,
     write_results,
 )
-from bench.infra import NODE_ENV, cpu_busy, cpu_times, source_state
+from bench.infra import NODE_ENV, cpu_busy, cpu_times, run_seed, source_state
 
 if TYPE_CHECKING:
     from tests.cluster import TempRedis
@@ -714,15 +714,7 @@ class Storm:
         argv = [self.args.python, "-m", "chat", "admin", "seed", "--workspace", "storm"]
         argv += ["--users", str(users), "--channels", str(self.args.channels)]
         t0 = time.monotonic()
-        proc = subprocess.run(
-            argv, env=self.env(), cwd=REPO, capture_output=True, text=True, timeout=900
-        )
-        if proc.returncode != 0:
-            raise BenchError(f"seed failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-        if not lines:
-            raise BenchError(f"seed printed no JSON object:\n{proc.stdout[-2000:]}")
-        seed: dict[str, Any] = json.loads(lines[-1])
+        seed = run_seed(argv, self.env(), timeout=900)
         if len(seed["users"]) < users:
             raise BenchError(f"seed gave {len(seed['users'])} users, wanted {users}")
         print(f"# storm: seeded {users} users in {time.monotonic() - t0:.1f}s", flush=True)
