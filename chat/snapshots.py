@@ -7,7 +7,7 @@ workspace that arrive while earlier ones are in flight wait, and go together in 
 statement (group commit, for reads): a storm costs a handful of statements, not one or more
 per client. A workspace has one statement in flight at a time; while connects stream in (a
 statement ran in the last ``busy_s``), each batch also waits ``linger_s`` for more before it
-leaves; a lone connect never waits. A few workspaces' statements run at once
+leaves; on a quiet node a connect never waits. A few workspaces' statements run at once
 (``concurrency``), so one slow workspace does not hold up the others, and the pool keeps
 connections for the requests of live sessions.
 
@@ -91,7 +91,7 @@ class SnapshotReader:
             waiting = self._waiting.get(workspace_id)
             if waiting and len(waiting) < self._max_batch and loop.time() < self._busy_until:
                 # Connects are streaming in (a statement ran moments ago): let a few more
-                # milliseconds' worth join this batch. A lone connect never waits.
+                # milliseconds' worth join this batch. On a quiet node nothing waits.
                 await asyncio.sleep(self._linger_s)
             async with self._slots:
                 waiting = self._waiting.get(workspace_id)
