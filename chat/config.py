@@ -43,8 +43,9 @@ class Settings(BaseSettings):
     max_inflight_requests: int = 32
     auth_timeout_s: float = 5.0
     handshake_timeout_s: float = 10.0
-    ping_interval_s: float = 20.0
-    ping_timeout_s: float = 20.0
+    # A connection quiet this long gets a websocket PING (its PONG is liveness); one that
+    # sent nothing for two heartbeat intervals is closed 4000.
+    ping_interval_s: float = Field(default=20.0, gt=0)
     heartbeat_interval_ms: int = 30_000
     typing_interval_s: float = 3.0
     # Browsers must send an allowed Origin; clients that send none (apps, scripts) are accepted.

@@ -61,7 +61,7 @@ from chat.replay import DatabaseLog, ReplayCache, ReplayLog
 from chat.retention import Pruner
 from chat.snapshots import Abandoned, SnapshotReader
 from chat.storage import Database, open_database, secret_key_path, token_secret
-from chat.transport import OPEN, Connection, FrameWriter, text_frame, waited_s
+from chat.transport import OPEN, PING_FRAME, Connection, FrameWriter, text_frame, waited_s
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +92,7 @@ class Peer(FrameWriter):
         "closer",
         "closing",
         "live",
+        "pinged_at",
         "requests",
         "revoked",
         "role",
@@ -117,6 +118,7 @@ class Peer(FrameWriter):
         self.closer: asyncio.Task[object] | None = None
         self.requests = Slots(node.settings.max_inflight_requests)
         self._corked: list[bytes] | None = None
+        self.pinged_at = 0.0
 
     def send(self, frame: bytes, droppable: bool) -> None:
         # The per-recipient hot path of fan-out: keep it short (FrameWriter's fields, inline).
@@ -129,6 +131,12 @@ class Peer(FrameWriter):
         if self.closing or self._protocol.state is not OPEN:
             return
         self._write(frame, False)
+
+    def ping(self, now: float) -> None:
+        """A websocket PING (empty); the client's PONG counts as liveness."""
+        if not self.closing and self._protocol.state is OPEN:
+            self._transport.write(PING_FRAME)
+            self.pinged_at = now
 
     def cork(self) -> None:
         """Hold frames until :meth:`uncork`, which writes them in one go: a connect's reply,
@@ -343,8 +351,8 @@ class Node:
             max_size=s.max_frame_bytes,
             max_queue=16,
             open_timeout=s.handshake_timeout_s,
-            ping_interval=s.ping_interval_s,
-            ping_timeout=s.ping_timeout_s,
+            # Pings are sent by _watch_heartbeats, not by a task per connection.
+            ping_interval=None,
             close_timeout=_CLOSE_TIMEOUT_S,
             origins=self._origins(),
             backlog=s.listen_backlog,
@@ -441,18 +449,23 @@ class Node:
                 task.cancel()
 
     async def _watch_heartbeats(self) -> None:
-        """Close connections that sent nothing at all (no frame, not even a websocket ping or
-        pong) for two heartbeat intervals (4000): a dead client, or a zombie connection; the
-        client reconnects and resumes."""
+        """Ping connections quiet for ``ping_interval_s`` (a websocket PING: browsers answer
+        it themselves), and close those that sent nothing at all (no frame, not even a ping
+        or pong) for two heartbeat intervals (4000): a dead client, or a zombie connection;
+        the client reconnects and resumes. One loop for all connections, rather than
+        websockets' keepalive task per connection (a task, a timer and a future each)."""
         limit = 2 * self.settings.heartbeat_interval_ms / 1000
+        ping_after = self.settings.ping_interval_s
         loop = asyncio.get_running_loop()
         while True:
-            await asyncio.sleep(min(limit / 4, 5.0))
+            await asyncio.sleep(min(limit / 4, ping_after / 2, 5.0))
             now = loop.time()
             for peer in list(self._peers):
-                last_seen = getattr(peer.ws, "last_seen", now)
+                last_seen = peer.ws.last_seen
                 if now - last_seen > limit:
                     peer.close(CloseCode.HEARTBEAT_TIMEOUT, "heartbeat_timeout")
+                elif now - max(last_seen, peer.pinged_at) >= ping_after:
+                    peer.ping(now)
 
     async def _subscribe(self, workspace_id: int) -> None:
         """Once per workspace per node, however many connections arrive at once."""

@@ -30,6 +30,7 @@ from websockets.asyncio.server import ServerConnection
 from websockets.protocol import State
 
 OPEN = State.OPEN
+PING_FRAME = b"\x89\x00"  # an unmasked websocket PING, FIN set, no payload
 
 # struct tcp_info (linux/tcp.h): tcpi_last_data_recv, in ms, after 8 one-byte fields and
 # eight 32-bit ones.

@@ -270,6 +270,27 @@ async def test_defect_24_websocket_pings_count_as_liveness(tmp_path: Any) -> Non
             await pinging.close()
 
 
+async def test_the_server_pings_quiet_connections_and_their_pongs_keep_them(
+    tmp_path: Any,
+) -> None:
+    """A client that sends nothing of its own (a browser tab with its timers throttled)
+    answers the server's websocket PINGs, and that is enough; the pings come from the
+    node's one heartbeat loop, not a task per connection."""
+    async with running_node(
+        sqlite_path=str(tmp_path / "chat.sqlite3"),
+        heartbeat_interval_ms=400,
+        ping_interval_s=0.1,
+    ) as n:
+        quiet = await Client.open(n.url, ping_interval=None)  # answers pings, sends none
+        try:
+            quiet.session = await quiet.request("auth", token=n.tokens["mia"])
+            await asyncio.sleep(scaled(1.5))  # well over two heartbeat intervals
+            assert not quiet.closed.is_set()
+            assert (await quiet.request("ping"))["server_time"] > 0
+        finally:
+            await quiet.close()
+
+
 # --------------------------------------------------------------------------- interleavings
 
 
