@@ -44,6 +44,21 @@ class Recipient(Protocol):
         ...
 
 
+class Tap(Protocol):
+    """A workspace-wide recipient: every envelope of the workspace, unfiltered and in order
+    (an edge node's service connection, which applies the visibility rules itself)."""
+
+    def take(self, envelopes: Sequence[Envelope]) -> None:
+        """Queue envelopes; never blocks."""
+        ...
+
+
+@dataclass(slots=True)
+class _TapState:
+    buffer: list[Envelope] | None = field(default_factory=list)  # None once ready
+    floor: int = 0  # durable events up to here were sent (the snapshot was ahead of the bus)
+
+
 @dataclass(slots=True)
 class _Syncing:
     # (event, verdict): True when the user's membership was known at delivery time, None
@@ -69,6 +84,11 @@ class _Workspace:
     delivered: int = 0
     floors: dict[Recipient, int] = field(default_factory=dict)
     floor_max: int = 0
+    taps: dict[Tap, _TapState] = field(default_factory=dict)
+
+    @property
+    def empty(self) -> bool:
+        return not self.peers and not self.taps
 
     def join(self, uid: int, cid: int) -> None:
         channels = self.user_channels.get(uid)
@@ -99,6 +119,7 @@ class Hub:
     def __init__(self, framer: Callable[[bytes], bytes] = _identity) -> None:
         self._framer = framer
         self._workspaces: dict[int, _Workspace] = {}
+        self._tapped: set[int] = set()  # workspaces with taps
         self.on_last_peer: Callable[[int], None] | None = None
 
     # ------------------------------------------------------------------ membership of peers
@@ -183,10 +204,62 @@ class Hub:
             watchers.discard(peer)
             if not watchers:
                 del ws.watchers[watched]
-        if not ws.peers:
+        self._drop_if_empty(workspace_id, ws)
+
+    def _drop_if_empty(self, workspace_id: int, ws: _Workspace) -> None:
+        if ws.empty:
             del self._workspaces[workspace_id]
             if self.on_last_peer:
                 self.on_last_peer(workspace_id)
+
+    # ------------------------------------------------------------------ taps
+
+    def attach_tap(self, workspace_id: int, tap: Tap) -> None:
+        """Start buffering the workspace's events for ``tap``; call :meth:`ready_tap` next."""
+        ws = self._workspaces.get(workspace_id)
+        if ws is None:
+            ws = self._workspaces[workspace_id] = _Workspace()
+        ws.taps[tap] = _TapState()
+        self._tapped.add(workspace_id)
+
+    def ready_tap(self, workspace_id: int, tap: Tap, as_of: int) -> None:
+        """Hand ``tap`` the buffered durable events after ``as_of`` (the caller sent those up
+        to it); every later event follows live, each once."""
+        state = self._workspaces[workspace_id].taps[tap]
+        buffered, state.buffer = state.buffer or [], None
+        state.floor = as_of
+        after = [env for env in buffered if env.seq is not None and env.seq > as_of]
+        if after:
+            tap.take(after)
+
+    def detach_tap(self, workspace_id: int, tap: Tap) -> None:
+        ws = self._workspaces.get(workspace_id)
+        if ws is None or ws.taps.pop(tap, None) is None:
+            return
+        if not ws.taps:
+            self._tapped.discard(workspace_id)
+        self._drop_if_empty(workspace_id, ws)
+
+    def _feed_taps(self, envelopes: Sequence[Envelope]) -> None:
+        by_workspace: dict[int, list[Envelope]] = {}
+        for env in envelopes:
+            if env.workspace_id in self._tapped:
+                by_workspace.setdefault(env.workspace_id, []).append(env)
+        for workspace_id, envs in by_workspace.items():
+            for tap, state in self._workspaces[workspace_id].taps.items():
+                if state.buffer is not None:
+                    state.buffer.extend(envs)
+                    continue
+                floor = state.floor
+                if floor:
+                    # The tap started from a snapshot ahead of the bus: skip what it had.
+                    fresh = [e for e in envs if e.seq is None or e.seq > floor]
+                    if any(e.seq is not None for e in fresh):
+                        state.floor = 0  # the bus has passed it (it delivers in order)
+                    if fresh:
+                        tap.take(fresh)
+                    continue
+                tap.take(envs)
 
     def watch_presence(self, workspace_id: int, peer: Recipient, user_ids: Iterable[int]) -> None:
         """Replace the set of users whose presence the peer receives."""
@@ -211,6 +284,8 @@ class Hub:
         the journal commits together) go out as one write per recipient: the frames are
         joined once and each connection gets one ``write`` (one syscall) for the run.
         """
+        if self._tapped:
+            self._feed_taps(envelopes)
         i, n = 0, len(envelopes)
         while i < n:
             env = envelopes[i]

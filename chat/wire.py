@@ -1108,3 +1108,263 @@ def parse_server_frame(data: str | bytes) -> ServerFrame:
 def dump(frame: Frame) -> bytes:
     """Serialize a server frame once; the same bytes go to every recipient."""
     return frame.__pydantic_serializer__.to_json(frame, exclude_none=False)
+
+
+# --------------------------------------------------------------------------- service frames
+#
+# Internal: the frames of a service connection between an edge node (Flannel) and a chat node
+# (docs/flannel.md). Text frames are JSON and strict, like client frames; relayed client
+# frames, relayed server frames and events travel in binary frames (below), verbatim.
+
+Sid = Annotated[int, Field(ge=1, le=2**32 - 1)]  # a session or request number on one connection
+
+
+def _no_resume(request: Auth | Login) -> Auth | Login:
+    if isinstance(request, Auth) and request.resume is not None:
+        raise ValueError("an attach carries no resume: the edge replays to its client itself")
+    return request
+
+
+class ServiceFrame(Frame):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class Attach(ServiceFrame):
+    """Attach a user's session: the chat node verifies the user's own ``auth`` token (or
+    ``login`` password) as for a client; ``resume`` is the edge's business and is refused."""
+
+    type: Literal["attach"]
+    sid: Sid
+    request: Annotated[Auth | Login, Field(discriminator="type"), AfterValidator(_no_resume)]
+    examples = [
+        {
+            "type": "attach",
+            "sid": 7,
+            "request": {"type": "auth", "id": "1", "token": "eyJhbGciOiJIUzI1NiJ9.e30.sig"},
+        }
+    ]
+
+
+class TakeSnapshotFrame(ServiceFrame):
+    """Read the attached session's connect snapshot (batched per workspace on the chat node)."""
+
+    type: Literal["snapshot"]
+    sid: Sid
+    examples = [{"type": "snapshot", "sid": 7}]
+
+
+class SessionLive(ServiceFrame):
+    """The session went live at the edge: count its user present."""
+
+    type: Literal["live"]
+    sid: Sid
+    examples = [{"type": "live", "sid": 7}]
+
+
+class Detach(ServiceFrame):
+    """The session's client has gone."""
+
+    type: Literal["detach"]
+    sid: Sid
+    examples = [{"type": "detach", "sid": 7}]
+
+
+class SubscribeWorkspace(ServiceFrame):
+    """Receive every event of the workspace once, in order, after ``after`` (null: from now).
+    Needs a session of the workspace attached on this connection."""
+
+    type: Literal["subscribe"]
+    workspace_id: Id
+    after: Position | None = None
+    examples = [{"type": "subscribe", "workspace_id": 1, "after": 480}]
+
+
+class UnsubscribeWorkspace(ServiceFrame):
+    type: Literal["unsubscribe"]
+    workspace_id: Id
+    examples = [{"type": "unsubscribe", "workspace_id": 1}]
+
+
+class ReplayRange(ServiceFrame):
+    """The workspace's events in ``(after, up_to]``, unfiltered, as ``P`` frames."""
+
+    type: Literal["replay"]
+    rid: Sid
+    workspace_id: Id
+    after: Position
+    up_to: Position
+    examples = [{"type": "replay", "rid": 3, "workspace_id": 1, "after": 480, "up_to": 512}]
+
+
+class LoadWorkspace(ServiceFrame):
+    """The workspace's users, channels and memberships, for the edge's cache."""
+
+    type: Literal["load"]
+    rid: Sid
+    workspace_id: Id
+    examples = [{"type": "load", "rid": 4, "workspace_id": 1}]
+
+
+EdgeFrame = Annotated[
+    Attach
+    | TakeSnapshotFrame
+    | SessionLive
+    | Detach
+    | SubscribeWorkspace
+    | UnsubscribeWorkspace
+    | ReplayRange
+    | LoadWorkspace,
+    Field(discriminator="type"),
+]
+EDGE_FRAME_ADAPTER: TypeAdapter[EdgeFrame] = TypeAdapter(EdgeFrame)
+
+
+class Attached(ServiceFrame):
+    """``token``: the session's token (the fresh one after a ``login``), kept by the edge to
+    attach the session again on another connection."""
+
+    type: Literal["attached"] = "attached"
+    sid: int
+    user_id: int
+    workspace_id: int
+    session_id: str
+    token: str
+    examples = [
+        {
+            "type": "attached",
+            "sid": 7,
+            "user_id": 2,
+            "workspace_id": 1,
+            "session_id": "s_8f2aQm1x",
+            "token": "eyJhbGciOiJIUzI1NiJ9.e30.sig",
+        }
+    ]
+
+
+class Detached(ServiceFrame):
+    """An ``attach`` or ``snapshot`` refused (``code`` as in an ``error`` frame); the edge
+    answers its client's ``auth`` with it, and ``overloaded`` with a ``goodbye`` and 1013."""
+
+    type: Literal["detached"] = "detached"
+    sid: int
+    code: str
+    message: str
+    retry_after_ms: int | None = None
+    examples = [
+        {
+            "type": "detached",
+            "sid": 7,
+            "code": "token_expired",
+            "message": "The token has expired.",
+            "retry_after_ms": None,
+        }
+    ]
+
+
+class SnapshotTaken(ServiceFrame):
+    """A session's connect snapshot; ``refusal`` set means the session may not be used."""
+
+    type: Literal["snapshot_taken"] = "snapshot_taken"
+    sid: int
+    as_of: int
+    user: User | None
+    workspace_name: str
+    channel_ids: list[int]
+    refusal: str | None = None
+    examples = [
+        {
+            "type": "snapshot_taken",
+            "sid": 7,
+            "as_of": 512,
+            "user": _U,
+            "workspace_name": "acme",
+            "channel_ids": [4, 9],
+            "refusal": None,
+        }
+    ]
+
+
+class SessionClosed(ServiceFrame):
+    """The chat node ended a session (flooding, a revocation a handler noticed): close the
+    client with ``code`` and ``reason``."""
+
+    type: Literal["closed"] = "closed"
+    sid: int
+    code: int
+    reason: str
+    examples = [{"type": "closed", "sid": 7, "code": 1008, "reason": "token_revoked"}]
+
+
+class Subscribed(ServiceFrame):
+    """Events follow as ``E`` frames: those in ``(after, seq]`` first when ``after`` was
+    given, then every later one. ``resume_error`` ``too_old``: the window no longer held
+    ``after``; events follow from ``seq``, and what the edge derived from before is stale."""
+
+    type: Literal["subscribed"] = "subscribed"
+    workspace_id: int
+    seq: int
+    resume_error: Literal["too_old", "future_seq"] | None = None
+    examples = [{"type": "subscribed", "workspace_id": 1, "seq": 512, "resume_error": None}]
+
+
+class Replayed(ServiceFrame):
+    type: Literal["replayed"] = "replayed"
+    rid: int
+    count: int
+    examples = [{"type": "replayed", "rid": 3, "count": 32}]
+
+
+class Failed(ServiceFrame):
+    """A ``replay`` or ``load`` that could not be served (``too_old``, ``not_attached``,
+    ``unavailable``)."""
+
+    type: Literal["failed"] = "failed"
+    rid: int
+    code: str
+    message: str
+    examples = [
+        {"type": "failed", "rid": 3, "code": "too_old", "message": "Outside the replay window."}
+    ]
+
+
+class Membership(Obj):
+    channel_id: int
+    user_ids: list[int]
+
+
+class Loaded(ServiceFrame):
+    """The workspace as of ``seq``: every user (deactivated included), every channel (private
+    ones and DMs included: the edge applies the visibility rules) and every membership."""
+
+    type: Literal["loaded"] = "loaded"
+    rid: int
+    workspace_id: int
+    workspace_name: str
+    seq: int
+    users: list[User]
+    channels: list[Channel]
+    members: list[Membership]
+    examples = [
+        {
+            "type": "loaded",
+            "rid": 4,
+            "workspace_id": 1,
+            "workspace_name": "acme",
+            "seq": 512,
+            "users": [_U],
+            "channels": [_C],
+            "members": [{"channel_id": 4, "user_ids": [2, 3]}],
+        }
+    ]
+
+
+ChatServiceFrame = Annotated[
+    Attached | Detached | SnapshotTaken | SessionClosed | Subscribed | Replayed | Failed | Loaded,
+    Field(discriminator="type"),
+]
+CHAT_SERVICE_FRAME_ADAPTER: TypeAdapter[ChatServiceFrame] = TypeAdapter(ChatServiceFrame)
+
+# Binary service frames: a kind byte, then big-endian fields (docs/flannel.md).
+RELAY = b"R"  # u32 sid, then a client frame (to chat) or a server frame (to the edge)
+EVENTS = b"E"  # u64 workspace_id, then envelopes
+REPLAY_CHUNK = b"P"  # u32 rid, then envelopes
