@@ -13,6 +13,8 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from chat.credentials import parse_keys
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
@@ -96,6 +98,13 @@ class Settings(BaseSettings):
     login_window_s: float = Field(default=60.0, gt=0)
     login_hash_concurrency: int = Field(default=2, ge=1)
     login_hash_queue: int = Field(default=8, ge=0)
+    # Service connections from edge nodes (Flannel, docs/flannel.md) at /service: the keys
+    # their credentials may be signed with, "kid=secret[,kid=secret...]" (32+ byte secrets;
+    # several at once while a key is rotated). Empty: /service refuses everyone.
+    service_keys: str = ""
+    # An edge that stops reading its service connection is cut off past this (it subscribes
+    # again, after what it has, on a new connection).
+    service_buffer_hard_bytes: int = Field(default=64 * 1024 * 1024, ge=1024 * 1024)
     # Where a generated signing secret is kept (mode 0600) when secret_key is unset. Empty:
     # "chat.secret" beside the SQLite file, or in the working directory with PostgreSQL.
     secret_key_file: str = ""
@@ -137,6 +146,7 @@ class Settings(BaseSettings):
             )
         if self.db_pool_min_size > self.db_pool_max_size:
             raise ValueError("db_pool_min_size must not exceed db_pool_max_size")
+        parse_keys(self.service_keys)  # a malformed key list fails at start-up
         return self
 
 

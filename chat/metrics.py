@@ -30,8 +30,20 @@ ADMISSION_REFUSED = Counter(
     "chat_admission_refused_total",
     "Connects sent away with a retry hint: HTTP 503 before the upgrade, for a full queue "
     "(at_upgrade) or a connection that had waited too long in the listen queue "
-    "(waited_too_long); or goodbye + close 1013 past the connect deadline (past_deadline)",
+    "(waited_too_long); or goodbye + close 1013 past the connect deadline (past_deadline);"
+    " or a session attach over a service connection (service_attach)",
     ["when"],
+    registry=REGISTRY,
+)
+SERVICE_CONNECTIONS = Gauge(
+    "chat_service_connections",
+    "Open service connections from edge nodes (each carries many sessions)",
+    registry=REGISTRY,
+)
+SERVICE_REFUSED = Counter(
+    "chat_service_refused_total",
+    "Service connections refused before the upgrade: missing, forged, expired or unknown-key"
+    " credentials",
     registry=REGISTRY,
 )
 CONNECTING = Gauge(

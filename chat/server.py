@@ -32,7 +32,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 from websockets.typing import Origin
 
-from chat import __version__, metrics, wire
+from chat import __version__, credentials, metrics, wire
 from chat.admission import Admission
 from chat.bus import Bus, Envelope, LocalBus
 from chat.config import Settings
@@ -52,16 +52,26 @@ from chat.connect import (
 from chat.errors import ChatError, CloseCode, ErrorCode
 from chat.fanout import Hub
 from chat.handlers import Caller, Services, handle
-from chat.identity import Identifier
+from chat.identity import Identifier, Identity
 from chat.journal import Journal
 from chat.metrics import TALLY
 from chat.presence import ClusterPresence, Presence
 from chat.protocol import Authenticate, ClientProtocol, Close, Dispatch, Send
 from chat.replay import DatabaseLog, ReplayCache, ReplayLog
 from chat.retention import Pruner
+from chat.service import PATH as SERVICE_PATH
+from chat.service import ServiceLink
 from chat.snapshots import Abandoned, SnapshotReader
 from chat.storage import Database, open_database, secret_key_path, token_secret
-from chat.transport import OPEN, PING_FRAME, Connection, FrameWriter, text_frame, waited_s
+from chat.transport import (
+    OPEN,
+    PING_FRAME,
+    Connection,
+    FrameWriter,
+    set_max_message_size,
+    text_frame,
+    waited_s,
+)
 
 log = logging.getLogger(__name__)
 
@@ -269,6 +279,8 @@ class Node:
         self._subscribed: set[int] = set()
         self._subscribe_locks: dict[int, asyncio.Lock] = {}
         self._peers: set[Peer] = set()
+        self._links: set[ServiceLink] = set()
+        self._service_keys = credentials.parse_keys(settings.service_keys)
         self.services: Services
         self._identifier: Identifier
         self.snapshots: SnapshotReader
@@ -430,7 +442,8 @@ class Node:
                 reason="service_restart", reconnect_after_ms=random.randint(0, 1000)
             )
             writer = FrameWriter(ws)
-            if writer.open:
+            is_link = isinstance(ws, Connection) and ws.service_subject is not None
+            if writer.open and not is_link:
                 writer.write(text_frame(wire.dump(hint)))
             try:
                 await asyncio.wait_for(
@@ -466,6 +479,8 @@ class Node:
                     peer.close(CloseCode.HEARTBEAT_TIMEOUT, "heartbeat_timeout")
                 elif now - max(last_seen, peer.pinged_at) >= ping_after:
                     peer.ping(now)
+            for link in list(self._links):
+                link.heartbeat(now, limit, ping_after)
 
     async def _subscribe(self, workspace_id: int) -> None:
         """Once per workspace per node, however many connections arrive at once."""
@@ -510,6 +525,9 @@ class Node:
             response = ws.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, "draining\n")
             response.headers["Retry-After"] = "1"
             return response
+        assert isinstance(ws, Connection)
+        if path == SERVICE_PATH:
+            return self._service_upgrade(ws, request)
         waited = waited_s(ws.transport)
         stale = self.admission.stale
         hint_ms = self.admission.admit(waited)
@@ -517,10 +535,37 @@ class Node:
             when = "waited_too_long" if self.admission.stale > stale else "at_upgrade"
             metrics.ADMISSION_REFUSED.labels(when=when).inc()
             return _overloaded(hint_ms)
-        assert isinstance(ws, Connection)
         loop = asyncio.get_running_loop()
         ws.admit(self._connect_ended, loop.time() + self.settings.connect_deadline_s - waited)
         return None
+
+    def _service_upgrade(self, ws: Connection, request: Request) -> Response | None:
+        """An edge node's service connection: its credential, checked before the upgrade (a
+        bare 401 either way: the reason is logged, not told). Not counted by admission
+        control; each session attached over it is."""
+        token = credentials.bearer(request.headers.get("Authorization"))
+        try:
+            if token is None:
+                raise credentials.CredentialError("no bearer credential")
+            claims = credentials.verify(self._service_keys, token)
+        except credentials.CredentialError as exc:
+            metrics.SERVICE_REFUSED.inc()
+            log.warning("service connection refused", extra={"why": str(exc)})
+            response = ws.respond(http.HTTPStatus.UNAUTHORIZED, "unauthorized\n")
+            response.headers["WWW-Authenticate"] = 'Bearer realm="chat-service"'
+            return response
+        ws.service_subject = claims.subject
+        # Relayed client frames carry a 5-byte prefix; nothing else an edge sends is larger.
+        set_max_message_size(ws, self.settings.max_frame_bytes + 1024)
+        return None
+
+    async def identify(self, request: wire.Auth | wire.Login, *, peer_ip: str | None) -> Identity:
+        """Who a request to attach a session is from (a client's auth, or one relayed)."""
+        return await self._identifier.identify(request, peer_ip=peer_ip)
+
+    async def subscribe(self, workspace_id: int) -> None:
+        """Make sure this node reads the workspace's events."""
+        await self._subscribe(workspace_id)
 
     def _connect_ended(self, served: bool) -> None:
         self.admission.finished(served=served)
@@ -563,13 +608,16 @@ class Node:
     # ------------------------------------------------------------------ connections
 
     async def _connection(self, ws: ServerConnection) -> None:
+        assert isinstance(ws, Connection)  # serve(create_connection=Connection)
+        if ws.service_subject is not None:
+            await self._service_connection(ws, ws.service_subject)
+            return
         # websockets keeps the handshake request (also in its parser's frame) and response for
         # the connection's lifetime; nothing reads their headers after the handshake, and
         # they are ~2 KB a connection: empty them in place.
         for handshake in (ws.request, ws.response):
             if handshake is not None:
                 handshake.headers.clear()
-        assert isinstance(ws, Connection)  # serve(create_connection=Connection)
         metrics.CONNECTIONS.inc()
         peer = Peer(self, ws)
         self._peers.add(peer)
@@ -624,6 +672,21 @@ class Node:
             if sequence.close():  # detached from the hub; True only if it had gone live
                 metrics.SESSIONS.dec()
                 await self.services.presence.disconnected(peer.workspace_id, peer.user_id)
+
+    async def _service_connection(self, ws: Connection, subject: str) -> None:
+        for handshake in (ws.request, ws.response):
+            if handshake is not None:
+                handshake.headers.clear()  # the credential included
+        link = ServiceLink(self, ws, subject)
+        self._links.add(link)
+        metrics.SERVICE_CONNECTIONS.inc()
+        try:
+            await link.run()
+        except ConnectionClosed:
+            pass
+        finally:
+            self._links.discard(link)
+            metrics.SERVICE_CONNECTIONS.dec()
 
     async def _open(self, peer: Peer, protocol: ClientProtocol, sequence: Connect) -> bool:
         """Hello, then the first frame must authenticate. True once the session is live.

@@ -12,7 +12,8 @@ one of them moves:
   (ping, pong) included, which is how a connection's liveness is measured;
 - ``ServerConnection.connection_lost``: called once when the socket goes, also for a
   handshake that never reached the handler (admission control counts those);
-- ``serve(create_connection=...)``: the server builds our subclass.
+- ``serve(create_connection=...)``: the server builds our subclass;
+- ``Protocol.max_message_size``: read per frame, so one connection's limit can differ.
 
 It also reads one kernel fact, Linux's ``TCP_INFO.tcpi_last_data_recv`` (:func:`waited_s`).
 """
@@ -67,12 +68,29 @@ def text_frame(payload: bytes) -> bytes:
     return struct.pack("!BBQ", 0x81, 127, n) + payload
 
 
+def set_max_message_size(ws: ServerConnection, size: int) -> None:
+    """Change one connection's inbound message limit after ``serve(max_size=...)`` set it
+    for all: websockets reads ``Protocol.max_message_size`` as each frame is parsed."""
+    ws.protocol.max_message_size = size
+
+
+def binary_frame(payload: bytes) -> bytes:
+    """A complete unmasked websocket binary frame (FIN set) carrying ``payload``."""
+    n = len(payload)
+    if n < 126:
+        return bytes((0x82, n)) + payload
+    if n < 65536:
+        return struct.pack("!BBH", 0x82, 126, n) + payload
+    return struct.pack("!BBQ", 0x82, 127, n) + payload
+
+
 class Connection(ServerConnection):
     """websockets' server connection, noting when the client last sent anything at all, and
     carrying its admission (:meth:`admit`) from the HTTP request to the end of the connect."""
 
     last_seen: float = 0.0
     deadline: float = math.inf  # when the connect must be live by (loop time)
+    service_subject: str | None = None  # an edge node's service connection (chat/service.py)
     _release: Callable[[bool], None] | None = None
 
     def admit(self, release: Callable[[bool], None], deadline: float) -> None:

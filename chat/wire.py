@@ -1136,6 +1136,8 @@ class Attach(ServiceFrame):
     type: Literal["attach"]
     sid: Sid
     request: Annotated[Auth | Login, Field(discriminator="type"), AfterValidator(_no_resume)]
+    # The client's address, for the login limits per address (the connection is Flannel's).
+    client_ip: Annotated[str, Field(max_length=64), Clean] | None = None
     examples = [
         {
             "type": "attach",
@@ -1174,9 +1176,10 @@ class SubscribeWorkspace(ServiceFrame):
     Needs a session of the workspace attached on this connection."""
 
     type: Literal["subscribe"]
+    rid: Sid
     workspace_id: Id
     after: Position | None = None
-    examples = [{"type": "subscribe", "workspace_id": 1, "after": 480}]
+    examples = [{"type": "subscribe", "rid": 2, "workspace_id": 1, "after": 480}]
 
 
 class UnsubscribeWorkspace(ServiceFrame):
@@ -1220,15 +1223,16 @@ EDGE_FRAME_ADAPTER: TypeAdapter[EdgeFrame] = TypeAdapter(EdgeFrame)
 
 
 class Attached(ServiceFrame):
-    """``token``: the session's token (the fresh one after a ``login``), kept by the edge to
-    attach the session again on another connection."""
+    """``token``: after a ``login``, the session's fresh token (the edge's client gets it in
+    its reply, and the edge attaches the session with it on another connection); null after
+    an ``auth``, whose token the edge has."""
 
     type: Literal["attached"] = "attached"
     sid: int
     user_id: int
     workspace_id: int
     session_id: str
-    token: str
+    token: str | None
     examples = [
         {
             "type": "attached",
@@ -1236,7 +1240,7 @@ class Attached(ServiceFrame):
             "user_id": 2,
             "workspace_id": 1,
             "session_id": "s_8f2aQm1x",
-            "token": "eyJhbGciOiJIUzI1NiJ9.e30.sig",
+            "token": None,
         }
     ]
 
@@ -1301,10 +1305,13 @@ class Subscribed(ServiceFrame):
     ``after``; events follow from ``seq``, and what the edge derived from before is stale."""
 
     type: Literal["subscribed"] = "subscribed"
+    rid: int
     workspace_id: int
     seq: int
     resume_error: Literal["too_old", "future_seq"] | None = None
-    examples = [{"type": "subscribed", "workspace_id": 1, "seq": 512, "resume_error": None}]
+    examples = [
+        {"type": "subscribed", "rid": 2, "workspace_id": 1, "seq": 512, "resume_error": None}
+    ]
 
 
 class Replayed(ServiceFrame):
@@ -1315,8 +1322,9 @@ class Replayed(ServiceFrame):
 
 
 class Failed(ServiceFrame):
-    """A ``replay`` or ``load`` that could not be served (``too_old``, ``not_attached``,
-    ``unavailable``)."""
+    """A ``subscribe``, ``replay`` or ``load`` that could not be served: ``not_attached`` (no
+    session of the workspace is attached on this connection), ``already_subscribed``,
+    ``too_old`` (the replay window no longer holds the range), ``unavailable``."""
 
     type: Literal["failed"] = "failed"
     rid: int
@@ -1330,6 +1338,7 @@ class Failed(ServiceFrame):
 class Membership(Obj):
     channel_id: int
     user_ids: list[int]
+    last_ts: int | None = None  # the channel's latest message, if any
 
 
 class Loaded(ServiceFrame):
@@ -1353,7 +1362,7 @@ class Loaded(ServiceFrame):
             "seq": 512,
             "users": [_U],
             "channels": [_C],
-            "members": [{"channel_id": 4, "user_ids": [2, 3]}],
+            "members": [{"channel_id": 4, "user_ids": [2, 3], "last_ts": 1764348000000}],
         }
     ]
 

@@ -18,6 +18,8 @@ from chat.config import Settings
 from chat.server import Node
 
 SECRET = "test-secret-key-of-a-reasonable-length-0123456789"
+# Every test node accepts service connections signed with this key (kid "test").
+SERVICE_KID, SERVICE_SECRET = "test", "test-service-key-0123456789abcdefghijklmnop"
 
 # handle -> role; "mallory" is a member who belongs to no seeded channel.
 PEOPLE = {
@@ -66,6 +68,7 @@ def settings_for(**overrides: Any) -> Settings:
         "shutdown_grace_s": 2.0,
         "drain_period_s": 0.2,
         "metrics_port": 0,
+        "service_keys": f"{SERVICE_KID}={SERVICE_SECRET}",
     }
     base.update(overrides)
     return Settings(**base)

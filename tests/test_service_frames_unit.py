@@ -85,7 +85,7 @@ def test_service_frames_are_strict() -> None:
         {**attach, "sid": "1"},
         {**attach, "extra": 1},
         {**attach, "request": {**auth, "resume": {"session_id": "s", "seq": 1}}},
-        {"type": "subscribe", "workspace_id": 0},
+        {"type": "subscribe", "rid": 1, "workspace_id": 0},
         {"type": "replay", "rid": 1, "workspace_id": 1, "after": -1, "up_to": 2},
         {"type": "hello"},
     ):

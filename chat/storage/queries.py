@@ -456,6 +456,64 @@ async def list_channels(
     return [_channel(r) for r in rows]
 
 
+@dataclass(frozen=True, slots=True)
+class WorkspaceModel:
+    """A whole workspace for an edge cache: read as of at least ``seq`` (see
+    :func:`workspace_model`)."""
+
+    seq: int
+    name: str
+    users: list[wire.User]
+    channels: list[wire.Channel]
+    members: dict[int, list[int]]  # channel -> member user ids
+    last_ts: dict[int, int]  # channel -> ts of its latest message (absent: none yet)
+
+
+async def workspace_model(conn: Connection, workspace_id: int) -> WorkspaceModel | None:
+    """Every user, channel and membership of the workspace, in four statements.
+
+    ``seq`` is read first: what follows reflects every event up to it, and maybe some after
+    it. That is enough for a cache that then applies the events after ``seq``: every event
+    that changes this state carries the state it sets (a user, a channel, who joined or
+    left), so applying one the read already reflected changes nothing, and after the last
+    one the cache equals the database."""
+    ws = await conn.fetchrow(
+        "SELECT name, last_event_seq FROM workspaces WHERE id = $1", workspace_id
+    )
+    if ws is None:
+        return None
+    users = await conn.fetch(
+        f"SELECT {_USER_COLS} FROM users WHERE workspace_id = $1 ORDER BY id", workspace_id
+    )
+    channels = await conn.fetch(
+        f"SELECT {_CHANNEL_COLS},"
+        # The channel's latest message (thread replies included): one unique-index probe.
+        " (SELECT g.ts FROM messages g WHERE g.channel_id = c.id AND g.seq = c.last_seq)"
+        " AS last_ts"
+        " FROM channels c WHERE c.workspace_id = $1 ORDER BY c.id",
+        workspace_id,
+    )
+    members = await conn.fetch(
+        "SELECT m.channel_id, string_agg(m.user_id::text, ',') AS user_ids"
+        " FROM channel_members m JOIN channels c ON c.id = m.channel_id"
+        " WHERE c.workspace_id = $1 GROUP BY m.channel_id",
+        workspace_id,
+    )
+    return WorkspaceModel(
+        seq=ws["last_event_seq"],
+        name=ws["name"],
+        users=[_user(r) for r in users],
+        channels=[
+            wire.Channel.model_validate({k: v for k, v in dict(r).items() if k != "last_ts"})
+            for r in channels
+        ],
+        members={
+            r["channel_id"]: sorted(int(u) for u in r["user_ids"].split(",")) for r in members
+        },
+        last_ts={r["id"]: r["last_ts"] for r in channels if r["last_ts"] is not None},
+    )
+
+
 # --------------------------------------------------------------------------- messages
 
 _MESSAGE_COLS = (
