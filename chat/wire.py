@@ -483,6 +483,52 @@ class PresenceSet(Request):
     examples = [{"type": "presence.set", "id": "32", "status": "away"}]
 
 
+BootstrapPart = Literal["user", "workspace", "channels", "users"]
+
+
+class Bootstrap(Request):
+    """What a client needs to draw its first screen, as of the workspace position ``seq``
+    (events after it apply on top): the caller (``user``), the ``workspace``, the caller's
+    ``channels`` and DMs with unread and mention counts and last activity, and the ``users``
+    those need (DM partners). No full user or channel list: the rest is looked up lazily.
+    ``parts`` names the parts wanted (default: all); the others are null in the reply."""
+
+    type: Literal["bootstrap"]
+    parts: Annotated[list[BootstrapPart], Field(min_length=1, max_length=4)] | None = None
+    examples = [
+        {"type": "bootstrap", "id": "40"},
+        {"type": "bootstrap", "id": "41", "parts": ["channels", "users"]},
+    ]
+
+
+AutocompleteQuery = Annotated[str, Field(max_length=80), Clean]
+
+
+class UsersAutocomplete(Request):
+    """@-mention completion: users whose handle, display name or a word of the real name
+    starts with ``query``, ignoring case and accents. Ranked: an exact handle first, then
+    members of ``channel_id``, then people the caller talked to recently, then everyone.
+    Deactivated users are never returned."""
+
+    type: Literal["users.autocomplete"]
+    query: AutocompleteQuery
+    channel_id: Id | None = None
+    limit: Annotated[int, Field(ge=1, le=50)] = 10
+    examples = [
+        {"type": "users.autocomplete", "id": "42", "query": "jos", "channel_id": 4, "limit": 5}
+    ]
+
+
+class ChannelsAutocomplete(Request):
+    """#-channel completion among the channels the caller may see (public ones, and private
+    ones it is a member of); archived channels after the others; DMs never."""
+
+    type: Literal["channels.autocomplete"]
+    query: AutocompleteQuery
+    limit: Annotated[int, Field(ge=1, le=50)] = 10
+    examples = [{"type": "channels.autocomplete", "id": "43", "query": "gen"}]
+
+
 ClientFrame = Annotated[
     Auth
     | Login
@@ -516,7 +562,10 @@ ClientFrame = Annotated[
     | ReadsCounts
     | Typing
     | PresenceSubscribe
-    | PresenceSet,
+    | PresenceSet
+    | Bootstrap
+    | UsersAutocomplete
+    | ChannelsAutocomplete,
     Field(discriminator="type"),
 ]
 
@@ -678,6 +727,71 @@ class ReadMarker(Data):
     last_read_seq: int
 
 
+class WorkspaceInfo(Obj):
+    id: int
+    name: str
+
+
+class BootstrapChannel(Obj):
+    """One of the caller's channels or DMs, with what its row in a channel list shows.
+    ``last_ts``: its latest message (null: none yet); ``dm_user_ids``: a DM's other members."""
+
+    id: int
+    kind: ChannelKind
+    name: str
+    topic: str = ""
+    archived: bool = False
+    member_count: int
+    last_seq: int
+    last_ts: int | None
+    last_read_seq: int
+    unread: int
+    mentions: int
+    dm_user_ids: list[int] = []
+
+
+class BootstrapData(Data):
+    seq: int
+    user: User | None
+    workspace: WorkspaceInfo | None
+    channels: list[BootstrapChannel] | None
+    users: list[User] | None
+    examples = [
+        {
+            "seq": 512,
+            "user": {
+                "id": 2,
+                "workspace_id": 1,
+                "handle": "ada",
+                "display_name": "Ada",
+                "role": "member",
+            },
+            "workspace": {"id": 1, "name": "acme"},
+            "channels": [
+                {
+                    "id": 4,
+                    "kind": "public",
+                    "name": "general",
+                    "topic": "",
+                    "archived": False,
+                    "member_count": 40,
+                    "last_seq": 119,
+                    "last_ts": 1764348000000,
+                    "last_read_seq": 117,
+                    "unread": 2,
+                    "mentions": 1,
+                    "dm_user_ids": [],
+                }
+            ],
+            "users": [],
+        }
+    ]
+
+
+class ChannelList(Data):
+    channels: list[Channel]
+
+
 REPLIES: dict[str, type[Data]] = {
     "auth": SessionInfo,
     "login": SessionInfo,
@@ -712,6 +826,9 @@ REPLIES: dict[str, type[Data]] = {
     "typing": Empty,
     "presence.subscribe": Empty,
     "presence.set": Empty,
+    "bootstrap": BootstrapData,
+    "users.autocomplete": Users,
+    "channels.autocomplete": ChannelList,
 }
 
 
