@@ -9,6 +9,8 @@ Field tables come from each model's JSON schema, nested objects from the schemas
 (a new object is documented without touching this module), and every example is validated
 while rendering: a broken example fails the generation (:class:`DocError`), not a client.
 The output is deterministic so ``--check`` (and ``tests/test_protocol_doc.py``) is stable.
+The last section documents the internal service connections of edge nodes (``EdgeFrame``,
+``ChatServiceFrame`` and the binary frames), from the same module and the same way.
 """
 
 from __future__ import annotations
@@ -73,8 +75,9 @@ contract; `python -m chat.docgen --check` fails when this file drifts from them.
 
 The server has one websocket endpoint, `ws://host:port/`: any path is accepted except the plain
 HTTP endpoints `/healthz` and `/readyz` (`/metrics` is not served on this port but on the
-operator's metrics listener). Browsers send an `Origin` header, which must be in the server's
-configured allow-list; otherwise the handshake is refused with HTTP 403.
+operator's metrics listener) and `/service`, which is for edge nodes only (see
+[Service connections](#service-connections-internal)). Browsers send an `Origin` header, which
+must be in the server's configured allow-list; otherwise the handshake is refused with HTTP 403.
 
 `/healthz` answers 200 `ok` while the process runs, draining included. `/readyz` answers 200
 `ready` when the node takes new clients, and 503 with the reason otherwise: `draining` (the
@@ -380,6 +383,15 @@ def _example_block(example: Any) -> list[str]:
     return ["```json", _json(example), "```", ""]
 
 
+def _frame_body(schema: Schema, examples: Sequence[Any], link: Link) -> list[str]:
+    """A frame's field table (``type`` first) and its examples."""
+    lines = [*_fields(schema, link, type_first=True), ""]
+    lines += ["Example:" if len(examples) == 1 else "Examples:", ""]
+    for example in examples:
+        lines += _example_block(example)
+    return lines
+
+
 # --------------------------------------------------------------------------- validation
 
 
@@ -515,10 +527,7 @@ def _render_client(doc: _Doc, defs: dict[str, Schema]) -> None:
         doc.heading(3, " / ".join(model_types), key=f"client:{model.__name__}")
         doc.add(*_description(schema))
         doc.add(f"Model: `{model.__name__}`", "")
-        doc.add(*_fields(schema, _object_link, type_first=True), "")
-        doc.add("Example:" if len(examples) == 1 else "Examples:", "")
-        for example in examples:
-            doc.add(*_example_block(example))
+        doc.add(*_frame_body(schema, examples, _object_link))
 
         data_models = {wire.REPLIES[t] for t in model_types}
         if len(data_models) != 1:
@@ -566,26 +575,27 @@ def _render_server(doc: _Doc, defs: dict[str, Schema]) -> None:
             doc.add(f"Model: `{model.__name__}` ({_kind(model)}), for the types {listed}.", "")
         else:
             doc.add(f"Model: `{model.__name__}` ({_kind(model)}).", "")
-        doc.add(*_fields(schema, _object_link, type_first=True), "")
-        doc.add("Example:" if len(examples) == 1 else "Examples:", "")
-        for example in examples:
-            doc.add(*_example_block(example))
+        doc.add(*_frame_body(schema, examples, _object_link))
         _collect_defs([schema], defs)
 
 
 def _render_objects(doc: _Doc, defs: dict[str, Schema]) -> None:
     doc.heading(2, "Objects")
     doc.add(OBJECTS_INTRO, "")
+    _object_list(doc, defs, 3, _object_link)
+
+
+def _object_list(doc: _Doc, defs: dict[str, Schema], level: int, link: Link) -> None:
     for name in sorted(defs):
         definition = defs[name]
-        doc.heading(3, name, key=f"object:{name}")
+        doc.heading(level, name, key=f"object:{name}")
         doc.add(*_description(definition))
         if "properties" in definition:
-            doc.add(*_fields(definition, _object_link), "")
+            doc.add(*_fields(definition, link), "")
         elif "enum" in definition:
             doc.add("One of: " + ", ".join(f"`{_json(v)}`" for v in definition["enum"]), "")
         else:
-            doc.add(f"Type: {_type(definition, _object_link)}", "")
+            doc.add(f"Type: {_type(definition, link)}", "")
 
 
 def _render_errors(doc: _Doc) -> None:
@@ -604,8 +614,9 @@ def _render_errors(doc: _Doc) -> None:
 
 _AUTH_AGAIN = "Do not reconnect with the same credentials."
 
-# (code, reason, when, what to do). Every reason the server gives, by close code;
-# tests/test_protocol_doc.py checks that each literal reason in chat/ is listed here.
+# (code, reason, when, what to do). Every reason the server gives a client, by close code;
+# tests/test_protocol_doc.py checks that each literal reason in chat/ is listed here or, for
+# service connections (chat/service.py), in SERVICE_CLOSE_REASONS.
 CLOSE_REASONS: list[tuple[CloseCode, str, str, str]] = [
     (
         CloseCode.NORMAL_CLOSURE,
@@ -758,10 +769,11 @@ def _render_close_codes(doc: _Doc) -> None:
         when, reconnect = CLOSE_DESCRIPTIONS[code]
         rows.append([str(code.value), f"`{code.name}`", when, "yes" if reconnect else "no"])
     doc.add(*_table(["Code", "Name", "When", "Reconnect?"], rows), "")
-    doc.heading(3, "Close reasons")
+    doc.heading(3, "Close reasons", key="close-reasons")
     doc.add(
-        "Every close reason the server gives, and what a client should do. Closes by the "
-        "websockets library itself (1002, 1007, 1009) carry its own reason text.",
+        "Every close reason the server gives a client, and what the client should do. Closes "
+        "by the websockets library itself (1002, 1007, 1009) carry its own reason text. "
+        f"Service connections have [reasons of their own]({_Doc.link('service:close')}).",
         "",
     )
     reasons = [
@@ -776,6 +788,288 @@ def _render_close_codes(doc: _Doc) -> None:
     doc.add(*_table(["Code", "Reason", "When", "What to do"], reasons), "")
 
 
+# --------------------------------------------------------------------------- service connections
+
+SERVICE_TITLE = "Service connections (internal)"
+
+SERVICE_INTRO = """\
+Internal: not for clients. Edge nodes such as Flannel keep a few service connections to each
+chat node and carry many users' sessions over each; the design is in
+[docs/flannel.md](flannel.md). A service connection is a websocket to the chat node's
+`/service` path whose upgrade request carries `Authorization: Bearer <service credential>`:
+a short-lived HS256 JWT with audience `chat-service` and a key id, signed with one of the
+keys in the chat node's `CHAT_SERVICE_KEYS`. A missing, forged, expired or unknown-key
+credential is refused before the upgrade with HTTP 401 (no reason given); with no service
+keys set, `/service` refuses everyone. The credential only opens the connection: every
+session on it is attached with its user's own token (or password), and every relayed request
+runs as that user, through the same checks as a client's.
+
+Text frames are JSON objects, validated strictly like client frames (no type conversion,
+unknown fields refused); an edge frame that does not validate closes the connection (see
+[Service close reasons]({close})). Client frames, server frames and events that are only
+forwarded travel verbatim in binary frames. `sid` (a session) and `rid` (a request) are
+numbers the edge chooses, 1..2^32-1."""
+
+BINARY_INTRO = """\
+A kind byte, then big-endian fields:"""
+
+BINARY_TEXT = """\
+An envelope is one event: its `seq` u64 (0: ephemeral, a `typing` or `presence` event), then
+three u32 lengths, of its `type`, its audience `header` (`chat/bus/base.py`) and its `payload`
+(the event frame as clients receive it), then those three strings' UTF-8 bytes in that order.
+The header routes the event at the edge exactly as at the chat node.
+
+**Relayed requests.** Once `snapshot_taken` admitted a session (no `refusal`), the edge
+sends its client's requests as `R` frames with the session's `sid`. The chat node runs each
+through that session's own client protocol (the same strict parsing and rate limits, the same
+handlers, as that user) and answers with an `R` frame carrying the `reply` or `error`, as each
+completes: match them by `reply_to`. An `R` frame for a `sid` that is not attached and
+admitted is answered with an `error` `not_authenticated`. `presence.subscribe` is answered
+with an empty reply and registers nothing: the edge keeps its clients' presence watches,
+from the events. A session the chat node ends (flooding, a revoked token) gets a `closed`
+frame, after the `R` frame with the `error` that ended it."""
+
+EDGE_INTRO = """\
+Text frames the edge sends, and what the chat node answers (`live`, `detach` and
+`unsubscribe` are not answered)."""
+
+CHAT_INTRO = """\
+Text frames the chat node sends to the edge."""
+
+SERVICE_CLOSE_INTRO = """\
+How the chat node closes a service connection. Every session on it is then gone; to recover,
+the edge opens another connection (to another chat node), attaches the sessions again with
+their tokens and subscribes each workspace again after the last `seq` it delivered, so its
+clients see a delay, never a gap or a duplicate. A frame larger than the client limit
+(`max_frame_bytes`) plus 1024 bytes closes the connection with 1009, with the websockets
+library's reason. A session the chat node ends is not a close: its `closed` frame carries a
+client's close code and reason (see [Close reasons]({reasons}), e.g. 1008 `rate_limited` or
+`token_revoked`), which the edge closes its client with."""
+
+# The binary service frames: (kind byte, name, direction, layout after the kind byte). Words
+# as in chat/service_frames.py's docstring; tests/test_protocol_doc.py packs frames with
+# chat.service_frames and reads them back by this layout.
+BINARY_FRAMES: list[tuple[bytes, str, str, str]] = [
+    (
+        wire.RELAY,
+        "relayed frame",
+        "both",
+        "`sid` u32 (the session number), then the frame's bytes as sent: a client frame "
+        "(edge to chat) or a server frame (chat to edge)",
+    ),
+    (wire.EVENTS, "events", "chat to edge", "`workspace_id` u64, then envelopes"),
+    (
+        wire.REPLAY_CHUNK,
+        "replay chunk",
+        "chat to edge",
+        "`rid` u32 (the replay request number), then envelopes",
+    ),
+]
+
+# What the chat node answers to each edge frame (chat/service.py). A name in backticks is a
+# chat-to-edge frame type or a binary frame's kind: render() checks them against chat.wire.
+SERVICE_ANSWERS: dict[str, str] = {
+    "attach": "`attached`, or `detached`",
+    "snapshot": "`snapshot_taken`, or `detached`",
+    "live": "nothing",
+    "detach": "nothing",
+    "subscribe": "`subscribed`, then `E` frames; or `failed`",
+    "unsubscribe": "nothing",
+    "replay": "`P` frames, then `replayed`; or `failed`",
+    "load": "`loaded`, or `failed`",
+}
+
+_HEARTBEAT_MS = _default("heartbeat_interval_ms")
+_SERVICE_BUFFER = _default("service_buffer_hard_bytes")
+
+# (code, reason, when, what the edge does): every reason chat/service.py closes a service
+# connection with, and the drain's (chat/server.py). tests/test_protocol_doc.py checks that
+# each literal reason in chat/service.py is listed here.
+SERVICE_CLOSE_REASONS: list[tuple[CloseCode, str, str, str]] = [
+    (
+        CloseCode.POLICY_VIOLATION,
+        "invalid_service_frame",
+        "A text frame that is not a valid edge frame (not a JSON object, an unknown `type`, a "
+        "missing, unknown or ill-typed field), an `attach` naming a `sid` attached already, "
+        "or a binary frame that is not a well-formed `R` frame.",
+        "An edge bug: log it, then recover (above).",
+    ),
+    (
+        CloseCode.SERVICE_RESTART,
+        "service_restart",
+        "The chat node drains (deploy, restart); no `goodbye` comes first on a service connection.",
+        "Recover (above) at once: the drain already spreads its closes out.",
+    ),
+    (
+        CloseCode.TRY_AGAIN_LATER,
+        "unavailable",
+        "A `subscribe` could not be served: the store, the bus or the replay log failed.",
+        "Back off, then recover (above).",
+    ),
+    (
+        CloseCode.HEARTBEAT_TIMEOUT,
+        "heartbeat_timeout",
+        "Nothing received from the edge (not even a pong to the chat node's pings) for two "
+        f"heartbeat intervals (`heartbeat_interval_ms`, default {_HEARTBEAT_MS}: "
+        f"{2 * _HEARTBEAT_MS // 1000} s).",
+        "Answer pings (websocket libraries do); recover (above).",
+    ),
+    (
+        CloseCode.SLOW_CONSUMER,
+        "slow_consumer",
+        "The edge read too slowly: the connection's send buffer passed "
+        f"`service_buffer_hard_bytes` (default {_SERVICE_BUFFER}: "
+        f"{_SERVICE_BUFFER / 2**20:g} MiB).",
+        "Read faster; recover (above).",
+    ),
+]
+
+_BACKTICKED = re.compile(r"`([^`]+)`")
+
+
+def _client_models() -> set[str]:
+    return {model.__name__ for model, _ in _frame_models(wire.ClientFrame)}
+
+
+def _service_link(name: str) -> str:
+    """Where a ``$defs`` name of a service frame is documented: a client frame (``attach``
+    carries an ``auth`` or a ``login``) or an object."""
+    if name in _client_models():
+        return _Doc.link(f"client:{name}")
+    return _object_link(name)
+
+
+def _check_service_answers(edge: list[str], chat: list[str], kinds: list[str]) -> None:
+    missing = [t for t in edge if t not in SERVICE_ANSWERS]
+    stale = [t for t in SERVICE_ANSWERS if t not in edge]
+    if missing or stale:
+        raise DocError(f"SERVICE_ANSWERS: no answer for {missing}, not edge frames: {stale}")
+    for edge_type, answer in SERVICE_ANSWERS.items():
+        unknown = [n for n in _BACKTICKED.findall(answer) if n not in chat and n not in kinds]
+        if unknown:
+            raise DocError(f"SERVICE_ANSWERS[{edge_type!r}] names unknown frames {unknown}")
+
+
+def _answer(text: str) -> str:
+    """An entry of SERVICE_ANSWERS, its frame names linked."""
+    chat = wire.frame_types(wire.ChatServiceFrame)
+
+    def one(m: re.Match[str]) -> str:
+        name = m.group(1)
+        if name in chat:
+            return f"[`{name}`]({_Doc.link('service-chat:' + chat[name].__name__)})"
+        return f"[`{name}`]({_Doc.link('service:binary')})"
+
+    return _BACKTICKED.sub(one, text)
+
+
+def _asked_by(chat_type: str) -> str:
+    """The edge frames a chat-to-edge frame answers, from SERVICE_ANSWERS."""
+    asked = [
+        f"[`{edge_type}`]({_Doc.link('service-edge:' + model.__name__)})"
+        for edge_type, model in wire.frame_types(wire.EdgeFrame).items()
+        if chat_type in _BACKTICKED.findall(SERVICE_ANSWERS[edge_type])
+    ]
+    return ", ".join(asked) or "nothing: the chat node sends it unasked"
+
+
+def _render_service_frames(
+    doc: _Doc,
+    title: str,
+    intro: str,
+    union: Any,
+    adapter: TypeAdapter[Any],
+    prefix: str,
+    column: tuple[str, Callable[[str], str]],
+    defs: dict[str, Schema],
+) -> None:
+    """One direction's text frames, rendered as client and server frames are; ``column`` is
+    the summary table's third column (its header, and its cell for a frame type)."""
+    models = _frame_models(union)
+    header, cell = column
+    doc.heading(3, title)
+    doc.add(intro, "")
+    rows = [
+        [f"[`{t}`]({_Doc.link(f'{prefix}:{m.__name__}')})", f"`{m.__name__}`", cell(t)]
+        for m, ts in models
+        for t in ts
+    ]
+    doc.add(*_table(["Type", "Model", header], rows), "")
+    for model, model_types in models:
+        schema = model.model_json_schema()
+        examples = _check_frame_examples(model, adapter)
+        doc.heading(4, " / ".join(model_types), key=f"{prefix}:{model.__name__}")
+        doc.add(*_description(schema))
+        doc.add(f"Model: `{model.__name__}`", "")
+        doc.add(*_frame_body(schema, examples, _service_link))
+        _collect_defs([schema], defs)
+
+
+def _render_service(doc: _Doc, defs: dict[str, Schema]) -> None:
+    """The last section: service connections, from chat.wire's ``EdgeFrame`` and
+    ``ChatServiceFrame`` and the binary kinds. Objects that client-facing frames use too link
+    to the Objects section (``defs``); the others are documented here."""
+    _check_service_answers(
+        list(wire.frame_types(wire.EdgeFrame)),
+        list(wire.frame_types(wire.ChatServiceFrame)),
+        [kind.decode() for kind, _, _, _ in BINARY_FRAMES],
+    )
+    doc.heading(2, SERVICE_TITLE, key="service")
+    doc.add(*SERVICE_INTRO.format(close=_Doc.link("service:close")).splitlines(), "")
+
+    doc.heading(3, "Binary frames", key="service:binary")
+    doc.add(BINARY_INTRO, "")
+    rows = [
+        [f"`{kind.decode()}` (0x{kind.hex()})", name, direction, layout]
+        for kind, name, direction, layout in BINARY_FRAMES
+    ]
+    doc.add(*_table(["Kind", "Frame", "Direction", "Layout after the kind byte"], rows), "")
+    doc.add(*BINARY_TEXT.splitlines(), "")
+
+    service_defs: dict[str, Schema] = {}
+    _render_service_frames(
+        doc,
+        "Edge to chat",
+        EDGE_INTRO,
+        wire.EdgeFrame,
+        wire.EDGE_FRAME_ADAPTER,
+        "service-edge",
+        ("Answer", lambda t: _answer(SERVICE_ANSWERS[t])),
+        service_defs,
+    )
+    _render_service_frames(
+        doc,
+        "Chat to edge",
+        CHAT_INTRO,
+        wire.ChatServiceFrame,
+        wire.CHAT_SERVICE_FRAME_ADAPTER,
+        "service-chat",
+        ("In answer to", _asked_by),
+        service_defs,
+    )
+
+    new: dict[str, Schema] = {}
+    for name, definition in service_defs.items():
+        if name in _client_models():
+            continue  # attach's request: documented under Client frames
+        if name in defs:
+            _collect_defs([{"$defs": {name: definition}}], defs)  # the same object, or DocError
+        else:
+            new[name] = definition
+    if new:
+        doc.heading(3, "Service objects")
+        doc.add("Objects nested in service frames only.", "")
+        _object_list(doc, new, 4, _service_link)
+
+    doc.heading(3, "Service close reasons", key="service:close")
+    doc.add(*SERVICE_CLOSE_INTRO.format(reasons=_Doc.link("close-reasons")).splitlines(), "")
+    rows = [
+        [str(code.value), f"`{reason}`", when, todo]
+        for code, reason, when, todo in SERVICE_CLOSE_REASONS
+    ]
+    doc.add(*_table(["Code", "Reason", "When", "What the edge does"], rows), "")
+
+
 def render() -> str:
     """The complete Markdown of ``docs/protocol.md``; raises :class:`DocError` on a bad
     example or an inconsistent protocol definition."""
@@ -787,6 +1081,7 @@ def render() -> str:
     _render_objects(doc, defs)
     _render_errors(doc)
     _render_close_codes(doc)
+    _render_service(doc, defs)
     return doc.text()
 
 

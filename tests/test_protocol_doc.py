@@ -5,18 +5,30 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import struct
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from chat import docgen, wire
+from chat import docgen, service_frames, wire
+from chat.bus import Audience, Envelope
 from chat.errors import CLOSE_DESCRIPTIONS, ERROR_DESCRIPTIONS, CloseCode, ErrorCode
 
 CLIENT_TYPES = wire.frame_types(wire.ClientFrame)
 SERVER_TYPES = wire.frame_types(wire.ServerFrame)
+EDGE_TYPES = wire.frame_types(wire.EdgeFrame)
+CHAT_SERVICE_TYPES = wire.frame_types(wire.ChatServiceFrame)
 CLIENT_MODELS = list(dict.fromkeys(CLIENT_TYPES.values()))
 SERVER_MODELS = list(dict.fromkeys(SERVER_TYPES.values()))
+EDGE_MODELS = list(dict.fromkeys(EDGE_TYPES.values()))
+CHAT_SERVICE_MODELS = list(dict.fromkeys(CHAT_SERVICE_TYPES.values()))
+# The binary service frames' kind bytes: every one-byte constant of chat.wire.
+BINARY_KINDS = {
+    value
+    for name, value in vars(wire).items()
+    if name.isupper() and isinstance(value, bytes) and len(value) == 1
+}
 
 
 @pytest.fixture(scope="module")
@@ -31,13 +43,36 @@ def _section(doc: str, title: str) -> str:
     return doc[start : end if end != -1 else len(doc)]
 
 
-def _heading_names(section: str) -> set[str]:
-    """Frame types named by the ``###`` headings of a section (``a / b`` names both)."""
+def _part(section: str, title: str) -> str:
+    """The text of one ``### title`` part of a section."""
+    start = section.index(f"\n### {title}\n")
+    end = section.find("\n### ", start + 1)
+    return section[start : end if end != -1 else len(section)]
+
+
+def _heading_names(section: str, level: int = 3) -> set[str]:
+    """Frame types named by the headings of a level in a section (``a / b`` names both)."""
+    prefix = "#" * level + " "
     names: set[str] = set()
     for line in section.splitlines():
-        if line.startswith("### "):
-            names.update(part.strip() for part in line[4:].split(" / "))
+        if line.startswith(prefix):
+            names.update(part.strip() for part in line[len(prefix) :].split(" / "))
     return names
+
+
+def _anchors(doc: str) -> set[str]:
+    """GitHub's anchors of every heading outside code blocks, a repeated one numbered."""
+    seen: dict[str, int] = {}
+    fenced = False
+    for line in doc.splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+        elif not fenced and (m := re.match(r"#{1,6} (.*)", line)):
+            slug = re.sub(r"[^\w\- ]", "", m.group(1).strip().lower()).replace(" ", "-")
+            seen[slug] = seen.get(slug, 0) + 1
+            if seen[slug] > 1:
+                seen[f"{slug}-{seen[slug] - 1}"] = 1
+    return set(seen)
 
 
 def test_doc_is_up_to_date(doc: str) -> None:
@@ -94,7 +129,9 @@ def test_objects_are_discovered(doc: str) -> None:
 @pytest.mark.parametrize(
     ("model", "adapter"),
     [(m, wire.CLIENT_FRAME_ADAPTER) for m in CLIENT_MODELS]
-    + [(m, wire.SERVER_FRAME_ADAPTER) for m in SERVER_MODELS],
+    + [(m, wire.SERVER_FRAME_ADAPTER) for m in SERVER_MODELS]
+    + [(m, wire.EDGE_FRAME_ADAPTER) for m in EDGE_MODELS]
+    + [(m, wire.CHAT_SERVICE_FRAME_ADAPTER) for m in CHAT_SERVICE_MODELS],
     ids=lambda x: getattr(x, "__name__", ""),
 )
 def test_frame_examples_validate(model: type[wire.Frame], adapter: Any, doc: str) -> None:
@@ -142,26 +179,40 @@ def test_check_reports_a_stale_file(tmp_path: Any, capsys: pytest.CaptureFixture
     assert "out of date" in capsys.readouterr().err
 
 
+def _close_reasons_in(path: Path) -> set[tuple[CloseCode, str]]:
+    """(code, reason) of every close in a file whose reason is a literal or an error code."""
+    found: set[tuple[CloseCode, str]] = set()
+    text = path.read_text(encoding="utf-8")
+    for code, reason in re.findall(r'CloseCode\.(\w+),\s*"([^"]+)"', text):
+        found.add((CloseCode[code], reason))
+    for code, error in re.findall(r"CloseCode\.(\w+),\s*ErrorCode\.(\w+)\.value", text):
+        found.add((CloseCode[code], ErrorCode[error].value))
+    return found
+
+
 def _close_reasons_in_source() -> set[tuple[CloseCode, str]]:
     """(code, reason) of every close in chat/ whose reason is a literal or an error code."""
     found: set[tuple[CloseCode, str]] = set()
     for path in Path(docgen.ROOT / "chat").rglob("*.py"):
-        text = path.read_text(encoding="utf-8")
-        for code, reason in re.findall(r'CloseCode\.(\w+),\s*"([^"]+)"', text):
-            found.add((CloseCode[code], reason))
-        for code, error in re.findall(r"CloseCode\.(\w+),\s*ErrorCode\.(\w+)\.value", text):
-            found.add((CloseCode[code], ErrorCode[error].value))
+        found |= _close_reasons_in(path)
     return found
 
 
 def test_defect_25_every_close_reason_in_the_source_is_documented(doc: str) -> None:
     found = _close_reasons_in_source()
     assert (CloseCode.POLICY_VIOLATION, "auth_timeout") in found  # the scan finds them
+    assert (CloseCode.POLICY_VIOLATION, "invalid_service_frame") in found
     documented = {(code, reason) for code, reason, _, _ in docgen.CLOSE_REASONS}
-    assert found - documented == set()
+    service = {(code, reason) for code, reason, _, _ in docgen.SERVICE_CLOSE_REASONS}
+    assert found - documented - service == set()
+    # A service connection's reasons are listed where an edge's author reads them.
+    assert _close_reasons_in(docgen.ROOT / "chat" / "service.py") - service == set()
     section = _section(doc, "Close codes")
     for code, reason, _, _ in docgen.CLOSE_REASONS:
         assert f"| {code.value} | `{reason}` |" in section or reason.startswith("the ")
+    section = _part(_section(doc, docgen.SERVICE_TITLE), "Service close reasons")
+    for code, reason, _, _ in docgen.SERVICE_CLOSE_REASONS:
+        assert f"| {code.value} | `{reason}` |" in section
 
 
 def test_defect_25_every_1008_reason_is_documented(doc: str) -> None:
@@ -254,3 +305,106 @@ def test_defect_25_admin_help_describes_every_subcommand() -> None:
 def test_defect_25_docs_name_no_path_from_a_developer_machine(doc_path: str) -> None:
     text = (docgen.ROOT / doc_path).read_text(encoding="utf-8")
     assert re.findall(r"(?<![\w.~-])/(?:work|home|Users|root|tmp)/\S*", text) == []
+
+
+# --------------------------------------------------------------------------- service connections
+
+
+def test_links_resolve(doc: str) -> None:
+    anchors = _anchors(doc)
+    links = set(re.findall(r"\]\(#([^)]+)\)", doc))
+    assert links - anchors == set()
+    # The service section links to the objects it shares with client frames, and to its own.
+    section = _section(doc, docgen.SERVICE_TITLE)
+    assert "[`User`](#user)" in section and "[`Channel`](#channel)" in section
+    assert "[`Membership`](#membership)" in section and "\n#### Membership\n" in section
+    assert "[`Auth`](#auth)" in section and "[`Login`](#login)" in section
+    assert "### User\n" in _section(doc, "Objects")
+
+
+def test_service_section_is_last_and_says_how_to_connect(doc: str) -> None:
+    assert doc.rindex("\n## ") == doc.index(f"\n## {docgen.SERVICE_TITLE}\n")
+    text = " ".join(_section(doc, docgen.SERVICE_TITLE).split())
+    for statement in (
+        "Edge nodes such as Flannel",
+        "`/service`",
+        "`Authorization: Bearer <service credential>`",
+        "refused before the upgrade with HTTP 401",
+        "[docs/flannel.md](flannel.md)",
+    ):
+        assert statement in text, statement
+    assert "`/service`, which is for edge nodes only" in " ".join(doc.split())
+
+
+def test_every_edge_frame_type_is_documented(doc: str) -> None:
+    part = _part(_section(doc, docgen.SERVICE_TITLE), "Edge to chat")
+    headings = _heading_names(part, level=4)
+    assert [t for t in EDGE_TYPES if t not in headings] == []
+    assert [t for t in EDGE_TYPES if f"| [`{t}`](#" not in part] == []  # in the table too
+
+
+def test_every_chat_service_frame_type_is_documented(doc: str) -> None:
+    part = _part(_section(doc, docgen.SERVICE_TITLE), "Chat to edge")
+    headings = _heading_names(part, level=4)
+    assert [t for t in CHAT_SERVICE_TYPES if t not in headings] == []
+    assert [t for t in CHAT_SERVICE_TYPES if f"| [`{t}`](#" not in part] == []
+
+
+def test_every_binary_frame_kind_is_documented(doc: str) -> None:
+    assert {wire.RELAY, wire.EVENTS, wire.REPLAY_CHUNK} <= BINARY_KINDS  # the scan finds them
+    assert {kind for kind, _, _, _ in docgen.BINARY_FRAMES} == BINARY_KINDS
+    part = _part(_section(doc, docgen.SERVICE_TITLE), "Binary frames")
+    for kind in BINARY_KINDS:
+        assert f"| `{kind.decode()}` (0x{kind.hex()}) |" in part
+        assert f"``{kind.decode()}``" in (service_frames.__doc__ or "")
+
+
+def test_binary_layout_is_what_service_frames_packs() -> None:
+    """The layout the doc gives, read back from frames chat.service_frames packs."""
+    posted = Envelope(7, 41, "message.posted", b'{"type":"message.posted"}', Audience(channel_id=3))
+    typing = Envelope(7, None, "typing", '{"t":"caf\u00e9"}'.encode(), Audience(droppable=True))
+
+    def envelopes(data: bytes, offset: int) -> list[tuple[int, str, str, bytes]]:
+        # seq u64, then three u32 lengths (type, header, payload), then those bytes.
+        out = []
+        while offset < len(data):
+            seq, n_type, n_header, n_payload = struct.unpack_from(">QIII", data, offset)
+            offset += 20
+            kind = data[offset : offset + n_type].decode()
+            header = data[offset + n_type : offset + n_type + n_header].decode()
+            offset += n_type + n_header
+            out.append((seq, kind, header, data[offset : offset + n_payload]))
+            offset += n_payload
+        return out
+
+    expected = [
+        (41, "message.posted", posted.audience.header(), posted.payload),
+        (0, "typing", typing.audience.header(), typing.payload),
+    ]
+    events = service_frames.events(2**40, [posted, typing])
+    assert events[:1] == b"E" and struct.unpack_from(">Q", events, 1) == (2**40,)
+    assert envelopes(events, 9) == expected
+    chunk = service_frames.replay_chunk(3, [posted, typing])
+    assert chunk[:1] == b"P" and struct.unpack_from(">I", chunk, 1) == (3,)
+    assert envelopes(chunk, 5) == expected
+    frame = b'{"type":"ping","id":"1"}'
+    relayed = service_frames.relay(2**32 - 1, frame)
+    assert relayed[:1] == b"R" and struct.unpack_from(">I", relayed, 1) == (2**32 - 1,)
+    assert relayed[5:] == frame
+
+
+def test_service_answers_name_real_frames(monkeypatch: pytest.MonkeyPatch) -> None:
+    answers = dict(docgen.SERVICE_ANSWERS)
+    del answers["load"]
+    monkeypatch.setattr(docgen, "SERVICE_ANSWERS", answers)
+    with pytest.raises(docgen.DocError, match="no answer for \\['load'\\]"):
+        docgen.render()
+    monkeypatch.setattr(docgen, "SERVICE_ANSWERS", {**answers, "load": "`unloaded`"})
+    with pytest.raises(docgen.DocError, match="unknown frames \\['unloaded'\\]"):
+        docgen.render()
+
+
+def test_broken_service_example_fails_render(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(wire.Detach, "examples", [{"type": "detach", "sid": 0}])
+    with pytest.raises(docgen.DocError, match=r"Detach\.examples\[0\] does not validate"):
+        docgen.render()
