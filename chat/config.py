@@ -16,27 +16,16 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from chat.credentials import parse_keys
 
 
-class Settings(BaseSettings):
-    model_config = SettingsConfigDict(
-        env_prefix="CHAT_",
-        env_file=os.environ.get("CHAT_SETTINGS_FILE"),
-        extra="ignore",
-    )
+class FrontSettings(BaseSettings):
+    """What every tier that clients connect to shares (the chat node and the edge): the
+    client-facing limits, admission control, heartbeats, drain and operations. Each tier
+    reads them with its own prefix (``CHAT_``, ``FLANNEL_``)."""
 
     host: str = "127.0.0.1"
     port: int = 8765
-    # Empty: the embedded SQLite store at sqlite_path with in-process fan-out.
-    database_url: str = ""
-    sqlite_path: str = "chat.sqlite3"
-    redis_url: str = ""
     # Unique by default (bus and presence): in containers every server is PID 1, and two
     # nodes with one id would overwrite each other's presence.
     node_id: str = Field(default_factory=lambda: default_node_id())
-
-    # Tokens are HMAC-signed with this secret. Unset: one is generated once and kept in
-    # secret_key_file (below), so the server and the admin command agree without configuration.
-    secret_key: str = ""
-    token_ttl_s: int = 30 * 24 * 3600
 
     # Limits.
     max_frame_bytes: int = 16 * 1024
@@ -49,7 +38,7 @@ class Settings(BaseSettings):
     # sent nothing for two heartbeat intervals is closed 4000.
     ping_interval_s: float = Field(default=20.0, gt=0)
     heartbeat_interval_ms: int = 30_000
-    typing_interval_s: float = 3.0
+
     # Browsers must send an allowed Origin; clients that send none (apps, scripts) are accepted.
     allowed_origins: list[str] = []
     # Slow consumers: past the soft mark, typing/presence are dropped; past the hard mark,
@@ -73,6 +62,32 @@ class Settings(BaseSettings):
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = None
 
+    # Drain: on SIGTERM, connections are closed over this period (not all at once), each
+    # told to come back after a random delay, so a deploy does not cause a reconnect storm.
+    drain_period_s: float = 5.0
+    shutdown_grace_s: float = 5.0
+
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["json", "text"] = "json"
+
+
+class Settings(FrontSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="CHAT_",
+        env_file=os.environ.get("CHAT_SETTINGS_FILE"),
+        extra="ignore",
+    )
+
+    # Empty: the embedded SQLite store at sqlite_path with in-process fan-out.
+    database_url: str = ""
+    sqlite_path: str = "chat.sqlite3"
+    redis_url: str = ""
+
+    # Tokens are HMAC-signed with this secret. Unset: one is generated once and kept in
+    # secret_key_file (below), so the server and the admin command agree without configuration.
+    secret_key: str = ""
+    token_ttl_s: int = 30 * 24 * 3600
+
     # Replay window for resume: events are kept while they are among the last
     # replay_max_events of their workspace OR younger than replay_window_s (both minimums).
     replay_window_s: float = 900.0
@@ -82,11 +97,6 @@ class Settings(BaseSettings):
     # (it died), and each node re-reads everyone's presence this often.
     presence_ttl_s: int = 15
     presence_poll_s: float = 2.0
-
-    # Drain: on SIGTERM, connections are closed over this period (not all at once), each
-    # told to come back after a random delay, so a deploy does not cause a reconnect storm.
-    drain_period_s: float = 5.0
-    shutdown_grace_s: float = 5.0
 
     # security
     # Password login (argon2id: ~200 ms and 64 MiB each) is limited per node: attempts per
@@ -110,6 +120,7 @@ class Settings(BaseSettings):
     secret_key_file: str = ""
 
     # bus and presence
+    typing_interval_s: float = 3.0
     # Presence changes are written to Redis in batches at most this often (a connect costs
     # O(1)); without Redis, a node polls the store this often for events committed by other
     # processes (PostgreSQL also notifies at once).
@@ -134,9 +145,6 @@ class Settings(BaseSettings):
     revoked_session_retention_s: float = Field(default=24 * 3600.0, ge=0)
     prune_interval_s: float = Field(default=300.0, gt=0)
     prune_batch_size: int = Field(default=1000, ge=1)
-
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
-    log_format: Literal["json", "text"] = "json"
 
     @model_validator(mode="after")
     def _database_settings_agree(self) -> Settings:
