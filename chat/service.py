@@ -398,6 +398,7 @@ class ServiceLink(FrameWriter):
             return
         self.tapped.add(wid)
         hub = node.services.hub
+        answered = False
         try:
             await node.subscribe(wid)
             hub.attach_tap(wid, self)  # buffering from here: nothing after the read is missed
@@ -416,6 +417,7 @@ class ServiceLink(FrameWriter):
             self._text(
                 wire.Subscribed(rid=frame.rid, workspace_id=wid, seq=as_of, resume_error=error)
             )
+            answered = True
             if after is not None and after < as_of:
                 async for chunk in node.replay.read(wid, after, as_of):
                     if chunk:
@@ -424,9 +426,16 @@ class ServiceLink(FrameWriter):
             if wid in self.tapped:
                 hub.ready_tap(wid, self, as_of)
         except (StorageError, ReplayLost, OSError) as exc:
-            # The edge subscribes again (after what it has) on another connection.
             log.warning("service subscribe failed", extra={"workspace_id": wid, "error": repr(exc)})
-            self._close(CloseCode.TRY_AGAIN_LATER, "unavailable")
+            if wid in self.tapped:
+                self.tapped.discard(wid)
+                hub.detach_tap(wid, self)
+            if answered:
+                # Part of the catch-up was sent: the edge subscribes again, after what it
+                # has, on a new connection.
+                self._close(CloseCode.TRY_AGAIN_LATER, "unavailable")
+            else:
+                self._failed(frame.rid, "unavailable", "The store or the log failed; try again.")
 
     async def _replay(self, frame: wire.ReplayRange) -> None:
         wid, node = frame.workspace_id, self._node

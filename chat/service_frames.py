@@ -3,8 +3,8 @@
 What the edge only forwards travels verbatim in binary frames, so neither tier parses or
 re-escapes JSON it does not read: a relayed frame is ``R``, a u32 session number and the
 frame's bytes; events are ``E`` (a u64 workspace id) or ``P`` (a u32 replay request number),
-then envelopes, each a u64 ``seq`` (0: ephemeral) and three length-prefixed strings, its
-type, its audience header and its payload. Big-endian throughout.
+then envelopes. An envelope is a u64 ``seq`` (0: ephemeral), the three u32 lengths of its
+type, its audience header and its payload, then those three strings. Big-endian throughout.
 """
 
 from __future__ import annotations

@@ -1253,8 +1253,18 @@ class Attach(ServiceFrame):
     type: Literal["attach"]
     sid: Sid
     request: Annotated[Auth | Login, Field(discriminator="type"), AfterValidator(_no_resume)]
-    # The client's address, for the login limits per address (the connection is Flannel's).
-    client_ip: Annotated[str, Field(max_length=64), Clean] | None = None
+    client_ip: (
+        Annotated[
+            str,
+            Field(
+                max_length=64,
+                description="The client's address, for the login limits per address (the "
+                "connection's own address is the edge's).",
+            ),
+            Clean,
+        ]
+        | None
+    ) = None
     examples = [
         {
             "type": "attach",
@@ -1300,6 +1310,8 @@ class SubscribeWorkspace(ServiceFrame):
 
 
 class UnsubscribeWorkspace(ServiceFrame):
+    """No more events of the workspace (the edge's last client of it left)."""
+
     type: Literal["unsubscribe"]
     workspace_id: Id
     examples = [{"type": "unsubscribe", "workspace_id": 1}]
@@ -1363,8 +1375,11 @@ class Attached(ServiceFrame):
 
 
 class Detached(ServiceFrame):
-    """An ``attach`` or ``snapshot`` refused (``code`` as in an ``error`` frame); the edge
-    answers its client's ``auth`` with it, and ``overloaded`` with a ``goodbye`` and 1013."""
+    """An ``attach`` or ``snapshot`` refused. ``code`` is an ``error`` frame's code
+    (``invalid_auth``, ``token_expired``, ``rate_limited``, ``unavailable``; for a ``snapshot``
+    of a session that is not attached, ``not_authenticated``), which the edge answers its
+    client's ``auth`` with; or ``overloaded``: the chat node's admission control refused the
+    attach, and the edge sends its client a ``goodbye`` with ``retry_after_ms`` and 1013."""
 
     type: Literal["detached"] = "detached"
     sid: int
@@ -1383,7 +1398,10 @@ class Detached(ServiceFrame):
 
 
 class SnapshotTaken(ServiceFrame):
-    """A session's connect snapshot; ``refusal`` set means the session may not be used."""
+    """A session's connect snapshot (as a chat node reads it for a client's ``auth``).
+    ``refusal`` set means the session may not be used: ``invalid_auth`` (no such session or
+    user), ``token_revoked``, ``token_expired`` or ``account_inactive``; the edge refuses its
+    client's ``auth`` with that code."""
 
     type: Literal["snapshot_taken"] = "snapshot_taken"
     sid: int
@@ -1418,8 +1436,9 @@ class SessionClosed(ServiceFrame):
 
 class Subscribed(ServiceFrame):
     """Events follow as ``E`` frames: those in ``(after, seq]`` first when ``after`` was
-    given, then every later one. ``resume_error`` ``too_old``: the window no longer held
-    ``after``; events follow from ``seq``, and what the edge derived from before is stale."""
+    given, then every later one. ``resume_error``: ``too_old``, the window no longer held
+    ``after``; ``future_seq``, ``after`` is past the workspace's position. Either way events
+    follow from ``seq``, and what the edge derived from before is stale."""
 
     type: Literal["subscribed"] = "subscribed"
     rid: int
@@ -1432,6 +1451,8 @@ class Subscribed(ServiceFrame):
 
 
 class Replayed(ServiceFrame):
+    """The end of a ``replay``: ``count`` events were sent in ``P`` frames."""
+
     type: Literal["replayed"] = "replayed"
     rid: int
     count: int
@@ -1441,7 +1462,9 @@ class Replayed(ServiceFrame):
 class Failed(ServiceFrame):
     """A ``subscribe``, ``replay`` or ``load`` that could not be served: ``not_attached`` (no
     session of the workspace is attached on this connection), ``already_subscribed``,
-    ``too_old`` (the replay window no longer holds the range), ``unavailable``."""
+    ``too_old`` (the replay window no longer holds the range), ``invalid_argument``
+    (``up_to`` before ``after``), ``not_found`` (no such workspace), ``unavailable`` (the
+    store or the log failed; try again)."""
 
     type: Literal["failed"] = "failed"
     rid: int
@@ -1453,9 +1476,11 @@ class Failed(ServiceFrame):
 
 
 class Membership(Obj):
+    """A channel's members, and the time of its latest message (null: none yet)."""
+
     channel_id: int
     user_ids: list[int]
-    last_ts: int | None = None  # the channel's latest message, if any
+    last_ts: int | None = None
 
 
 class Loaded(ServiceFrame):
