@@ -29,7 +29,7 @@ from chat import __version__, metrics, wire
 from chat.admission import Admission
 from chat.bus import Envelope
 from chat.config import FrontSettings
-from chat.connect import Connect, Effect, Live
+from chat.connect import CheckWindow, Connect, Effect, Live, Ready, ScanReplay, StreamReplay
 from chat.errors import ChatError, CloseCode, ErrorCode
 from chat.fanout import Hub
 from chat.metrics import TALLY
@@ -402,6 +402,31 @@ class Front:
                 return False
             except Exception as exc:
                 effects = sequence.failed(exc)
+
+    async def _perform_replay(
+        self, peer: Peer, sequence: Connect, action: Effect | None
+    ) -> list[Effect]:
+        """The steps every tier performs alike: the resume's window, scan and stream over
+        :attr:`replay`, and ``Ready``."""
+        if isinstance(action, CheckWindow):
+            holds = await self.replay.holds(action.workspace_id, action.after_seq, action.up_to)
+            return sequence.window_checked(holds)
+        if isinstance(action, ScanReplay):
+            async for chunk in self._read(action.workspace_id, action.after_seq, action.up_to):
+                sequence.scan(chunk)
+            return sequence.scanned()
+        if isinstance(action, StreamReplay):
+            if not action.cached:
+                peer.uncork()  # a long replay: written with flow control, chunk by chunk
+            chunks = action.cached or self._read(
+                action.workspace_id, action.after_seq, action.up_to
+            )
+            if not await self._stream(peer, sequence, chunks):
+                return [Close(CloseCode.SLOW_CONSUMER, "slow_consumer")]
+            return sequence.streamed()
+        if isinstance(action, Ready):
+            return sequence.ready()
+        raise AssertionError(f"no action to perform: {action!r}")
 
     def _read(
         self, workspace_id: int, after_seq: int, up_to: int

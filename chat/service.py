@@ -380,8 +380,11 @@ class ServiceLink(FrameWriter):
     # ------------------------------------------------------------------ workspaces
 
     def _attached_to(self, workspace_id: int) -> bool:
+        """Whether a session of the workspace is attached here: its user's token verified.
+        (Not yet its snapshot: the connect sequence subscribes before it, so that no event
+        between the snapshot and the subscription is missed.)"""
         return any(
-            s.caller is not None and s.caller.workspace_id == workspace_id
+            s.identity is not None and s.identity.workspace_id == workspace_id
             for s in self.sessions.values()
         )
 

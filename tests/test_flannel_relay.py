@@ -1,0 +1,202 @@
+"""Flannel in front of a real chat node (both stores): clients see the protocol unchanged,
+through a bounded number of upstream connections, with the chat tier's visibility rules,
+resume and revocation; a lost upstream connection costs a delay, never a gap or a duplicate."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import websockets
+
+from chat.client import Client, RequestError
+from flannel.config import FlannelSettings
+from flannel.server import Edge
+from tests.harness import SERVICE_KID, SERVICE_SECRET, RunningNode
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+
+@contextlib.asynccontextmanager
+async def flannel(node: RunningNode, **overrides: Any) -> AsyncIterator[Edge]:
+    settings = FlannelSettings(
+        host="127.0.0.1",
+        port=0,
+        upstream=[f"ws://127.0.0.1:{node.node.port}/service"],
+        service_key=f"{SERVICE_KID}={SERVICE_SECRET}",
+        log_format="text",
+        log_level="warning",
+        shutdown_grace_s=2.0,
+        drain_period_s=0.2,
+        upstream_backoff_s=0.05,
+        upstream_backoff_cap_s=0.2,
+        **overrides,
+    )
+    edge = Edge(settings)
+    await edge.start()
+    try:
+        await edge.upstream.ready(10)
+        yield edge
+    finally:
+        await edge.stop()
+
+
+def url(edge: Edge) -> str:
+    return f"ws://127.0.0.1:{edge.port}/"
+
+
+async def messages(client: Client, n: int, timeout: float = 10.0) -> list[dict[str, Any]]:
+    got: list[dict[str, Any]] = []
+    async with asyncio.timeout(timeout):
+        while len(got) < n:
+            event = await client.events.get()
+            if event["type"] == "message.posted":
+                got.append(event)
+    return got
+
+
+async def test_a_client_sees_the_protocol_unchanged(node: RunningNode) -> None:
+    async with flannel(node) as edge:
+        async with (
+            Client.connect(url(edge), node.tokens["mia"]) as mia,
+            node.client("olivia") as olivia,
+        ):
+            assert mia.hello["type"] == "hello"
+            assert mia.session["user"]["handle"] == "mia"
+            assert mia.session["workspace_name"] == "acme"
+            assert "server_time" in await mia.request("ping")
+            posted = await mia.post(node.general, "through flannel", "cm-1")
+            assert posted["message"]["user_id"] == node.users["mia"]
+            await olivia.post(node.private, "secret, straight to chat")
+            got = await messages(mia, 2)
+            assert [e["message"]["text"] for e in got] == [
+                "through flannel",
+                "secret, straight to chat",
+            ]
+            with pytest.raises(RequestError) as refused:
+                await mia.request("channels.join", channel_id=10**9)
+            assert refused.value.code == "channel_not_found"
+
+
+async def test_visibility_is_the_chat_tiers(node: RunningNode) -> None:
+    async with flannel(node) as edge:
+        async with (
+            Client.connect(url(edge), node.tokens["max"]) as mx,
+            Client.connect(url(edge), node.tokens["mia"]) as mia,
+            node.client("olivia") as olivia,
+        ):
+            await olivia.post(node.private, "for mia only")
+            await olivia.post(node.general, "for everyone")
+            assert [e["message"]["text"] for e in await messages(mia, 2)] == [
+                "for mia only",
+                "for everyone",
+            ]
+            assert [e["message"]["text"] for e in await messages(mx, 1)] == ["for everyone"]
+            assert all(e["type"] != "message.posted" for e in mx.drain_events())
+
+
+async def test_bad_credentials_are_refused_as_by_chat(node: RunningNode) -> None:
+    async with flannel(node) as edge:
+        client = await Client.open(url(edge))
+        try:
+            with pytest.raises(RequestError) as refused:
+                await client.request("auth", token="not-a-token")
+            assert refused.value.code == "invalid_auth"
+            await asyncio.wait_for(client.closed.wait(), 5)
+            assert client.ws.close_code == 1008
+        finally:
+            await client.close()
+
+
+async def test_many_clients_few_upstream_connections(node: RunningNode) -> None:
+    async with flannel(node, upstream_connections=2) as edge:
+        handles = ["olivia", "adam", "mia", "max", "gus", "mallory"] * 5
+        async with contextlib.AsyncExitStack() as stack:
+            clients = [
+                await stack.enter_async_context(Client.connect(url(edge), node.tokens[h]))
+                for h in handles
+            ]
+            assert len(node.node._links) == 2
+            assert sum(len(link.sessions) for link in node.node._links) == len(clients)
+            assert edge.loads <= 1
+
+
+async def test_resume_through_flannel_gets_what_it_missed_once(node: RunningNode) -> None:
+    async with flannel(node) as edge, node.client("olivia") as olivia:
+        async with Client.connect(url(edge), node.tokens["mia"]) as mia:
+            await olivia.post(node.general, "seen")
+            (seen,) = await messages(mia, 1)
+            session_id = mia.session["session_id"]
+        for i in range(3):
+            await olivia.post(node.private, f"missed {i}")
+        async with Client.connect(url(edge)) as again:
+            resume = {"session_id": session_id, "seq": seen["seq"]}
+            reply = await again.request("auth", token=node.tokens["mia"], resume=resume)
+            assert reply["resumed"] is True
+            await olivia.post(node.general, "live")
+            got = await messages(again, 4)
+            assert [e["message"]["text"] for e in got] == [
+                "missed 0",
+                "missed 1",
+                "missed 2",
+                "live",
+            ]
+            assert [e["seq"] for e in got] == sorted({e["seq"] for e in got})
+
+
+async def test_a_lost_upstream_connection_is_a_delay_not_a_gap(node: RunningNode) -> None:
+    async with flannel(node, upstream_connections=1) as edge, node.client("olivia") as olivia:
+        async with Client.connect(url(edge), node.tokens["mia"]) as mia:
+            await olivia.post(node.general, "before")
+            await messages(mia, 1)
+            for link in list(node.node._links):
+                link.abort()  # the chat node's end drops, as if the node had gone
+            for i in range(5):
+                await olivia.post(node.general, f"during {i}")
+            await edge.upstream.ready(10)
+            await olivia.post(node.general, "after")
+            got = await messages(mia, 6)
+            assert [e["message"]["text"] for e in got] == [
+                *(f"during {i}" for i in range(5)),
+                "after",
+            ]
+            await asyncio.sleep(0.2)
+            assert not [e for e in mia.drain_events() if e["type"] == "message.posted"]
+            # The session was attached again upstream: requests work as before.
+            assert "server_time" in await mia.request("ping")
+
+
+async def test_revocation_closes_the_client(node: RunningNode) -> None:
+    async with flannel(node) as edge:
+        async with Client.connect(url(edge), node.tokens["gus"]) as gus:
+            await gus.request("sessions.revoke")
+            await asyncio.wait_for(gus.closed.wait(), 5)
+            assert gus.ws.close_code == 1008 and gus.ws.close_reason == "token_revoked"
+
+
+async def readyz(edge: Edge) -> int:
+    with pytest.raises(websockets.InvalidStatus) as answer:
+        async with websockets.connect(f"ws://127.0.0.1:{edge.port}/readyz"):
+            pass
+    return answer.value.response.status_code
+
+
+async def test_readyz_follows_the_upstream(node: RunningNode) -> None:
+    async with flannel(node) as edge:
+        assert await readyz(edge) == 200
+    settings = FlannelSettings(
+        port=0,
+        upstream=["ws://127.0.0.1:9/service"],  # nothing listens there
+        service_key=f"{SERVICE_KID}={SERVICE_SECRET}",
+        log_level="error",
+        shutdown_grace_s=1.0,
+    )
+    lonely = Edge(settings)
+    await lonely.start()
+    try:
+        assert await readyz(lonely) == 503
+    finally:
+        await lonely.stop()
