@@ -37,6 +37,7 @@ from chat.protocol import ClientProtocol, Close
 from chat.replay import CHUNK, ReplayCache
 from chat.transport import text_frame
 from flannel import answers
+from flannel import metrics as flannel_metrics
 from flannel.cache import WorkspaceCache
 from flannel.config import FlannelSettings
 from flannel.upstream import Session, Upstream, UpstreamRefused, UpstreamUnavailable
@@ -101,9 +102,18 @@ class Edge(Front):
         self.upstream.start()
         await self._listen()
         metrics.CONNECTING.set_function(lambda: self.admission.pending)
+        flannel_metrics.UPSTREAM_CONNECTIONS.set_function(lambda: self.upstream.connected)
+        flannel_metrics.CACHED_WORKSPACES.set_function(
+            lambda: sum(w.cache is not None for w in self._workspaces.values())
+        )
+        flannel_metrics.CACHED_USERS.set_function(self._cached_users)
         log.info(
             "listening",
-            extra={"host": self.settings.host, "port": self.port, "upstream": self.settings.upstream},
+            extra={
+                "host": self.settings.host,
+                "port": self.port,
+                "upstream": self.settings.upstream,
+            },
         )
 
     async def stop(self) -> None:
@@ -154,7 +164,9 @@ class Edge(Front):
             if exc.code == "overloaded":
                 # The chat tier's admission control: the client comes back later, as from a
                 # chat node (goodbye + 1013).
-                hint = wire.Goodbye(reason="overloaded", reconnect_after_ms=exc.retry_after_ms or 1000)
+                hint = wire.Goodbye(
+                    reason="overloaded", reconnect_after_ms=exc.retry_after_ms or 1000
+                )
                 return [Close(CloseCode.TRY_AGAIN_LATER, "overloaded", wire.dump(hint))]
             code = _ERROR_CODES.get(exc.code, ErrorCode.INVALID_AUTH)
             raise ChatError(code, exc.message, retry_after_ms=exc.retry_after_ms) from None
@@ -210,6 +222,7 @@ class Edge(Front):
     async def _load(self, workspace_id: int, ws: _Workspace) -> WorkspaceCache:
         """One upstream load per workspace, shared by every request waiting for it."""
         self.loads += 1
+        flannel_metrics.WORKSPACE_LOADS.inc()
         loaded = await self.upstream.load(workspace_id)
         cache = WorkspaceCache.from_loaded(loaded)
         cache.apply([e for e in ws.pending if e.seq is not None and e.seq > cache.seq])
@@ -253,9 +266,12 @@ class Edge(Front):
         self._idle[workspace_id] = None
         self._evict()
 
+    def _cached_users(self) -> int:
+        return sum(len(w.cache.users) for w in self._workspaces.values() if w.cache is not None)
+
     def _evict(self) -> None:
         bound = self.settings.cache_max_users
-        total = sum(len(w.cache.users) for w in self._workspaces.values() if w.cache is not None)
+        total = self._cached_users()
         while total > bound and self._idle:
             workspace_id, _ = self._idle.popitem(last=False)
             ws = self._workspaces.pop(workspace_id, None)
