@@ -554,6 +554,10 @@ WRONG_TYPES: list[tuple[str, dict[str, Any], str]] = [
     ("typing", {"thread_root_id": True}, "thread_root_id"),
     ("presence.subscribe", {"user_ids": [2.0]}, "user_ids.0"),
     ("presence.set", {"status": True}, "status"),
+    ("bootstrap", {"parts": "channels"}, "parts"),
+    ("users.autocomplete", {"query": 5}, "query"),
+    ("users.autocomplete", {"limit": 5.0}, "limit"),
+    ("channels.autocomplete", {"query": None}, "query"),
 ]
 
 OUT_OF_RANGE: list[tuple[str, dict[str, Any], str]] = [
@@ -601,6 +605,12 @@ OUT_OF_RANGE: list[tuple[str, dict[str, Any], str]] = [
     ("typing", {"thread_root_id": 0}, "thread_root_id"),
     ("presence.subscribe", {"user_ids": list(range(1, 502))}, "user_ids"),
     ("presence.set", {"status": "busy"}, "status"),
+    ("bootstrap", {"parts": []}, "parts"),
+    ("bootstrap", {"parts": ["everything"]}, "parts.0"),
+    ("users.autocomplete", {"query": "q" * 81}, "query"),
+    ("users.autocomplete", {"limit": 51}, "limit"),
+    ("users.autocomplete", {"channel_id": 0}, "channel_id"),
+    ("channels.autocomplete", {"limit": 0}, "limit"),
 ]
 
 
