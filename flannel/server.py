@@ -32,6 +32,7 @@ from chat.connect import Connect, Effect, Identify, Live, Snapshot, Subscribe, T
 from chat.errors import ChatError, CloseCode, ErrorCode
 from chat.front import Front
 from chat.identity import Identity
+from chat.journal import now_ms
 from chat.peer import Peer
 from chat.protocol import ClientProtocol, Close
 from chat.replay import CHUNK, ReplayCache
@@ -283,6 +284,10 @@ class Edge(Front):
     async def _dispatch(
         self, peer: Peer, protocol: ClientProtocol, request: wire.Request, text: str
     ) -> None:
+        if isinstance(request, wire.Ping):
+            peer.requests.release()
+            self._reply(peer, protocol.reply(request.id, wire.Pong(server_time=now_ms())))
+            return
         if isinstance(request, wire.PresenceSubscribe):
             # Presence events reach this node for the whole workspace: who watches whom is
             # kept here, by the hub.
@@ -309,6 +314,10 @@ class Edge(Front):
     ) -> None:
         started = time.perf_counter()
         try:
+            session = self._sessions.get(peer)
+            if session is not None and 0 < session.expires_at <= time.time():
+                # The chat tier refuses a relayed request past expiry; so does the cache.
+                raise ChatError(ErrorCode.TOKEN_EXPIRED)
             cache = await self.cache(peer.workspace_id)
             data = await answer(self, peer, cache, request)
         except asyncio.CancelledError:

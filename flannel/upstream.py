@@ -77,6 +77,7 @@ class Session:
     on_closed: ClosedSink  # the chat tier ended the session (code, reason)
     user_id: int = 0
     session_id: str = ""
+    expires_at: int = 0  # the token's expiry (seconds since the epoch; 0: unknown)
     attached: bool = False  # attached and snapshotted on the current link
     live: bool = False
     gone: bool = False
@@ -309,15 +310,16 @@ def _replay_error(frame: wire.Failed) -> BaseException:
     return UpstreamUnavailable(f"{frame.code}: {frame.message}")
 
 
-def token_workspace(token: str) -> int | None:
-    """The ``ws`` claim of a user token, unverified: only which link to use depends on it."""
+def token_claim(token: str, name: str) -> int | None:
+    """An integer claim of a user token (``ws``, ``exp``), unverified: the chat tier verifies
+    the token; the edge only routes by it, and stops answering from its cache at expiry."""
     try:
         body = token.split(".")[1]
         claims = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
     except (IndexError, ValueError):
         return None
-    ws = claims.get("ws") if isinstance(claims, dict) else None
-    return ws if type(ws) is int and ws > 0 else None
+    value = claims.get(name) if isinstance(claims, dict) else None
+    return value if type(value) is int and value > 0 else None
 
 
 class Upstream:
@@ -406,7 +408,7 @@ class Upstream:
         """Attach a session with the user's own credentials. Raises UpstreamRefused."""
         if isinstance(request, wire.Auth):
             request = request.model_copy(update={"resume": None})
-            routing = token_workspace(request.token) or 1
+            routing = token_claim(request.token, "ws") or 1
             token = request.token
         else:
             routing = zlib.crc32(request.workspace.encode()) or 1
@@ -423,6 +425,7 @@ class Upstream:
             attached = await self._attach(session, auth, client_ip)
         session.workspace_id = attached.workspace_id
         session.user_id, session.session_id = attached.user_id, attached.session_id
+        session.expires_at = token_claim(session.token, "exp") or 0
         return session, attached
 
     async def _attach(
