@@ -172,6 +172,22 @@ class ReplayCache:
             position += len(batch)
             yield batch
 
+    def extend(self, envelopes: Sequence[Envelope]) -> None:
+        """Live events as they are delivered: appended to their workspace's run when they
+        follow it, so that resumes from the recent past are served from memory (at the edge:
+        without asking the chat tier). A run is never started here, and one being filled is
+        left alone: it stays contiguous either way."""
+        for env in envelopes:
+            if env.seq is None:
+                continue
+            run = self._runs.get(env.workspace_id)
+            if run is None or not run.envelopes or run.lock.locked():
+                continue
+            if env.seq == run.last + 1:
+                run.envelopes.append(env)
+                run.bytes += len(env.payload)
+                self._trim(run, keep_from=env.seq)
+
     async def _fill(
         self, workspace_id: int, run: _Run, after_seq: int, up_to: int, chunk: int
     ) -> None:

@@ -215,6 +215,7 @@ class Edge(Front):
 
     def _deliver(self, ws: _Workspace, envelopes: list[Envelope]) -> None:
         self.hub.deliver(envelopes)
+        self.replay.extend(envelopes)
         if ws.cache is not None:
             ws.cache.apply(envelopes)
         elif ws.loading is not None:

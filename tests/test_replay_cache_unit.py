@@ -143,3 +143,32 @@ async def test_an_idle_run_expires() -> None:
     now[0] = 31.0
     await seqs(cache, 40, 60)
     assert log.reads == [(40, 60), (40, 60)]
+
+
+async def test_live_events_that_follow_the_run_extend_it() -> None:
+    log = Log(100)
+    cache = ReplayCache(log)
+    cache.extend([env(101)])  # no run yet: nothing is started from live events
+    assert await seqs(cache, 90, 100) == list(range(91, 101))
+    log.last = 105
+    cache.extend([env(101), Envelope(W, None, "typing", b"t"), env(102)])
+    cache.extend([env(104)])  # a gap: not appended (the run stays contiguous)
+    cache.extend([Envelope(W + 1, 103, "test", b"x")])  # another workspace: no run there
+    reads = len(log.reads)
+    assert await seqs(cache, 95, 102) == list(range(96, 103))
+    assert len(log.reads) == reads  # served from memory
+    assert await seqs(cache, 100, 105) == list(range(101, 106))
+    assert log.reads[-1] == (102, 105)  # only what the run did not hold
+
+
+async def test_extending_a_run_being_filled_leaves_it_alone() -> None:
+    log = Log(100)
+    cache = ReplayCache(log)
+    assert await seqs(cache, 0, 10) == list(range(1, 11))
+    log.gate = asyncio.Event()
+    reading = asyncio.ensure_future(seqs(cache, 10, 20))
+    await asyncio.sleep(0)
+    cache.extend([env(11)])  # the fill holds the lock: skipped
+    log.gate.set()
+    assert await reading == list(range(11, 21))
+    assert await seqs(cache, 0, 20) == list(range(1, 21))
