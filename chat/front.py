@@ -17,6 +17,7 @@ import contextlib
 import http
 import logging
 import random
+import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -93,6 +94,12 @@ class Front:
 
     def _heartbeat_more(self, now: float, limit: float, ping_after: float) -> None:
         """Other connections the heartbeat loop looks after (service links)."""
+
+    async def start(self) -> None:
+        raise NotImplementedError
+
+    async def stop(self) -> None:
+        raise NotImplementedError
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -518,3 +525,15 @@ async def bounded(awaitable: Awaitable[object], timeout: float, what: str) -> No
         await asyncio.wait_for(awaitable, timeout)
     except TimeoutError:
         log.warning("gave up waiting", extra={"for": what, "timeout_s": timeout})
+
+
+async def serve_until_signalled(server: Front) -> None:
+    """Start ``server``, serve until SIGINT or SIGTERM, then shut it down gracefully."""
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down")
+    await server.stop()

@@ -38,7 +38,7 @@ from chat.identity import Identity
 from chat.metrics import TALLY
 from chat.protocol import ClientProtocol, Close, Dispatch, Send
 from chat.replay import ReplayLost
-from chat.snapshots import Abandoned
+from chat.snapshots import REFUSALS, Abandoned
 from chat.storage import StorageError, queries
 from chat.transport import OPEN, PING_FRAME, Connection, FrameWriter, binary_frame, text_frame
 
@@ -52,13 +52,6 @@ _CLOSE_TIMEOUT_S = 2.0
 # Relayed requests in flight per service connection: past it the node stops reading the
 # connection and TCP pushes back on the edge.
 MAX_INFLIGHT = 512
-# Refusals of a snapshot, from the session state it read (as in chat/server.py).
-_REFUSALS = {
-    "revoked": ErrorCode.TOKEN_REVOKED,
-    "expired": ErrorCode.TOKEN_EXPIRED,
-    "missing": ErrorCode.INVALID_AUTH,
-    "inactive": ErrorCode.ACCOUNT_INACTIVE,
-}
 
 
 @dataclass(slots=True)
@@ -241,7 +234,7 @@ class ServiceLink(FrameWriter):
             self.sessions.pop(sid, None)
             self._detached(sid, exc)
             return
-        refusal = _REFUSALS.get(row.session) if row.user is not None else ErrorCode.INVALID_AUTH
+        refusal = REFUSALS.get(row.session) if row.user is not None else ErrorCode.INVALID_AUTH
         if refusal is None and row.user is not None:
             peer = _NoDelivery(identity)
             peer.role = row.user.role

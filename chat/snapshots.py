@@ -23,8 +23,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from chat import metrics
+from chat.errors import ErrorCode
 from chat.journal import now_ms
 from chat.storage import Database, queries
+
+# The state of the session and user as of the snapshot (ConnectState.session) -> why the
+# connect is refused ("ok": it is not).
+REFUSALS = {
+    "revoked": ErrorCode.TOKEN_REVOKED,
+    "expired": ErrorCode.TOKEN_EXPIRED,
+    "missing": ErrorCode.INVALID_AUTH,
+    "inactive": ErrorCode.ACCOUNT_INACTIVE,
+}
 
 
 class Abandoned(Exception):

@@ -60,12 +60,16 @@ def waited_s(transport: asyncio.BaseTransport) -> float:
 
 def text_frame(payload: bytes) -> bytes:
     """A complete unmasked websocket text frame (FIN set) carrying ``payload``."""
+    return _frame(0x81, payload)
+
+
+def _frame(first_byte: int, payload: bytes) -> bytes:
     n = len(payload)
     if n < 126:
-        return bytes((0x81, n)) + payload
+        return bytes((first_byte, n)) + payload
     if n < 65536:
-        return struct.pack("!BBH", 0x81, 126, n) + payload
-    return struct.pack("!BBQ", 0x81, 127, n) + payload
+        return struct.pack("!BBH", first_byte, 126, n) + payload
+    return struct.pack("!BBQ", first_byte, 127, n) + payload
 
 
 def set_max_message_size(ws: ServerConnection, size: int) -> None:
@@ -76,12 +80,7 @@ def set_max_message_size(ws: ServerConnection, size: int) -> None:
 
 def binary_frame(payload: bytes) -> bytes:
     """A complete unmasked websocket binary frame (FIN set) carrying ``payload``."""
-    n = len(payload)
-    if n < 126:
-        return bytes((0x82, n)) + payload
-    if n < 65536:
-        return struct.pack("!BBH", 0x82, 126, n) + payload
-    return struct.pack("!BBQ", 0x82, 127, n) + payload
+    return _frame(0x82, payload)
 
 
 class Connection(ServerConnection):

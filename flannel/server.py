@@ -17,9 +17,7 @@ sees the protocol of docs/protocol.md unchanged. What differs is what each step 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import signal
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -30,7 +28,7 @@ from chat import metrics, wire
 from chat.bus import Envelope
 from chat.connect import Connect, Effect, Identify, Live, Snapshot, Subscribe, TakeSnapshot
 from chat.errors import ChatError, CloseCode, ErrorCode
-from chat.front import Front
+from chat.front import Front, serve_until_signalled
 from chat.identity import Identity
 from chat.journal import now_ms
 from chat.peer import Peer
@@ -389,13 +387,4 @@ def _log_failure(future: asyncio.Future[Any]) -> None:
 
 async def run(settings: FlannelSettings) -> None:
     """Serve until SIGINT/SIGTERM, then shut down gracefully."""
-    edge = Edge(settings)
-    await edge.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    with contextlib.suppress(asyncio.CancelledError):
-        await stop.wait()
-    log.info("shutting down")
-    await edge.stop()
+    await serve_until_signalled(Edge(settings))
