@@ -200,3 +200,53 @@ async def test_readyz_follows_the_upstream(node: RunningNode) -> None:
         assert await readyz(lonely) == 503
     finally:
         await lonely.stop()
+
+
+async def next_of(client: Client, kind: str, timeout: float = 10.0) -> dict[str, Any]:
+    async with asyncio.timeout(timeout):
+        while True:
+            event = await client.events.get()
+            if event["type"] == kind:
+                return event
+
+
+async def test_presence_watches_are_kept_at_the_edge(node: RunningNode) -> None:
+    """presence.subscribe is answered by Flannel's hub; presence comes from the chat tier
+    (a user's sessions through Flannel count, as straight ones do)."""
+    mia_id = node.users["mia"]
+    async with flannel(node) as edge:
+        async with Client.connect(url(edge), node.tokens["olivia"]) as olivia:
+            assert await olivia.request("presence.subscribe", user_ids=[mia_id]) == {}
+            async with Client.connect(url(edge), node.tokens["mia"]) as mia:
+                event = await next_of(olivia, "presence")
+                assert (event["user_id"], event["status"]) == (mia_id, "active")
+                await mia.request("presence.set", status="away")
+                assert (await next_of(olivia, "presence"))["status"] == "away"
+                await mia.request("presence.set", status="auto")
+                assert (await next_of(olivia, "presence"))["status"] == "active"
+            assert (await next_of(olivia, "presence"))["status"] == "away"  # mia left
+            await olivia.request("presence.subscribe", user_ids=[])
+            async with node.client("mia"):
+                await asyncio.sleep(0.5)  # a presence change nobody here watches
+            assert not [e for e in olivia.drain_events() if e["type"] == "presence"]
+
+
+async def test_typing_reaches_the_other_members_not_the_typist(node: RunningNode) -> None:
+    async with flannel(node) as edge:
+        async with (
+            Client.connect(url(edge), node.tokens["mia"]) as mia,
+            Client.connect(url(edge), node.tokens["max"]) as mx,
+            node.client("olivia") as olivia,
+        ):
+            await mia.request("typing", channel_id=node.general)
+            event = await next_of(mx, "typing")
+            assert (event["user_id"], event["channel_id"]) == (node.users["mia"], node.general)
+            assert (await next_of(olivia, "typing"))["user_id"] == node.users["mia"]
+            await olivia.request("typing", channel_id=node.private)
+            assert (await next_of(mia, "typing"))["channel_id"] == node.private
+            await olivia.request("typing", channel_id=node.general)
+            # In order: had the private one reached max, it would come first.
+            event = await next_of(mx, "typing")
+            assert (event["user_id"], event["channel_id"]) == (node.users["olivia"], node.general)
+            event = await next_of(mia, "typing")  # and mia never saw her own
+            assert (event["user_id"], event["channel_id"]) == (node.users["olivia"], node.general)
