@@ -45,6 +45,7 @@ from chat.connect import (
 from chat.errors import ChatError, CloseCode, ErrorCode
 from chat.front import Front, bounded
 from chat.handlers import Caller, Services, handle
+from chat.handlers.cached import Caches
 from chat.identity import Identifier, Identity
 from chat.journal import Journal
 from chat.peer import Peer
@@ -146,7 +147,11 @@ class Node(Front):
         hub.on_last_peer = self._unsubscribe
         journal = Journal(db, bus, on_commit=metrics.observe_commit)
         presence = Presence(bus, s.typing_interval_s, cluster, flush_s=s.presence_flush_s)
-        self.services = Services(settings=s, db=db, journal=journal, hub=hub, presence=presence)
+        caches = Caches(db, bus)
+        hub.on_last_peer = caches.chain(hub.on_last_peer)  # a cache lives while peers do
+        self.services = Services(
+            settings=s, db=db, journal=journal, hub=hub, presence=presence, caches=caches
+        )
         self._identifier = Identifier(s, db)
         metrics.CONNECTING.set_function(lambda: self.admission.pending)
         self.snapshots = SnapshotReader(db)

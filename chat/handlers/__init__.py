@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from chat import wire
-from chat.handlers import channels, live, messages, users
+from chat.handlers import cached, channels, live, messages, users
 from chat.handlers.context import Caller, Services
 
 Handler = Callable[[Services, Caller, Any], Awaitable[wire.Data]]
@@ -48,6 +48,9 @@ HANDLERS: dict[type[wire.Request], Handler] = {
     wire.Typing: live.typing,
     wire.PresenceSubscribe: live.presence_subscribe,
     wire.PresenceSet: live.presence_set,
+    wire.Bootstrap: cached.bootstrap,
+    wire.UsersAutocomplete: cached.users_autocomplete,
+    wire.ChannelsAutocomplete: cached.channels_autocomplete,
 }
 
 

@@ -11,6 +11,7 @@ from chat.storage import Database
 
 if TYPE_CHECKING:
     from chat.fanout import Hub, Recipient
+    from chat.handlers.cached import Caches
     from chat.presence import Presence
 
 
@@ -21,6 +22,7 @@ class Services:
     journal: Journal
     hub: Hub
     presence: Presence
+    caches: Caches  # workspace caches for bootstrap and autocomplete
 
 
 @dataclass(slots=True)
