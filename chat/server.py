@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import http
 import logging
-import signal
 import time
 
 from websockets.asyncio.server import ServerConnection
@@ -30,32 +29,28 @@ from chat import credentials, metrics, wire
 from chat.bus import Bus, LocalBus
 from chat.config import Settings
 from chat.connect import (
-    CheckWindow,
     Connect,
     Effect,
     Identify,
     Live,
-    Ready,
-    ScanReplay,
     Snapshot,
-    StreamReplay,
     Subscribe,
     TakeSnapshot,
 )
-from chat.errors import ChatError, CloseCode, ErrorCode
-from chat.front import Front, bounded
+from chat.errors import ChatError, ErrorCode
+from chat.front import Front, bounded, serve_until_signalled
 from chat.handlers import Caller, Services, handle
 from chat.handlers.cached import Caches
 from chat.identity import Identifier, Identity
 from chat.journal import Journal
 from chat.peer import Peer
 from chat.presence import ClusterPresence, Presence
-from chat.protocol import ClientProtocol, Close
+from chat.protocol import ClientProtocol
 from chat.replay import DatabaseLog, ReplayCache, ReplayLog
 from chat.retention import Pruner
 from chat.service import PATH as SERVICE_PATH
 from chat.service import ServiceLink
-from chat.snapshots import SnapshotReader
+from chat.snapshots import REFUSALS, SnapshotReader
 from chat.storage import Database, open_database, secret_key_path, token_secret
 from chat.transport import (
     Connection,
@@ -66,13 +61,6 @@ from chat.transport import (
 log = logging.getLogger(__name__)
 
 _READY_CACHE_S = 1.0
-# The state of the session and user as of the snapshot -> why the connect is refused.
-_REFUSALS = {
-    "revoked": ErrorCode.TOKEN_REVOKED,
-    "expired": ErrorCode.TOKEN_EXPIRED,
-    "missing": ErrorCode.INVALID_AUTH,
-    "inactive": ErrorCode.ACCOUNT_INACTIVE,
-}
 
 __all__ = ["Node", "Peer", "run", "text_frame"]
 
@@ -317,28 +305,10 @@ class Node(Front):
             if row.user is not None:
                 peer.role = row.user.role
             snapshot = Snapshot(
-                row.as_of, row.channel_ids, row.user, row.workspace_name, _REFUSALS.get(row.session)
+                row.as_of, row.channel_ids, row.user, row.workspace_name, REFUSALS.get(row.session)
             )
             return sequence.snapshot_taken(snapshot)
-        if isinstance(action, CheckWindow):
-            holds = await self.replay.holds(action.workspace_id, action.after_seq, action.up_to)
-            return sequence.window_checked(holds)
-        if isinstance(action, ScanReplay):
-            async for chunk in self._read(action.workspace_id, action.after_seq, action.up_to):
-                sequence.scan(chunk)
-            return sequence.scanned()
-        if isinstance(action, StreamReplay):
-            if not action.cached:
-                peer.uncork()  # a long replay: written with flow control, chunk by chunk
-            chunks = action.cached or self._read(
-                action.workspace_id, action.after_seq, action.up_to
-            )
-            if not await self._stream(peer, sequence, chunks):
-                return [Close(CloseCode.SLOW_CONSUMER, "slow_consumer")]
-            return sequence.streamed()
-        if isinstance(action, Ready):
-            return sequence.ready()
-        raise AssertionError(f"no action to perform: {action!r}")
+        return await self._perform_replay(peer, sequence, action)
 
     async def _request(
         self,
@@ -368,12 +338,4 @@ class Node(Front):
 
 async def run(settings: Settings) -> None:
     """Serve until SIGINT/SIGTERM, then shut down gracefully."""
-    node = Node(settings)
-    await node.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    log.info("shutting down")
-    await node.stop()
+    await serve_until_signalled(Node(settings))
