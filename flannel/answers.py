@@ -22,7 +22,7 @@ from collections.abc import Collection, Sequence
 
 from chat import wire
 from chat.errors import ChatError, ErrorCode
-from chat.handlers.access import Action, allowed
+from chat.handlers.access import Action, allowed, may_know
 from flannel.cache import DM_KINDS, WorkspaceCache
 
 ALL_PARTS: tuple[wire.BootstrapPart, ...] = ("user", "workspace", "channels", "users")
@@ -40,9 +40,8 @@ def actor(cache: WorkspaceCache, user_id: int) -> wire.User:
 def may_see(cache: WorkspaceCache, user: wire.User, channel_id: int) -> bool:
     """Whether ``user`` may know the channel exists (``access.visible_channel``): a member,
     or a public channel and a role that may ``READ_PUBLIC``."""
-    return cache.is_member(channel_id, user.id) or (
-        cache.kind(channel_id) == "public" and allowed(user, Action.READ_PUBLIC)
-    )
+    kind = cache.kind(channel_id)
+    return kind is not None and may_know(user, kind, member=cache.is_member(channel_id, user.id))
 
 
 def visible_channel(cache: WorkspaceCache, user: wire.User, channel_id: int) -> wire.Channel:

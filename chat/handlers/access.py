@@ -122,9 +122,16 @@ async def visible_channel(
     if channel is None or channel.workspace_id != user.workspace_id:
         raise ChatError(ErrorCode.CHANNEL_NOT_FOUND)
     member = await queries.is_member(conn, channel_id, user.id)
-    if not member and (channel.kind != "public" or not allowed(user, Action.READ_PUBLIC)):
+    if not may_know(user, channel.kind, member=member):
         raise ChatError(ErrorCode.CHANNEL_NOT_FOUND)
     return channel, member
+
+
+def may_know(user: wire.User, kind: str, *, member: bool) -> bool:
+    """Whether the user may know a channel of ``kind`` exists: its members may, and for a
+    public channel every role that may ``READ_PUBLIC``. (The edge's cache answers by the
+    same rule, flannel/answers.py.)"""
+    return member or (kind == "public" and allowed(user, Action.READ_PUBLIC))
 
 
 async def member_channel(
