@@ -13,14 +13,23 @@ No pytest dependency (the fixtures live in ``tests/conftest.py``). Typical use::
         seeded = await cluster.seed()                       # or before start(): see below
         async with cluster.client(0, "alice") as alice: ...
 
+    async with Cluster(dsn, n_nodes=2, n_flannel=2) as cluster:    # + 2 Flannel nodes
+        async with cluster.flannel_client(0, "alice") as alice: ...  # through Flannel
+        cluster.flannel(0).metric("flannel_workspace_loads_total")
+
 * :class:`TempRedis` runs ``redis-server`` without persistence (``save ""``,
   ``appendonly no``): a restart comes back empty, on the same port, which is what
   failure tests want to provoke.
 * :class:`ChatNodeProcess` runs ``python -m chat serve`` on a loopback port with the
   shared database, Redis and secret; its stdout/stderr go to a log file whose tail is
   in every error.
-* :class:`Cluster` ties one PostgreSQL database, one TempRedis and N nodes together,
-  migrates before starting nodes, and seeds through :class:`chat.admin.Admin`.
+* :class:`FlannelNodeProcess` runs ``python -m flannel serve`` (the edge tier,
+  docs/flannel.md) in front of chat nodes' ``/service`` URLs, signing its service
+  credentials with :data:`SERVICE_KEY`.
+* :class:`Cluster` ties one PostgreSQL database, one TempRedis, N chat nodes and M
+  Flannel nodes together, migrates before starting nodes, starts Flannel after the chat
+  nodes, and seeds through :class:`chat.admin.Admin`.
+* Both kinds of node read their own ``/metrics`` listener: ``node.metric(name, labels)``.
 
 Every process is started in its own session (a terminal's ^C meant for pytest does
 not hit it), stopped by PID only, and every wait is bounded. If the test process dies
@@ -28,7 +37,8 @@ without stopping them (SIGKILL, ``os._exit``), a small reaper process kills what
 registered with it, checking the PID's start time so a recycled PID is never hit.
 
 The synchronous methods block; in async tests prefer the ``a``-prefixed variants of the
-node methods that wait for a while (``astart``, ``aterminate``, ``arestart``, ``astop``):
+node methods that wait for a while (``astart``, ``aterminate``, ``arestart``, ``astop``,
+``akill``, ``ametric``):
 a test whose event loop is blocked cannot answer a stopping node's close handshake.
 Redis operations take milliseconds and have no async variants.
 """
@@ -38,7 +48,9 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -64,6 +76,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 REDIS_SERVER_ENV = "CHAT_TEST_REDIS_SERVER"  # path of redis-server, if not on PATH
 SECRET = "cluster-test-secret-key-0123456789-abcdefghijklmnop"
 DEFAULT_HANDLES = ("alice", "bob", "carol", "dave")  # the first one is the owner
+# Service connections (docs/flannel.md): every cluster's chat nodes accept this key, and its
+# Flannel nodes sign their credentials with it.
+SERVICE_KID = "cluster"
+SERVICE_SECRET = "cluster-service-secret-0123456789-abcdefghijklmnop"
+SERVICE_KEY = f"{SERVICE_KID}={SERVICE_SECRET}"
 
 
 class ClusterError(RuntimeError):
@@ -329,30 +346,32 @@ def _recv_line(sock: socket.socket) -> bytes:
     return buf.split(b"\r\n", 1)[0]
 
 
-# --------------------------------------------------------------------------- chat nodes
+# --------------------------------------------------------------------------- server processes
 
 
-class ChatNodeProcess:
-    """``python -m chat serve`` in a subprocess on 127.0.0.1, stopped by PID.
-
-    Environment: ours without any ``CHAT_*`` variable (``CHAT_TEST_*`` are kept), plus
-    ``CHAT_DATABASE_URL``, ``CHAT_REDIS_URL`` (empty: no Redis), ``CHAT_NODE_ID`` (the
-    name), ``CHAT_SECRET_KEY``, ``CHAT_LOG_FORMAT=text``, ``CHAT_LOG_LEVEL=info``, then
-    ``extra_env`` (which may override any of them; it is a plain dict attribute, so a
-    test may change it before a restart). The working directory is the repository root.
+class ServerProcess:
+    """A server of ours (``python -m <module> serve``) in a subprocess on 127.0.0.1, stopped
+    by PID. Subclasses say which module and environment: :class:`ChatNodeProcess`,
+    :class:`FlannelNodeProcess`.
 
     The port is chosen at the first start and kept: ``restart()`` and ``start()`` after
-    ``kill()``/``terminate()`` listen on the same one. stdout+stderr of every run are
-    appended to ``log_path`` (in ``log_dir``, or in a temp directory deleted by close()).
+    ``kill()``/``terminate()`` listen on the same one; so is ``metrics_port`` (``/metrics``
+    has its own listener, never the client port). stdout+stderr of every run are appended
+    to ``log_path`` (in ``log_dir``, or in a temp directory deleted by close()). The
+    environment is ours without the server's settings prefixes (``CHAT_TEST_*`` are kept),
+    plus what the subclass sets, then ``extra_env`` (which may override any of them; it is
+    a plain dict attribute, so a test may change it before a restart). The working
+    directory is the repository root.
     """
+
+    module = ""  # python -m <module> serve
+    kind = "server"  # in messages: "node x ...", "flannel x ..."
+    prefixes: tuple[str, ...] = ("CHAT_", "FLANNEL_")  # settings not inherited from us
 
     def __init__(
         self,
         name: str,
         *,
-        database_url: str,
-        redis_url: str = "",
-        secret_key: str = SECRET,
         port: int | None = None,
         extra_env: Mapping[str, str] | None = None,
         log_dir: str | os.PathLike[str] | None = None,
@@ -360,20 +379,17 @@ class ChatNodeProcess:
         stop_timeout: float | None = None,
     ) -> None:
         """
-        :param name: node id (``CHAT_NODE_ID``) and log file name.
+        :param name: node id and log file name.
         :param startup_timeout: seconds for /readyz to answer 200 (default scaled 20).
         :param stop_timeout: seconds to wait for exit after SIGTERM (default scaled 15).
         """
         self.name = name
-        self.database_url = database_url
-        self.redis_url = redis_url
-        self.secret_key = secret_key
         self.extra_env: dict[str, str] = dict(extra_env or {})
         self.startup_timeout = startup_timeout if startup_timeout is not None else scaled(20)
         self.stop_timeout = stop_timeout if stop_timeout is not None else scaled(15)
         self._port = port
         self._fixed_port = port is not None
-        self.metrics_port = free_port()  # /metrics has its own listener (never the client port)
+        self.metrics_port = free_port()
         self._log_dir = Path(log_dir) if log_dir is not None else None
         self._own_dir: Path | None = None
         self._proc: subprocess.Popen[bytes] | None = None
@@ -381,12 +397,18 @@ class ChatNodeProcess:
         self._runs = 0
         self.returncode: int | None = None  # exit status of the last run that ended
 
+    # -- what a subclass says ----------------------------------------------------------
+
+    def settings_env(self) -> dict[str, str]:
+        """The server's own settings (before ``extra_env``)."""
+        raise NotImplementedError
+
     # -- public ------------------------------------------------------------------------
 
     @property
     def port(self) -> int:
         if self._port is None:
-            raise ClusterError(f"node {self.name} has not been started")
+            raise ClusterError(f"{self.kind} {self.name} has not been started")
         return self._port
 
     @property
@@ -407,7 +429,7 @@ class ChatNodeProcess:
     def log_path(self) -> Path:
         if self._log_dir is None:
             if self._own_dir is None:
-                self._own_dir = Path(tempfile.mkdtemp(prefix=f"chat-node-{self.name}-"))
+                self._own_dir = Path(tempfile.mkdtemp(prefix=f"chat-{self.kind}-{self.name}-"))
                 _reaper.register_dir(self._own_dir)
             self._log_dir = self._own_dir
         return self._log_dir / f"{self.name}.log"
@@ -421,18 +443,10 @@ class ChatNodeProcess:
         env = {
             k: v
             for k, v in os.environ.items()
-            if not k.startswith("CHAT_") or k.startswith("CHAT_TEST_")
+            if not k.startswith(self.prefixes) or k.startswith("CHAT_TEST_")
         }
-        env.update(
-            CHAT_DATABASE_URL=self.database_url,
-            CHAT_REDIS_URL=self.redis_url,
-            CHAT_NODE_ID=self.name,
-            CHAT_SECRET_KEY=self.secret_key,
-            CHAT_METRICS_PORT=str(self.metrics_port),
-            CHAT_LOG_FORMAT="text",
-            CHAT_LOG_LEVEL="info",
-            PYTHONUNBUFFERED="1",
-        )
+        env["PYTHONUNBUFFERED"] = "1"
+        env.update(self.settings_env())
         env.update(self.extra_env)
         return env
 
@@ -458,7 +472,7 @@ class ChatNodeProcess:
     def spawn(self) -> None:
         """Start the process without waiting for it (see :meth:`wait_ready`)."""
         if self.running:
-            raise ClusterError(f"node {self.name} is already running (pid {self.pid})")
+            raise ClusterError(f"{self.kind} {self.name} is already running (pid {self.pid})")
         if self._port is None:
             self._port = free_port()
         self._runs += 1
@@ -468,7 +482,7 @@ class ChatNodeProcess:
         log.flush()
         try:
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", "chat", "serve", "--host", "127.0.0.1",
+                [sys.executable, "-m", self.module, "serve", "--host", "127.0.0.1",
                  "--port", str(self._port)],
                 cwd=REPO_ROOT,
                 env=self.env(),
@@ -480,7 +494,7 @@ class ChatNodeProcess:
         except OSError as exc:
             log.close()
             self._log_file = None
-            raise ClusterError(f"cannot start node {self.name}: {exc}") from exc
+            raise ClusterError(f"cannot start {self.kind} {self.name}: {exc}") from exc
         _reaper.register(self._proc.pid)
         atexit.unregister(self.close)
         atexit.register(self.close)
@@ -489,14 +503,14 @@ class ChatNodeProcess:
         """Poll ``/readyz`` until it answers 200, the process exits, or ``timeout``."""
         proc = self._proc
         if proc is None:
-            raise ClusterError(f"node {self.name} is not started")
+            raise ClusterError(f"{self.kind} {self.name} is not started")
         limit = self.startup_timeout if timeout is None else timeout
         deadline = time.monotonic() + limit
         last = "no answer"
         while True:
             if proc.poll() is not None:
                 raise ClusterError(
-                    f"node {self.name} (port {self._port}) exited with status "
+                    f"{self.kind} {self.name} (port {self._port}) exited with status "
                     f"{proc.returncode} during start-up\n{self.log_tail()}"
                 )
             answer = http_get(self.port, "/readyz", timeout=1.0)
@@ -506,7 +520,7 @@ class ChatNodeProcess:
                 last = f"HTTP {answer[0]} {answer[1][:200]!r}"
             if time.monotonic() > deadline:
                 raise ClusterError(
-                    f"node {self.name} (port {self._port}) not ready after {limit}s "
+                    f"{self.kind} {self.name} (port {self._port}) not ready after {limit}s "
                     f"(last /readyz: {last})\n{self.log_tail()}"
                 )
             time.sleep(0.02)
@@ -516,6 +530,23 @@ class ChatNodeProcess:
         goes to the node's metrics listener."""
         port = self.metrics_port if path.split("?", 1)[0] == "/metrics" else self.port
         return http_get(port, path, timeout=timeout)
+
+    def readyz(self) -> int | None:
+        """The status ``/readyz`` answers right now (None: nothing answers)."""
+        answer = self.http_get("/readyz", timeout=1.0)
+        return None if answer is None else answer[0]
+
+    def metrics(self) -> str:
+        """The node's ``/metrics`` page; raises ClusterError if it does not answer 200."""
+        answer = self.http_get("/metrics")
+        if answer is None or answer[0] != 200:
+            raise ClusterError(f"{self.kind} {self.name}: /metrics gave {answer!r}")
+        return answer[1].decode()
+
+    def metric(self, name: str, labels: str = "") -> float:
+        """One sample of ``/metrics`` (0 when absent): ``metric("chat_errors_total",
+        'code="rate_limited"')``."""
+        return parse_metric(self.metrics(), name, labels)
 
     def kill(self) -> int | None:
         """SIGKILL by PID and wait: a crash. Returns the exit status (None if not running)."""
@@ -527,7 +558,7 @@ class ChatNodeProcess:
         ClusterError raised with the log tail."""
         proc = self._proc
         if proc is None:
-            raise ClusterError(f"node {self.name} is not running")
+            raise ClusterError(f"{self.kind} {self.name} is not running")
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
         limit = self.stop_timeout if timeout is None else timeout
@@ -536,7 +567,7 @@ class ChatNodeProcess:
         except subprocess.TimeoutExpired:
             self._reap(kill=True)
             raise ClusterError(
-                f"node {self.name} (pid {proc.pid}) did not exit within {limit}s of "
+                f"{self.kind} {self.name} (pid {proc.pid}) did not exit within {limit}s of "
                 f"SIGTERM; killed\n{self.log_tail()}"
             ) from None
         code = self._reap(kill=True)
@@ -582,6 +613,15 @@ class ChatNodeProcess:
     async def astop(self) -> int | None:
         return await asyncio.to_thread(self.stop)
 
+    async def akill(self) -> int | None:
+        return await asyncio.to_thread(self.kill)
+
+    async def areadyz(self) -> int | None:
+        return await asyncio.to_thread(self.readyz)
+
+    async def ametric(self, name: str, labels: str = "") -> float:
+        return await asyncio.to_thread(self.metric, name, labels)
+
     def __enter__(self) -> Self:
         return self.start()
 
@@ -595,7 +635,7 @@ class ChatNodeProcess:
 
     def __repr__(self) -> str:
         state = f"pid {self.pid}" if self.running else "not running"
-        return f"<ChatNodeProcess {self.name} port {self._port}, {state}>"
+        return f"<{type(self).__name__} {self.name} port {self._port}, {state}>"
 
     # -- internals ---------------------------------------------------------------------
 
@@ -610,6 +650,130 @@ class ChatNodeProcess:
             if self._log_file is not None:
                 self._log_file.close()
                 self._log_file = None
+
+
+def parse_metric(page: str, name: str, labels: str = "") -> float:
+    """The value of sample ``name{labels}`` in a Prometheus text page (0 when absent)."""
+    pattern = "^" + re.escape(name + (("{" + labels + "}") if labels else "")) + r" (\S+)$"
+    found = re.search(pattern, page, re.MULTILINE)
+    return float(found.group(1)) if found else 0.0
+
+
+# --------------------------------------------------------------------------- chat nodes
+
+
+class ChatNodeProcess(ServerProcess):
+    """``python -m chat serve``: ``CHAT_DATABASE_URL``, ``CHAT_REDIS_URL`` (empty: no
+    Redis), ``CHAT_NODE_ID`` (the name), ``CHAT_SECRET_KEY``, ``CHAT_METRICS_PORT``,
+    ``CHAT_SERVICE_KEYS`` (when ``service_keys`` is set: Flannel may connect),
+    ``CHAT_LOG_FORMAT=text``, ``CHAT_LOG_LEVEL=info``; see :class:`ServerProcess`."""
+
+    module = "chat"
+    kind = "node"
+    prefixes = ("CHAT_",)
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        database_url: str,
+        redis_url: str = "",
+        secret_key: str = SECRET,
+        service_keys: str = "",
+        port: int | None = None,
+        extra_env: Mapping[str, str] | None = None,
+        log_dir: str | os.PathLike[str] | None = None,
+        startup_timeout: float | None = None,
+        stop_timeout: float | None = None,
+    ) -> None:
+        super().__init__(
+            name,
+            port=port,
+            extra_env=extra_env,
+            log_dir=log_dir,
+            startup_timeout=startup_timeout,
+            stop_timeout=stop_timeout,
+        )
+        self.database_url = database_url
+        self.redis_url = redis_url
+        self.secret_key = secret_key
+        self.service_keys = service_keys
+
+    @property
+    def service_url(self) -> str:
+        """Where edge nodes open service connections (docs/flannel.md)."""
+        return f"ws://127.0.0.1:{self.port}/service"
+
+    def settings_env(self) -> dict[str, str]:
+        env = {
+            "CHAT_DATABASE_URL": self.database_url,
+            "CHAT_REDIS_URL": self.redis_url,
+            "CHAT_NODE_ID": self.name,
+            "CHAT_SECRET_KEY": self.secret_key,
+            "CHAT_METRICS_PORT": str(self.metrics_port),
+            "CHAT_LOG_FORMAT": "text",
+            "CHAT_LOG_LEVEL": "info",
+        }
+        if self.service_keys:
+            env["CHAT_SERVICE_KEYS"] = self.service_keys
+        return env
+
+
+# --------------------------------------------------------------------------- Flannel nodes
+
+
+class FlannelNodeProcess(ServerProcess):
+    """``python -m flannel serve``: an edge node in front of the chat nodes at ``upstream``
+    (their ``/service`` URLs; a plain list attribute, read at each start).
+
+    Environment: ``FLANNEL_UPSTREAM`` (JSON), ``FLANNEL_SERVICE_KEY`` (one of the chat
+    nodes' ``CHAT_SERVICE_KEYS``), ``FLANNEL_UPSTREAM_CONNECTIONS``, ``FLANNEL_NODE_ID``
+    (the name), ``FLANNEL_METRICS_PORT``, a fast upstream reconnect backoff (0.05 s, capped
+    at 0.5 s), ``FLANNEL_LOG_FORMAT=text``, ``FLANNEL_LOG_LEVEL=info``, then ``extra_env``.
+    ``/readyz`` answers 200 once an upstream connection is up: a node whose credential the
+    chat tier refuses never becomes ready (use :meth:`spawn`, not :meth:`start`, for one).
+    """
+
+    module = "flannel"
+    kind = "flannel"
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        upstream: Sequence[str],
+        service_key: str = SERVICE_KEY,
+        upstream_connections: int = 2,
+        port: int | None = None,
+        extra_env: Mapping[str, str] | None = None,
+        log_dir: str | os.PathLike[str] | None = None,
+        startup_timeout: float | None = None,
+        stop_timeout: float | None = None,
+    ) -> None:
+        super().__init__(
+            name,
+            port=port,
+            extra_env=extra_env,
+            log_dir=log_dir,
+            startup_timeout=startup_timeout,
+            stop_timeout=stop_timeout,
+        )
+        self.upstream: list[str] = list(upstream)
+        self.service_key = service_key
+        self.upstream_connections = upstream_connections
+
+    def settings_env(self) -> dict[str, str]:
+        return {
+            "FLANNEL_UPSTREAM": json.dumps(self.upstream),
+            "FLANNEL_SERVICE_KEY": self.service_key,
+            "FLANNEL_UPSTREAM_CONNECTIONS": str(self.upstream_connections),
+            "FLANNEL_NODE_ID": self.name,
+            "FLANNEL_METRICS_PORT": str(self.metrics_port),
+            "FLANNEL_UPSTREAM_BACKOFF_S": "0.05",
+            "FLANNEL_UPSTREAM_BACKOFF_CAP_S": "0.5",
+            "FLANNEL_LOG_FORMAT": "text",
+            "FLANNEL_LOG_LEVEL": "info",
+        }
 
 
 def http_get(port: int, path: str, timeout: float = 2.0) -> tuple[int, bytes] | None:
@@ -661,12 +825,18 @@ class SeededWorkspace:
 
 
 class Cluster:
-    """One PostgreSQL database, one Redis, N chat node processes, the same secret.
+    """One PostgreSQL database, one Redis, N chat node processes, the same secret; and M
+    Flannel nodes in front of them.
 
-    ``nodes[i]`` is named ``node0``, ``node1``... ``start()`` starts Redis (if it is
-    not running), migrates the database once (concurrent first starts would race on
-    it), then starts every node in parallel. ``stop()``/``close()`` stop the nodes
+    ``nodes[i]`` is named ``node0``, ``node1``...; ``flannels[i]`` ``flannel0``...
+    ``start()`` starts Redis (if it is not running), migrates the database once
+    (concurrent first starts would race on it), then starts every chat node in parallel,
+    then every Flannel node in parallel, each with ``FLANNEL_UPSTREAM`` = every chat node's
+    ``/service`` URL. ``stop()``/``close()`` stop the Flannel nodes, then the chat nodes
     (SIGTERM, in parallel) and then Redis, if this cluster created it.
+
+    Every chat node accepts :data:`SERVICE_KEY` (``CHAT_SERVICE_KEYS``); Flannel nodes sign
+    with it unless given another ``service_key`` (``add_flannel``).
     """
 
     def __init__(
@@ -674,21 +844,29 @@ class Cluster:
         database_url: str,
         *,
         n_nodes: int = 2,
+        n_flannel: int = 0,
         redis: TempRedis | None = None,
         use_redis: bool = True,
         secret_key: str = SECRET,
         extra_env: Mapping[str, str] | None = None,
+        flannel_env: Mapping[str, str] | None = None,
+        upstream_connections: int = 2,
         log_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         """
+        :param n_flannel: Flannel nodes in front of the chat nodes (started after them).
         :param redis: a TempRedis to use (left running by close()); None creates one.
         :param use_redis: False: no Redis at all, nodes get an empty CHAT_REDIS_URL.
-        :param extra_env: extra environment for every node (see ChatNodeProcess).
+        :param extra_env: extra environment for every chat node (see ChatNodeProcess).
+        :param flannel_env: extra environment for every Flannel node.
+        :param upstream_connections: each Flannel node's FLANNEL_UPSTREAM_CONNECTIONS.
         :param log_dir: where node logs go (default: a temp dir per node, deleted).
         """
         self.database_url = database_url
         self.secret_key = secret_key
         self.extra_env: dict[str, str] = dict(extra_env or {})
+        self.flannel_env: dict[str, str] = dict(flannel_env or {})
+        self.upstream_connections = upstream_connections
         self.log_dir = Path(log_dir) if log_dir is not None else None
         if self.log_dir is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -697,9 +875,12 @@ class Cluster:
         if use_redis:
             self.redis = redis if redis is not None else TempRedis()
         self.nodes: list[ChatNodeProcess] = []
+        self.flannels: list[FlannelNodeProcess] = []
         self.seeded: SeededWorkspace | None = None  # the last seed()
         for _ in range(n_nodes):
             self._new_node()
+        for _ in range(n_flannel):
+            self._new_flannel()
 
     @property
     def redis_url(self) -> str:
@@ -711,6 +892,25 @@ class Cluster:
     @property
     def urls(self) -> list[str]:
         return [node.url for node in self.nodes]
+
+    @property
+    def service_urls(self) -> list[str]:
+        """Every chat node's ``/service`` URL: what Flannel nodes connect to."""
+        return [node.service_url for node in self.nodes]
+
+    @property
+    def flannel_urls(self) -> list[str]:
+        return [f.url for f in self.flannels]
+
+    def flannel(self, index: int) -> FlannelNodeProcess:
+        return self.flannels[index]
+
+    def chat_metric(self, name: str, labels: str = "") -> float:
+        """A metric summed over the running chat nodes (``chat_service_connections``)."""
+        return sum(n.metric(name, labels) for n in self.nodes if n.running)
+
+    async def achat_metric(self, name: str, labels: str = "") -> float:
+        return await asyncio.to_thread(self.chat_metric, name, labels)
 
     def __getitem__(self, index: int) -> ChatNodeProcess:
         return self.nodes[index]
@@ -767,7 +967,8 @@ class Cluster:
         return self.seeded
 
     async def start(self) -> Self:
-        """Start Redis (if needed), migrate, then every node not running, in parallel."""
+        """Start Redis (if needed), migrate, then every chat node not running, in parallel,
+        then every Flannel node not running, in parallel."""
         if self.redis is not None and not self.redis.running:
             await asyncio.to_thread(self.redis.start)
         await self.migrate()
@@ -775,6 +976,10 @@ class Cluster:
         for node in pending:
             node.redis_url = self.redis_url
         await asyncio.to_thread(self._start_nodes, pending)
+        edges = [f for f in self.flannels if not f.running]
+        for edge in edges:
+            edge.upstream = self.service_urls
+        await asyncio.to_thread(self._start_nodes, edges)
         return self
 
     async def add_node(self, *, extra_env: Mapping[str, str] | None = None) -> ChatNodeProcess:
@@ -784,8 +989,28 @@ class Cluster:
         await node.astart()
         return node
 
+    async def add_flannel(
+        self,
+        *,
+        extra_env: Mapping[str, str] | None = None,
+        service_key: str = SERVICE_KEY,
+        ready: bool = True,
+    ) -> FlannelNodeProcess:
+        """One more Flannel node (``flannel<N>``) in front of every chat node, started.
+        ``ready``: wait for its /readyz (False: only spawned; one the chat tier refuses
+        never becomes ready). ``extra_env`` adds to the cluster's ``flannel_env``."""
+        edge = self._new_flannel(extra_env, service_key)
+        edge.upstream = self.service_urls
+        if ready:
+            await edge.astart()
+        else:
+            await asyncio.to_thread(edge.spawn)
+        return edge
+
     async def stop(self) -> None:
-        """Stop every node (SIGTERM, in parallel, SIGKILL after a bound), then our Redis."""
+        """Stop every Flannel node, then every chat node (SIGTERM, in parallel, SIGKILL
+        after a bound), then our Redis."""
+        await asyncio.gather(*(f.astop() for f in self.flannels))
         await asyncio.gather(*(n.astop() for n in self.nodes))
         if self.redis is not None and self._own_redis:
             self.redis.stop()
@@ -793,7 +1018,10 @@ class Cluster:
     async def close(self) -> None:
         """stop(), then delete temporary directories. Idempotent."""
         try:
-            await asyncio.gather(*(asyncio.to_thread(n.close) for n in self.nodes))
+            try:
+                await asyncio.gather(*(asyncio.to_thread(f.close) for f in self.flannels))
+            finally:
+                await asyncio.gather(*(asyncio.to_thread(n.close) for n in self.nodes))
         finally:
             if self.redis is not None and self._own_redis:
                 self.redis.close()
@@ -805,6 +1033,16 @@ class Cluster:
         if self.seeded is None:
             raise ClusterError("seed() the cluster first")
         async with Client.connect(self.nodes[node].url, self.seeded.tokens[handle], **kwargs) as c:
+            yield c
+
+    @contextlib.asynccontextmanager
+    async def flannel_client(self, index: int, handle: str, **kwargs: Any) -> AsyncIterator[Client]:
+        """A :class:`chat.client.Client` on ``flannels[index]`` authenticated as ``handle``
+        of the last seeded workspace."""
+        if self.seeded is None:
+            raise ClusterError("seed() the cluster first")
+        token = self.seeded.tokens[handle]
+        async with Client.connect(self.flannels[index].url, token, **kwargs) as c:
             yield c
 
     async def __aenter__(self) -> Self:
@@ -823,7 +1061,8 @@ class Cluster:
         await self.close()
 
     def __repr__(self) -> str:
-        return f"<Cluster {self.nodes} redis={self.redis}>"
+        edges = f" flannels={self.flannels}" if self.flannels else ""
+        return f"<Cluster {self.nodes}{edges} redis={self.redis}>"
 
     # -- internals ---------------------------------------------------------------------
 
@@ -833,14 +1072,29 @@ class Cluster:
             database_url=self.database_url,
             redis_url=self.redis_url,
             secret_key=self.secret_key,
+            service_keys=SERVICE_KEY,
             extra_env={**self.extra_env, **(extra_env or {})},
             log_dir=self.log_dir,
         )
         self.nodes.append(node)
         return node
 
+    def _new_flannel(
+        self, extra_env: Mapping[str, str] | None = None, service_key: str = SERVICE_KEY
+    ) -> FlannelNodeProcess:
+        edge = FlannelNodeProcess(
+            f"flannel{len(self.flannels)}",
+            upstream=[],  # the chat nodes' ports are known once they started
+            service_key=service_key,
+            upstream_connections=self.upstream_connections,
+            extra_env={**self.flannel_env, **(extra_env or {})},
+            log_dir=self.log_dir,
+        )
+        self.flannels.append(edge)
+        return edge
+
     @staticmethod
-    def _start_nodes(nodes: list[ChatNodeProcess]) -> None:
+    def _start_nodes(nodes: Sequence[ServerProcess]) -> None:
         """Spawn all, then wait for each: they boot in parallel. All or none."""
         try:
             for node in nodes:

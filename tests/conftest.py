@@ -191,3 +191,70 @@ async def make_cluster(
 @pytest_asyncio.fixture(loop_scope="session")
 async def cluster(make_cluster: MakeCluster, request: pytest.FixtureRequest) -> Cluster:
     return await make_cluster(int(getattr(request, "param", 2)))
+
+
+# =========================================================================== Flannel clusters
+#
+# `make_flannel_cluster` (function, async): a factory like `make_cluster`, with Flannel
+#   nodes in front of the chat nodes (tests/cluster.py, FlannelNodeProcess):
+#   `await make_flannel_cluster(n_nodes=2, n_flannel=2, upstream_connections=2,
+#   extra_env={...}, flannel_env={...})` returns a started Cluster over a fresh PostgreSQL
+#   database with its own TempRedis, seeded before the nodes start unless seed=False
+#   (`seed_users=N`: instead a workspace of N users through Admin.seed, kept in
+#   `cluster.seeded`). Everything it made is stopped by PID and the databases dropped at
+#   the end of the test; logs are kept in the test's tmp_path.
+
+from tests.cluster import SeededWorkspace  # noqa: E402
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def make_flannel_cluster(
+    postgres_server: PostgresFixture, tmp_path: Path
+) -> AsyncIterator[MakeCluster]:
+    made: list[tuple[Cluster, str]] = []
+
+    async def make(
+        n_nodes: int = 2,
+        n_flannel: int = 2,
+        *,
+        upstream_connections: int = 2,
+        extra_env: Mapping[str, str] | None = None,
+        flannel_env: Mapping[str, str] | None = None,
+        seed: bool = True,
+        seed_users: int = 0,
+        start: bool = True,
+    ) -> Cluster:
+        name = unique_database_name("flannel")
+        dsn = await postgres_server.create_database(name)
+        c = Cluster(
+            dsn,
+            n_nodes=n_nodes,
+            n_flannel=n_flannel,
+            upstream_connections=upstream_connections,
+            extra_env=extra_env,
+            flannel_env=flannel_env,
+            log_dir=tmp_path / f"flannel-cluster{len(made)}",
+        )
+        made.append((c, name))
+        if seed_users:
+            await c.migrate()
+            async with c.admin() as admin:
+                big = await admin.seed("acme", seed_users, 1)
+            users = {u["handle"]: u["id"] for u in big["users"]}
+            tokens = {u["handle"]: u["token"] for u in big["users"]}
+            chans = {ch["name"]: ch["id"] for ch in big["channels"]}
+            c.seeded = SeededWorkspace(big["workspace_id"], users, tokens, chans)
+        elif seed:
+            await c.seed()
+        if start:
+            await c.start()
+        return c
+
+    try:
+        yield make
+    finally:
+        for c, name in reversed(made):
+            try:
+                await c.close()
+            finally:
+                await postgres_server.drop_database(name)
