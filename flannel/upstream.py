@@ -37,7 +37,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from chat import credentials, service_frames, wire
 from chat.bus import Envelope
 from chat.replay import ReplayLost
-from chat.storage import StorageError
+from chat.storage.base import Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ class UpstreamRefused(Exception):
         self.retry_after_ms = retry_after_ms
 
 
-class UpstreamUnavailable(StorageError):
+class UpstreamUnavailable(Unavailable):
     """No upstream connection, or it was lost while the request was pending: the client gets
     ``unavailable`` with a retry hint (1013 while connecting)."""
 

@@ -1,0 +1,277 @@
+"""Flannel as processes (issue 8's "What must be shown"): real PostgreSQL, Redis, two
+``python -m chat serve`` nodes and two ``python -m flannel serve`` nodes (tests/cluster.py).
+
+* a storm of 500 clients of one workspace on one Flannel node: all authenticate, one
+  upstream workspace load, no more upstream sockets than configured;
+* a Flannel node SIGKILLed under a steady poster: its clients resume on the other one and
+  hold exactly what PostgreSQL stored, each event once;
+* a wrong service key never makes a Flannel node ready, and the chat tier's ``/service``
+  refuses a missing or forged credential (and a user token) with HTTP 401;
+* differential: a seeded random workload gives every user the same durable event sequence
+  through Flannel as straight from the chat tier;
+* stale state (after Zulip's): after every step of a random series of changes, Flannel's
+  answers equal those of a cache loaded fresh from PostgreSQL.
+
+Assertions are on counts and outcomes, never on durations; every wait is bounded
+(``scaled``) and every process is stopped by the fixtures, by PID.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import pytest
+import websockets
+from websockets.exceptions import InvalidStatus
+
+from chat import credentials, service_frames
+from chat.client import Client, RequestError, goodbye_hint
+from tests.cluster import SERVICE_KID, SERVICE_SECRET
+from tests.conftest import MakeCluster
+from tests.timing import scaled
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+Frame = dict[str, Any]
+
+# The default limits (50 requests per 10 s) are for humans; these tests send thousands.
+FAST_CHAT = {"CHAT_RATE_LIMIT_PER_10S": "1000000", "CHAT_RATE_LIMIT_DISCONNECT_AFTER": "1000000"}
+FAST_FLANNEL = {
+    "FLANNEL_RATE_LIMIT_PER_10S": "1000000",
+    "FLANNEL_RATE_LIMIT_DISCONNECT_AFTER": "1000000",
+}
+UPSTREAM_CONNECTIONS = 2
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out after {timeout:.1f}s waiting for {what}"
+        await asyncio.sleep(0.01)
+
+
+def durable(frames: Iterable[Frame]) -> list[Frame]:
+    """The durable events among ``frames`` (typing and presence have no ``seq``)."""
+    return [f for f in frames if f.get("seq") is not None and f.get("type") != "resumed"]
+
+
+def record(client: Client) -> list[Frame]:
+    """Every frame the server pushes to ``client`` from now on (and those queued), in order:
+    draining the queue and installing the callback happen in one step of the loop."""
+    frames = client.drain_events()
+    client.on_frame = frames.append
+    return frames
+
+
+async def posted(frames: list[Frame], message_id: int, timeout: float, who: str) -> None:
+    def seen() -> bool:
+        return any(
+            f.get("type") == "message.posted" and f["message"]["id"] == message_id for f in frames
+        )
+
+    await wait_until(seen, timeout, f"{who} to receive message {message_id}")
+
+
+async def connect_retrying(url: str, token: str, attempts: int = 30) -> tuple[Client, int]:
+    """An authenticated client, following the server's hints while it sheds load (HTTP 503
+    before the upgrade, goodbye + 1013 after it), at most ``attempts`` times. Returns the
+    client and the number of refusals it met."""
+    rng = random.Random()
+    refusals = 0
+    for _ in range(attempts):
+        hint_ms: int | None = None
+        try:
+            client = await Client.open(url, open_timeout=scaled(30))
+        except InvalidStatus as exc:
+            assert exc.response.status_code == 503, exc
+            refusals += 1
+            await asyncio.sleep(rng.uniform(0.1, 1.0))
+            continue
+        try:
+            client.session = await client.request("auth", token=token, timeout=scaled(30))
+            return client, refusals
+        except (RequestError, ConnectionError) as exc:
+            hint_ms = goodbye_hint(client.drain_events())
+            await client.close()
+            if hint_ms is None and client.ws.close_code != 1013:
+                raise AssertionError(f"auth refused for good: {exc!r}") from exc
+        refusals += 1
+        await asyncio.sleep((hint_ms or 500) / 1000 * rng.uniform(1.0, 2.0))
+    raise AssertionError(f"not admitted after {attempts} attempts")
+
+
+async def service_upgrade(url: str, token: str | None) -> int:
+    """The HTTP status a websocket upgrade to ``url`` gets with ``Authorization: Bearer
+    <token>`` (no header when None): 101 when it is accepted."""
+    headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+    try:
+        async with websockets.connect(
+            url, additional_headers=headers, open_timeout=scaled(10), compression=None
+        ):
+            return 101
+    except InvalidStatus as exc:
+        return exc.response.status_code
+
+
+# --------------------------------------------------------------------------- a. storm
+
+
+STORM = 500
+
+
+@pytest.mark.timeout(300)
+async def test_a_storm_of_one_workspace_is_one_load_over_few_upstream_sockets(
+    make_flannel_cluster: MakeCluster,
+) -> None:
+    cluster = await make_flannel_cluster(
+        seed_users=STORM,
+        upstream_connections=UPSTREAM_CONNECTIONS,
+        extra_env=FAST_CHAT,
+        flannel_env=FAST_FLANNEL,
+    )
+    seeded = cluster.seeded
+    assert seeded is not None and len(seeded.users) == STORM
+    edge, other = cluster.flannel(0), cluster.flannel(1)
+    assert await edge.ametric("flannel_workspace_loads_total") == 0
+
+    results = await asyncio.gather(
+        *(connect_retrying(edge.url, seeded.tokens[h]) for h in seeded.handles)
+    )
+    clients = [c for c, _ in results]
+    try:
+        assert sorted(c.session["user"]["id"] for c in clients) == sorted(seeded.users.values())
+        boots = await asyncio.gather(*(c.request("bootstrap", timeout=scaled(60)) for c in clients))
+        general = seeded.channels["general"]
+        for client, boot in zip(clients, boots, strict=True):
+            assert boot["user"]["id"] == client.session["user"]["id"]
+            assert boot["workspace"] == {"id": seeded.workspace_id, "name": "acme"}
+            assert [ch["id"] for ch in boot["channels"]] == [general]
+            assert boot["channels"][0]["member_count"] == STORM
+        completions = await asyncio.gather(
+            *(c.request("users.autocomplete", query="ada", limit=5) for c in clients[:50])
+        )
+        assert all(len(found["users"]) > 0 for found in completions)
+
+        assert await edge.ametric("flannel_workspace_loads_total") == 1
+        assert await other.ametric("flannel_workspace_loads_total") == 0
+        assert await edge.ametric("flannel_upstream_connections") == UPSTREAM_CONNECTIONS
+        service = await cluster.achat_metric("chat_service_connections")
+        assert service <= UPSTREAM_CONNECTIONS * len(cluster.flannels), service
+        refusals = sum(r for _, r in results)
+        print(f"storm: {STORM} clients, {refusals} refusals, {service:.0f} service connections")
+    finally:
+        await asyncio.gather(*(c.close() for c in clients))
+
+
+# --------------------------------------------------------------------------- c. credentials
+
+
+@pytest.mark.timeout(180)
+async def test_c_wrong_or_missing_service_credentials_are_refused(
+    make_flannel_cluster: MakeCluster,
+) -> None:
+    cluster = await make_flannel_cluster(n_flannel=0)
+    seeded = cluster.seeded
+    assert seeded is not None
+    refused_before = await cluster.achat_metric("chat_service_refused_total")
+
+    # Right kid, wrong secret: the chat nodes refuse every attempt; it never becomes ready.
+    wrong = f"{SERVICE_KID}=not-the-secret-but-long-enough-0123456789abcdef"
+    forger = await cluster.add_flannel(
+        service_key=wrong, ready=False, extra_env={"FLANNEL_UPSTREAM_TIMEOUT_S": "1"}
+    )
+    statuses: Counter[int | None] = Counter()
+
+    async def refused_enough() -> bool:
+        statuses[await forger.areadyz()] += 1
+        grown = await cluster.achat_metric("chat_service_refused_total") - refused_before
+        return grown >= 4 * UPSTREAM_CONNECTIONS  # every link refused, again and again
+
+    deadline = time.monotonic() + scaled(30)
+    while not await refused_enough():
+        assert forger.running, forger.log_tail()
+        assert time.monotonic() < deadline, f"refusals did not grow: {forger.log_tail()}"
+        await asyncio.sleep(0.05)
+    assert statuses[200] == 0, statuses
+    assert await forger.areadyz() == 503
+    assert await forger.ametric("flannel_upstream_connections") == 0
+    assert await cluster.achat_metric("chat_service_connections") == 0
+    # A client it admits meanwhile is told to come back later, as by a chat node whose
+    # database is down: `unavailable` with a retry hint, then 1013.
+    client = await Client.open(forger.url)
+    try:
+        with pytest.raises(RequestError) as refused:
+            await client.request("auth", token=seeded.tokens["alice"], timeout=scaled(20))
+        assert (refused.value.code, refused.value.retry_after_ms) == ("unavailable", 1000)
+        await asyncio.wait_for(client.closed.wait(), scaled(10))
+        assert client.ws.close_code == 1013
+    finally:
+        await client.close()
+    await forger.akill()
+
+    # Raw upgrades to a chat node's /service: each refusal is a bare 401, and counted.
+    url = cluster.nodes[0].service_url
+    refused_before = await cluster.achat_metric("chat_service_refused_total")
+    kid, secret = SERVICE_KID, SERVICE_SECRET
+    attempts = {
+        "no credential": None,
+        "a user token": seeded.tokens["alice"],
+        "right kid, wrong secret": credentials.issue(kid, "x" * 40, "forger"),
+        "unknown kid": credentials.issue("other", secret, "forger"),
+        "expired": credentials.issue(kid, secret, "late", ttl_s=-10),
+        "garbage": "not.a.jwt",
+    }
+    for what, token in attempts.items():
+        assert await service_upgrade(url, token) == 401, what
+    refused = await cluster.achat_metric("chat_service_refused_total") - refused_before
+    assert refused == len(attempts)
+    assert await service_upgrade(url, credentials.issue(kid, secret, "tester")) == 101
+
+
+async def test_c_a_service_credential_alone_acts_as_nobody(
+    make_flannel_cluster: MakeCluster,
+) -> None:
+    """A good credential opens a service connection, and that is all: a relayed request for
+    a session never attached is refused, and so is a workspace's load or subscription."""
+    cluster = await make_flannel_cluster(n_flannel=0)
+    seeded = cluster.seeded
+    assert seeded is not None
+    token = credentials.issue(SERVICE_KID, SERVICE_SECRET, "tester")
+    async with websockets.connect(
+        cluster.nodes[0].service_url,
+        additional_headers={"Authorization": f"Bearer {token}"},
+        open_timeout=scaled(10),
+        compression=None,
+    ) as ws:
+        post = {
+            "type": "messages.post",
+            "id": "p1",
+            "channel_id": seeded.channels["general"],
+            "client_msg_id": "forged",
+            "text": "as nobody",
+        }
+        await ws.send(service_frames.relay(1, json.dumps(post).encode()))
+        answer = await asyncio.wait_for(ws.recv(), scaled(10))
+        assert isinstance(answer, bytes)
+        sid, frame = service_frames.unpack_relay(answer)
+        error = json.loads(frame)
+        assert (sid, error["type"], error["code"]) == (1, "error", "not_authenticated")
+        for request in (
+            {"type": "load", "rid": 1, "workspace_id": seeded.workspace_id},
+            {"type": "subscribe", "rid": 2, "workspace_id": seeded.workspace_id, "after": None},
+        ):
+            await ws.send(json.dumps(request))
+            failed = json.loads(await asyncio.wait_for(ws.recv(), scaled(10)))
+            assert (failed["type"], failed["rid"]) == ("failed", request["rid"]), failed
+    async with cluster.client(0, "alice") as alice:
+        history = await alice.request("messages.history", channel_id=seeded.channels["general"])
+        assert history["messages"] == []
