@@ -19,11 +19,12 @@ Assertions are on counts and outcomes, never on durations; every wait is bounded
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 import pytest
@@ -31,8 +32,9 @@ import websockets
 from websockets.exceptions import InvalidStatus
 
 from chat import credentials, service_frames
-from chat.client import Client, RequestError, goodbye_hint
-from tests.cluster import SERVICE_KID, SERVICE_SECRET
+from chat.client import Backoff, Client, RequestError, ResilientClient, goodbye_hint
+from chat.storage import Database, open_database
+from tests.cluster import SERVICE_KID, SERVICE_SECRET, Cluster
 from tests.conftest import MakeCluster
 from tests.timing import scaled
 
@@ -275,3 +277,149 @@ async def test_c_a_service_credential_alone_acts_as_nobody(
     async with cluster.client(0, "alice") as alice:
         history = await alice.request("messages.history", channel_id=seeded.channels["general"])
         assert history["messages"] == []
+
+
+# --------------------------------------------------------------------------- b. SIGKILL
+
+
+class TracingClient(ResilientClient):
+    """A ResilientClient that also keeps every frame the server pushed, before its
+    de-duplication, with the number of the connection it came on; and every event it
+    delivered, pumped by :meth:`pump`."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.raw: list[tuple[int, Frame]] = []
+        self.delivered: list[Frame] = []
+
+    def _on_frame(self, frame: Frame) -> None:
+        self.raw.append((self.connects, frame))
+        super()._on_frame(frame)
+
+    async def pump(self) -> None:
+        async for event in self.events():
+            self.delivered.append(event)
+
+    def resent(self) -> list[tuple[int, int, str]]:
+        """(connection, seq, type) of every durable event the server sent again."""
+        seen: set[int] = set()
+        out = []
+        for conn, frame in self.raw:
+            seq = frame.get("seq")
+            if seq is None or frame.get("type") == "resumed":
+                continue
+            if seq in seen:
+                out.append((conn, seq, frame["type"]))
+            seen.add(seq)
+        return out
+
+    def message_ids(self, channel_id: int) -> list[int]:
+        return [
+            e["message"]["id"]
+            for e in self.delivered
+            if e["type"] == "message.posted" and e["message"]["channel_id"] == channel_id
+        ]
+
+
+async def stored_ids(db: Database, channel_id: int) -> list[int]:
+    """The channel's messages as PostgreSQL has them, in channel order."""
+    async with db.connection() as conn:
+        rows = await conn.fetch(
+            "SELECT id FROM messages WHERE channel_id = $1 ORDER BY seq", channel_id
+        )
+    return [int(r["id"]) for r in rows]
+
+
+@contextlib.asynccontextmanager
+async def database(cluster: Cluster) -> AsyncIterator[Database]:
+    """A connection pool of our own on the cluster's PostgreSQL database."""
+    db = await open_database(cluster.database_url, "")
+    try:
+        yield db
+    finally:
+        await db.close()
+
+
+N_RESUMERS = 50
+N_POSTS = 200
+KILL_AFTER = 60
+
+
+@pytest.mark.timeout(240)
+async def test_b_flannel_killed_under_a_steady_poster_its_clients_resume_on_the_other(
+    make_flannel_cluster: MakeCluster,
+) -> None:
+    cluster = await make_flannel_cluster(seed=False, extra_env=FAST_CHAT, flannel_env=FAST_FLANNEL)
+    handles = ["owner", "poster", *(f"u{i:02d}" for i in range(N_RESUMERS))]
+    seeded = await cluster.seed(handles=handles, channels=["general"])
+    general = seeded.channels["general"]
+    a, b = cluster.flannel(0), cluster.flannel(1)
+    clients = [
+        TracingClient(
+            [a.url, b.url],  # A first; after A's death the next attempt goes to B
+            seeded.tokens[h],
+            backoff=Backoff(base=0.1, cap=1.0),
+            connect_timeout=scaled(20),
+        )
+        for h in handles[2:]
+    ]
+    pumps = []
+    try:
+        for client in clients:
+            client.start()
+            pumps.append(asyncio.create_task(client.pump()))
+        await asyncio.gather(*(c.wait_connected(scaled(30)) for c in clients))
+        assert all(c.attempts == 1 for c in clients)  # all on A
+        assert await a.ametric("flannel_workspace_loads_total") == 1
+
+        killed = asyncio.Event()
+        acked: list[int] = []
+        async with cluster.client(0, "poster") as poster:
+
+            async def post_steadily() -> None:
+                for i in range(N_POSTS):
+                    reply = await poster.post(general, f"m{i}", f"m{i}", timeout=scaled(30))
+                    acked.append(reply["message"]["id"])
+                    if len(acked) == KILL_AFTER:
+                        killed.set()
+                    await asyncio.sleep(0.01)
+
+            posting = asyncio.create_task(post_steadily())
+            try:
+                await asyncio.wait_for(killed.wait(), scaled(60))
+                assert await a.akill() == -9  # mid-stream, the poster goes on
+                await asyncio.wait_for(posting, scaled(120))
+            finally:
+                posting.cancel()
+
+        async with database(cluster) as db:
+            stored = await stored_ids(db, general)
+        assert stored == acked and len(stored) == N_POSTS
+
+        await wait_until(
+            lambda: all(len(c.message_ids(general)) >= N_POSTS for c in clients),
+            scaled(60),
+            "every client to hold every message",
+        )
+        for i, client in enumerate(clients):
+            who = f"client {i} ({handles[i + 2]})"
+            assert client.message_ids(general) == stored, who
+            assert client.resent() == [], f"{who}: the server sent events twice"
+            seqs = [e["seq"] for e in durable(client.delivered)]
+            assert seqs == sorted(set(seqs)), who
+            resets = [e for e in client.delivered if e["type"] == "client.reset"]
+            assert len(resets) == 1, f"{who}: {resets}"  # the first connect, not the resume
+            assert (client.connects, client.resumes) == (2, 1), who
+            assert client.urls[(client.attempts - 1) % 2] == b.url, who
+        on_b = [
+            sum(1 for conn, f in c.raw if conn == 2 and f.get("type") == "message.posted")
+            for c in clients
+        ]
+        assert min(on_b) >= N_POSTS - KILL_AFTER  # what was posted after the kill came via B
+        # B loaded the workspace once for all fifty resumes.
+        assert await b.ametric("flannel_workspace_loads_total") == 1
+    finally:
+        await asyncio.gather(*(c.close() for c in clients))
+        for task in pumps:
+            task.cancel()
+        await asyncio.gather(*pumps, return_exceptions=True)
