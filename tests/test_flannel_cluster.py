@@ -21,10 +21,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import random
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
@@ -423,3 +425,268 @@ async def test_b_flannel_killed_under_a_steady_poster_its_clients_resume_on_the_
         for task in pumps:
             task.cancel()
         await asyncio.gather(*pumps, return_exceptions=True)
+
+
+# --------------------------------------------------------------------------- d. differential
+
+
+@dataclass
+class Room:
+    """What the workload knows of a channel (it keeps this itself, from its own replies)."""
+
+    kind: str
+    creator: int
+    members: set[int]
+
+
+@dataclass
+class Workload:
+    """A seeded random workload of one workspace, one request at a time, each through the
+    actor's Flannel client or its direct one (chosen at random). It only asks for what
+    makes sense by its own model (a post in a channel the actor is in, an edit of its own
+    message...); a refusal is counted, not fatal (a guest may not join, for instance)."""
+
+    rng: random.Random
+    users: dict[str, int]
+    clients: dict[str, tuple[Client, Client]]  # handle -> (through Flannel, straight)
+    rooms: dict[int, Room]
+    excluded: set[int]  # channels left alone (the barrier)
+    roles: dict[int, str]
+    messages: dict[int, tuple[int, int]] = field(default_factory=dict)  # id -> (channel, author)
+    reactions: set[tuple[int, int, str]] = field(default_factory=set)  # (message, user, emoji)
+    done: Counter[str] = field(default_factory=Counter)
+    refused: Counter[str] = field(default_factory=Counter)
+    via: Counter[str] = field(default_factory=Counter)
+
+    OPS = {
+        "post": 30,
+        "edit": 8,
+        "delete": 6,
+        "react": 10,
+        "unreact": 4,
+        "join": 6,
+        "leave": 6,
+        "invite": 6,
+        "remove": 5,
+        "private": 4,
+        "dm": 6,
+    }
+
+    async def run(self, steps: int) -> None:
+        handles = list(self.users)
+        for step in range(steps):
+            actor = self.rng.choice(handles)
+            op = self.rng.choices(list(self.OPS), weights=list(self.OPS.values()))[0]
+            through = self.rng.choice(("flannel", "chat"))
+            client = self.clients[actor][0 if through == "flannel" else 1]
+            self.via[through] += 1
+            try:
+                name = await getattr(self, f"_{op}")(client, self.users[actor], step)
+            except RequestError as exc:
+                self.refused[f"{op}:{exc.code}"] += 1
+            else:
+                self.done[name] += 1
+
+    # -- choices --------------------------------------------------------------------------
+
+    def _mine(self, uid: int, *kinds: str) -> list[int]:
+        return sorted(
+            cid
+            for cid, room in self.rooms.items()
+            if uid in room.members
+            and cid not in self.excluded
+            and (not kinds or room.kind in kinds)
+        )
+
+    def _alive_in(self, channels: Iterable[int]) -> list[int]:
+        wanted = set(channels)
+        return sorted(mid for mid, (cid, _) in self.messages.items() if cid in wanted)
+
+    # -- operations (each returns what it did) --------------------------------------------
+
+    async def _post(self, c: Client, uid: int, step: int) -> str:
+        channels = self._mine(uid)
+        if not channels:
+            return await self._dm(c, uid, step)
+        cid = self.rng.choice(channels)
+        text = f"post {step}"
+        others = sorted(self.rooms[cid].members - {uid})
+        if others and self.rng.random() < 0.3:
+            mentioned = self.rng.choice(others)
+            handle = next(h for h, i in self.users.items() if i == mentioned)
+            text += f" @{handle}"
+        fields: dict[str, Any] = {}
+        roots = self._alive_in([cid])
+        if roots and self.rng.random() < 0.2:
+            fields["thread_root_id"] = self.rng.choice(roots)
+        reply = await c.post(cid, text, f"w{step}", **fields)
+        if "thread_root_id" not in fields:
+            self.messages[reply["message"]["id"]] = (cid, uid)
+        return "post"
+
+    async def _edit(self, c: Client, uid: int, step: int) -> str:
+        own = [mid for mid, (_, author) in self.messages.items() if author == uid]
+        if not own:
+            return await self._post(c, uid, step)
+        await c.request("messages.edit", message_id=self.rng.choice(own), text=f"edit {step}")
+        return "edit"
+
+    async def _delete(self, c: Client, uid: int, step: int) -> str:
+        own = [mid for mid, (_, author) in self.messages.items() if author == uid]
+        if not own:
+            return await self._post(c, uid, step)
+        mid = self.rng.choice(own)
+        await c.request("messages.delete", message_id=mid)
+        del self.messages[mid]
+        self.reactions = {r for r in self.reactions if r[0] != mid}
+        return "delete"
+
+    async def _react(self, c: Client, uid: int, step: int) -> str:
+        candidates = self._alive_in(self._mine(uid))
+        if not candidates:
+            return await self._post(c, uid, step)
+        mid, emoji = self.rng.choice(candidates), self.rng.choice(("+1", "tada", "eyes"))
+        await c.request("reactions.add", message_id=mid, emoji=emoji)
+        self.reactions.add((mid, uid, emoji))
+        return "react"
+
+    async def _unreact(self, c: Client, uid: int, step: int) -> str:
+        mine = sorted(r for r in self.reactions if r[1] == uid)
+        if not mine:
+            return await self._react(c, uid, step)
+        mid, _, emoji = reaction = self.rng.choice(mine)
+        await c.request("reactions.remove", message_id=mid, emoji=emoji)
+        self.reactions.discard(reaction)
+        return "unreact"
+
+    async def _join(self, c: Client, uid: int, step: int) -> str:
+        public = sorted(
+            cid
+            for cid, room in self.rooms.items()
+            if room.kind == "public" and uid not in room.members and cid not in self.excluded
+        )
+        if not public:
+            return await self._leave(c, uid, step)
+        cid = self.rng.choice(public)
+        await c.request("channels.join", channel_id=cid)
+        self.rooms[cid].members.add(uid)
+        return "join"
+
+    async def _leave(self, c: Client, uid: int, step: int) -> str:
+        channels = self._mine(uid, "public", "private")
+        if not channels:
+            return await self._dm(c, uid, step)
+        cid = self.rng.choice(channels)
+        await c.request("channels.leave", channel_id=cid)
+        self.rooms[cid].members.discard(uid)
+        return "leave"
+
+    async def _invite(self, c: Client, uid: int, step: int) -> str:
+        channels = self._mine(uid, "public", "private")
+        outside = {
+            cid: sorted(set(self.users.values()) - self.rooms[cid].members) for cid in channels
+        }
+        channels = [cid for cid in channels if outside[cid]]
+        if not channels:
+            return await self._private(c, uid, step)
+        cid = self.rng.choice(channels)
+        invited = self.rng.sample(outside[cid], k=min(len(outside[cid]), self.rng.randint(1, 2)))
+        await c.request("channels.invite", channel_id=cid, user_ids=invited)
+        self.rooms[cid].members.update(invited)
+        return "invite"
+
+    async def _remove(self, c: Client, uid: int, step: int) -> str:
+        staff = self.roles[uid] in ("owner", "admin")
+        channels = [
+            cid
+            for cid in self._mine(uid, "public", "private")
+            if (staff or self.rooms[cid].creator == uid) and len(self.rooms[cid].members) > 1
+        ]
+        if not channels:
+            return await self._invite(c, uid, step)
+        cid = self.rng.choice(channels)
+        target = self.rng.choice(sorted(self.rooms[cid].members - {uid}))
+        await c.request("channels.remove", channel_id=cid, user_id=target)
+        self.rooms[cid].members.discard(target)
+        return "remove"
+
+    async def _private(self, c: Client, uid: int, step: int) -> str:
+        reply = await c.request("channels.create", name=f"private-{step}", private=True)
+        self.rooms[reply["channel"]["id"]] = Room("private", uid, {uid})
+        return "private"
+
+    async def _dm(self, c: Client, uid: int, step: int) -> str:
+        others = sorted(set(self.users.values()) - {uid})
+        partners = self.rng.sample(others, k=self.rng.choice((1, 1, 2)))
+        channel = (await c.request("dms.open", user_ids=partners))["channel"]
+        cid = channel["id"]
+        self.rooms.setdefault(cid, Room(channel["kind"], uid, {uid, *partners}))
+        reply = await c.post(cid, f"dm {step}", f"w{step}")
+        self.messages[reply["message"]["id"]] = (cid, uid)
+        return "dm"
+
+
+def assert_same_events(who: str, through: list[Frame], straight: list[Frame]) -> None:
+    """Event by event, with the first difference in the error."""
+    for i, (f, d) in enumerate(zip(through, straight, strict=False)):
+        assert f == d, f"{who}: event #{i} differs:\n  through Flannel {f}\n  straight      {d}"
+    assert len(through) == len(straight), (
+        f"{who}: {len(through)} events through Flannel, {len(straight)} straight; the "
+        f"first extra: {(through[len(straight) :] or straight[len(through) :])[:3]}"
+    )
+
+
+DIFFERENTIAL_SEED = int(os.environ.get("CHAT_TEST_SEED", "20240608"))
+DIFFERENTIAL_STEPS = 150
+
+
+@pytest.mark.timeout(240)
+async def test_d_every_user_gets_the_same_events_through_flannel_as_straight(
+    make_flannel_cluster: MakeCluster,
+) -> None:
+    cluster = await make_flannel_cluster(seed=False, extra_env=FAST_CHAT, flannel_env=FAST_FLANNEL)
+    handles = ["alice", "bob", "carol", "dave", "erin", "frank"]
+    seeded = await cluster.seed(handles=handles, channels=["general", "random", "barrier"])
+    users = seeded.users
+    roles = {uid: ("owner" if h == "alice" else "member") for h, uid in users.items()}
+    async with cluster.client(0, "alice") as alice:  # one guest: other visibility rules
+        await alice.request("users.set_role", user_id=users["frank"], role="guest")
+        roles[users["frank"]] = "guest"
+
+    async with contextlib.AsyncExitStack() as stack:
+        clients: dict[str, tuple[Client, Client]] = {}
+        for i, h in enumerate(handles):
+            through = await stack.enter_async_context(cluster.flannel_client(i % 2, h))
+            straight = await stack.enter_async_context(cluster.client((i + 1) % 2, h))
+            clients[h] = (through, straight)
+        frames = {h: (record(f), record(d)) for h, (f, d) in clients.items()}
+
+        everyone = set(users.values())
+        rooms = {
+            cid: Room("public", users["alice"], set(everyone)) for cid in seeded.channels.values()
+        }
+        barrier = seeded.channels["barrier"]
+        workload = Workload(
+            random.Random(DIFFERENTIAL_SEED), users, clients, rooms, {barrier}, roles
+        )
+        await workload.run(DIFFERENTIAL_STEPS)
+        assert sum(workload.done.values()) >= DIFFERENTIAL_STEPS * 3 // 4, workload.refused
+        assert workload.via["flannel"] > 0 and workload.via["chat"] > 0
+
+        # Settled: the barrier, posted after everything, has reached every client.
+        last = (await clients["alice"][1].post(barrier, "barrier", "barrier"))["message"]["id"]
+        for h, (via_f, via_d) in frames.items():
+            await posted(via_f, last, scaled(30), f"{h} through Flannel")
+            await posted(via_d, last, scaled(30), f"{h} straight")
+
+        compared = 0
+        for h, (through, straight) in clients.items():
+            assert through.session["seq"] == straight.session["seq"], h
+            start = through.session["seq"]
+            via_f, via_d = frames[h]
+            events_f = [e for e in durable(via_f) if e["seq"] > start]
+            events_d = [e for e in durable(via_d) if e["seq"] > start]
+            assert_same_events(h, events_f, events_d)
+            compared += len(events_f)
+        assert compared > DIFFERENTIAL_STEPS
+        print(f"differential: {dict(workload.done)}, refused {dict(workload.refused)}")
