@@ -28,7 +28,15 @@ from typing import Annotated, Any, ClassVar, Literal, get_args
 from urllib.parse import urlsplit
 
 import pydantic_core
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    TypeAdapter,
+    model_serializer,
+)
 
 MAX_TEXT_CHARS = 4000
 # A hard bound on message text at the edge, whatever the frame-size setting. It is above
@@ -742,15 +750,29 @@ class BootstrapChannel(Obj):
     topic: str = ""
     archived: bool = False
     member_count: int
-    last_seq: int
-    last_ts: int | None
-    last_read_seq: int
-    unread: int
-    mentions: int
+    last_seq: int = 0
+    last_ts: int | None = None
+    last_read_seq: int = 0
+    unread: int = 0
+    mentions: int = 0
     dm_user_ids: list[int] = []
 
 
+def _without_defaults(obj: dict[str, Any], model: type[BaseModel]) -> dict[str, Any]:
+    fields = model.model_fields
+    return {
+        k: v
+        for k, v in obj.items()
+        if k not in fields or fields[k].is_required() or v != fields[k].default
+    }
+
+
 class BootstrapData(Data):
+    """To keep the first screen small, a field of ``user``, of ``users`` and of each of
+    ``channels`` that holds its default value (the objects' tables name them: an empty
+    ``topic``, ``unread`` 0, ``tz`` "UTC", ...) is left out; read a missing field as its
+    default."""
+
     seq: int
     user: User | None
     workspace: WorkspaceInfo | None
@@ -772,20 +794,44 @@ class BootstrapData(Data):
                     "id": 4,
                     "kind": "public",
                     "name": "general",
-                    "topic": "",
-                    "archived": False,
                     "member_count": 40,
                     "last_seq": 119,
                     "last_ts": 1764348000000,
                     "last_read_seq": 117,
                     "unread": 2,
                     "mentions": 1,
-                    "dm_user_ids": [],
+                },
+                {
+                    "id": 9,
+                    "kind": "dm",
+                    "name": "dm-2-3",
+                    "member_count": 2,
+                    "dm_user_ids": [3],
+                },
+            ],
+            "users": [
+                {
+                    "id": 3,
+                    "workspace_id": 1,
+                    "handle": "grace",
+                    "display_name": "Grace",
+                    "real_name": "Grace Hopper",
+                    "role": "member",
                 }
             ],
-            "users": [],
         }
     ]
+
+    @model_serializer(mode="wrap")
+    def _slim(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        out: dict[str, Any] = handler(self)
+        if out.get("user") is not None:
+            out["user"] = _without_defaults(out["user"], User)
+        if out.get("users"):
+            out["users"] = [_without_defaults(u, User) for u in out["users"]]
+        if out.get("channels"):
+            out["channels"] = [_without_defaults(c, BootstrapChannel) for c in out["channels"]]
+        return out
 
 
 class ChannelList(Data):

@@ -835,3 +835,27 @@ def test_random_changes_match_the_reference_and_a_fresh_load(seed: int) -> None:
                         assert c.kind in ("public", "private")
                         assert ref.channels_info(uid, c.id).channel == c
             assert cache.recent_contacts(uid) == fresh.recent_contacts(uid)
+
+
+def test_bootstrap_leaves_default_values_out_and_reads_back_the_same() -> None:
+    from chat import wire
+
+    user = wire.User(id=2, workspace_id=1, handle="ada", display_name="Ada", role="member")
+    channel = wire.BootstrapChannel(id=4, kind="public", name="general", member_count=3)
+    dm = wire.BootstrapChannel(
+        id=5, kind="dm", name="dm", member_count=2, unread=1, dm_user_ids=[3], last_ts=7
+    )
+    data = wire.BootstrapData(
+        seq=9, user=user, workspace=None, channels=[channel, dm], users=[user]
+    )
+    dumped = data.model_dump(mode="json")
+    assert dumped["channels"][0] == {
+        "id": 4,
+        "kind": "public",
+        "name": "general",
+        "member_count": 3,
+    }
+    assert dumped["channels"][1]["dm_user_ids"] == [3] and "topic" not in dumped["channels"][1]
+    assert "tz" not in dumped["user"] and "avatar_url" not in dumped["users"][0]
+    assert dumped["workspace"] is None  # parts not asked for stay, as null
+    assert wire.BootstrapData.model_validate(dumped) == data
