@@ -57,9 +57,9 @@ from __future__ import annotations
 import bisect
 import heapq
 import re
-from collections.abc import Callable, Collection, Iterable, Sequence, Set
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from itertools import chain
+from itertools import islice
 
 from chat.wire import Channel, User
 from flannel.text import fold, words
@@ -67,13 +67,29 @@ from flannel.text import fold, words
 MAX_LIMIT = 50
 DEFAULT_LIMIT = 10
 
-# Joins an entry's name keys into one string, so "does any key start with q" is one substring
-# search: ("\0" + q) in "\0jose\0garcia". The wire refuses NUL in names and queries; _key()
-# strips it anyway, so the test stays exact whatever reaches the index.
+# NUL joins an entry's name keys into one string, so "does any key start with q" is one
+# substring search: ("\0" + q) in "\0jose\0garcia"; and it ends the name in a sort key (see
+# _sort_key). The wire refuses NUL in names and queries; _key() strips it anyway, so both stay
+# exact whatever reaches the index.
 _SEP = "\x00"
+_ID_DIGITS = 20  # ids are positive 64-bit integers (wire.Id): at most 19 digits
 
 # Channel names split on these into words: "eng-backend_ops.eu" -> eng, backend, ops, eu.
 _CHANNEL_WORD_SEP = re.compile(r"[\s\-_.]+")
+
+# The cost model's relative prices, per item, measured with bench/autocomplete.py: a row of a
+# range sliced and heapified, or intersected with a set, in C, is 1 (about 30 ns).
+_WALK_STEP = 3  # a row of a walk over the handle range: list item, one or two set tests
+_MEMBER_TEST = 10  # a channel member's keys tested: dict lookup, prefix and substring tests
+_FOUND_STEP = 10  # a member found by intersection, ranked: dict lookup, into a heap
+_STREAM_STEP = 15  # a name-only match taken in order: heap pop, id parsed, set tests
+
+# Name ranges of _LONG_RANGE rows or more ("김" in a Korean workspace: a fifth of it) keep
+# the sort keys of their first _CACHED name-only matches, for at most _CACHED_QUERIES
+# queries: such a query costs O(range) once, then O(limit) until a name under it changes.
+_LONG_RANGE = 1024
+_CACHED = 128  # MAX_LIMIT and room for the ids a query skips (higher tiers, excluded)
+_CACHED_QUERIES = 4096
 
 
 def clamp_limit(limit: int) -> int:
@@ -84,6 +100,18 @@ def clamp_limit(limit: int) -> int:
 def _key(s: str) -> str:
     k = fold(s)
     return k.replace(_SEP, "") if _SEP in k else k
+
+
+def _sort_key(name: str, id_: int) -> str:
+    """``name`` (folded) then ``id_``, as one string: "ada\0" and 20 digits. NUL sorts below
+    every character of a key, so these order like (name, id) tuples, at the price of one
+    string comparison instead of a tuple's; and it starts with ``q`` exactly when ``name``
+    does."""
+    return f"{name}{_SEP}{id_:0{_ID_DIGITS}d}"
+
+
+def _id_of(sort_key: str) -> int:
+    return int(sort_key[-_ID_DIGITS:])
 
 
 def _prefix_end(q: str) -> str | None:
@@ -97,33 +125,34 @@ def _prefix_end(q: str) -> str | None:
 
 
 class _SortedKeys:
-    """(key, id) pairs ordered by key then id, kept as two parallel lists so that ``bisect``
-    compares strings directly (no tuple per step) and a pair costs two list slots."""
+    """Rows (key, sort key, id) ordered by key then sort key, as three parallel lists: bisect
+    compares strings directly, a range of sort keys or ids is one C-level slice, a row costs
+    three list slots and no object of its own."""
 
-    __slots__ = ("ids", "keys")
+    __slots__ = ("ids", "keys", "skeys")
 
-    def __init__(self, pairs: Iterable[tuple[str, int]] = ()) -> None:
-        ordered = sorted(pairs)
-        self.keys: list[str] = [k for k, _ in ordered]
-        self.ids: list[int] = [i for _, i in ordered]
+    def __init__(self, rows: Iterable[tuple[str, str, int]] = ()) -> None:
+        ordered = sorted(rows)
+        self.keys: list[str] = [k for k, _, _ in ordered]
+        self.skeys: list[str] = [s for _, s, _ in ordered]
+        self.ids: list[int] = [i for _, _, i in ordered]
 
-    def __len__(self) -> int:
-        return len(self.keys)
-
-    def _place(self, key: str, id_: int) -> int:
+    def _place(self, key: str, skey: str) -> int:
         lo = bisect.bisect_left(self.keys, key)
         hi = bisect.bisect_right(self.keys, key, lo)
-        return bisect.bisect_left(self.ids, id_, lo, hi)
+        return bisect.bisect_left(self.skeys, skey, lo, hi)
 
-    def add(self, key: str, id_: int) -> None:
-        i = self._place(key, id_)
+    def add(self, key: str, skey: str, id_: int) -> None:
+        i = self._place(key, skey)
         self.keys.insert(i, key)
+        self.skeys.insert(i, skey)
         self.ids.insert(i, id_)
 
-    def discard(self, key: str, id_: int) -> None:
-        i = self._place(key, id_)
-        if i < len(self.keys) and self.ids[i] == id_ and self.keys[i] == key:
+    def discard(self, key: str, skey: str) -> None:
+        i = self._place(key, skey)
+        if i < len(self.keys) and self.keys[i] == key and self.skeys[i] == skey:
             del self.keys[i]
+            del self.skeys[i]
             del self.ids[i]
 
     def prefix(self, q: str) -> tuple[int, int]:
@@ -138,14 +167,42 @@ class _SortedKeys:
         lo = bisect.bisect_left(self.keys, q)
         return lo, bisect.bisect_right(self.keys, q, lo)
 
+    def ordered(self, lo: int, hi: int) -> Iterator[str]:
+        """The sort keys of rows lo..hi, smallest first. A short range is heapified (O(R) in
+        C, then a pop per key taken); a long one is sorted: its rows come in runs already
+        sorted (one per key), which Timsort merges, and a heap's sifting through that many
+        scattered strings costs more."""
+        if hi - lo >= _LONG_RANGE:
+            yield from sorted(self.skeys[lo:hi])
+            return
+        heap = self.skeys[lo:hi]
+        heapq.heapify(heap)
+        while heap:
+            yield heapq.heappop(heap)
 
-def _update(index: _SortedKeys, id_: int, old: Collection[str], new: Collection[str]) -> None:
-    for k in old:
-        if k not in new:
-            index.discard(k, id_)
-    for k in new:
-        if k not in old:
-            index.add(k, id_)
+
+def _name_only(q: str, ordered: Iterator[str]) -> Iterator[str]:
+    """The sort keys in ``ordered`` (a range's, in order) whose name (a user's handle, a
+    channel's name) does not start with ``q``, each once: an entry comes once per key of
+    its in the range, and those are adjacent."""
+    last = ""
+    for skey in ordered:
+        if skey != last:
+            last = skey
+            if not skey.startswith(q):
+                yield skey
+
+
+class _First:
+    """The first name-only matches of a query with a long name range: ``skeys`` are the
+    smallest sort keys of users matched by a name key but not by the handle, in order;
+    ``whole``: there are no others."""
+
+    __slots__ = ("skeys", "whole")
+
+    def __init__(self, skeys: list[str], whole: bool) -> None:
+        self.skeys = skeys
+        self.whole = whole
 
 
 # --------------------------------------------------------------------------- users
@@ -154,18 +211,17 @@ def _update(index: _SortedKeys, id_: int, old: Collection[str], new: Collection[
 @dataclass(frozen=True, slots=True)
 class _UserKeys:
     handle: str  # folded
+    skey: str  # _sort_key(handle, id)
     names: tuple[str, ...]  # folded display name, its words, the real name's words
     joined: str  # _SEP + _SEP.join(names)
 
-    def matches(self, q: str) -> bool:
-        return self.handle.startswith(q) or (_SEP + q) in self.joined
-
 
 def _user_keys(user: User) -> _UserKeys:
+    handle = _key(user.handle)
     display = _key(user.display_name)
     names = [display, *words(display), *words(_key(user.real_name))]
     unique = tuple(k for k in dict.fromkeys(names) if k)
-    return _UserKeys(_key(user.handle), unique, _SEP + _SEP.join(unique))
+    return _UserKeys(handle, _sort_key(handle, user.id), unique, _SEP + _SEP.join(unique))
 
 
 class UserIndex:
@@ -181,8 +237,11 @@ class UserIndex:
             else:
                 self._users[user.id] = _user_keys(user)
         entries = self._users.items()
-        self._handles = _SortedKeys((e.handle, uid) for uid, e in entries)
-        self._names = _SortedKeys((k, uid) for uid, e in entries for k in e.names)
+        self._handles = _SortedKeys((e.handle, e.skey, uid) for uid, e in entries)
+        self._names = _SortedKeys((k, e.skey, uid) for uid, e in entries for k in e.names)
+        # For a query whose name range is long (_LONG_RANGE rows or more): its first
+        # name-only matches, filled by the first such query, kept true by _recache.
+        self._first: dict[str, _First] = {}
 
     def __len__(self) -> int:
         return len(self._users)
@@ -191,34 +250,63 @@ class UserIndex:
         return user_id in self._users
 
     def upsert(self, user: User) -> None:
-        """Add ``user`` or replace its keys; a deactivated user is removed. Only keys that
-        changed are touched."""
+        """Add ``user`` or replace its keys; a deactivated user is removed. Only rows whose
+        key changed are moved."""
         old = self._users.get(user.id)
         new = None if user.deactivated else _user_keys(user)
         if old == new:
             return
         uid = user.id
-        old_handle = (old.handle,) if old is not None else ()
-        new_handle = (new.handle,) if new is not None else ()
-        _update(self._handles, uid, old_handle, new_handle)
-        _update(
-            self._names,
-            uid,
-            frozenset(old.names) if old is not None else frozenset(),
-            frozenset(new.names) if new is not None else frozenset(),
-        )
+        if old is not None and (new is None or new.skey != old.skey):
+            self.remove(uid)  # the handle changed: every row's sort key did
+            old = None
         if new is None:
-            del self._users[uid]
-        else:
-            self._users[uid] = new
+            return
+        self._users[uid] = new
+        if old is None:
+            self._handles.add(new.handle, new.skey, uid)
+        for k in old.names if old is not None else ():
+            if k not in new.names:
+                self._names.discard(k, new.skey)
+                self._recache(k, new.skey, new)
+        for k in new.names:
+            if old is None or k not in old.names:
+                self._names.add(k, new.skey, uid)
+                self._recache(k, new.skey, new)
 
     def remove(self, user_id: int) -> None:
         """Forget ``user_id`` (no error if it is not indexed)."""
         old = self._users.pop(user_id, None)
         if old is not None:
-            self._handles.discard(old.handle, user_id)
+            self._handles.discard(old.handle, old.skey)
             for k in old.names:
-                self._names.discard(k, user_id)
+                self._names.discard(k, old.skey)
+                self._recache(k, old.skey, None)
+
+    def _recache(self, key: str, skey: str, now: _UserKeys | None) -> None:
+        """A name row (``key``, ``skey``) came or went; ``now``: the user's keys after the
+        change (None: removed). Brings the cached first matches of every prefix of ``key``
+        up to date: O(len(key)) dict lookups, a bisect and a short list insert or delete."""
+        if not self._first:
+            return
+        for i in range(1, len(key) + 1):
+            p = key[:i]
+            first = self._first.get(p)
+            if first is None:
+                continue
+            wanted = now is not None and not now.handle.startswith(p) and _SEP + p in now.joined
+            skeys = first.skeys
+            j = bisect.bisect_left(skeys, skey)
+            there = j < len(skeys) and skeys[j] == skey
+            if wanted and not there and (first.whole or skey < skeys[-1]):
+                skeys.insert(j, skey)  # the smallest len(skeys) still, whole or not
+                if len(skeys) > _CACHED:
+                    skeys.pop()
+                    first.whole = False
+            elif there and not wanted:
+                del skeys[j]
+                if not first.whole and len(skeys) < _CACHED // 2:
+                    del self._first[p]  # too few left to answer from: filled again if asked
 
     def complete(
         self,
@@ -231,9 +319,9 @@ class UserIndex:
     ) -> list[int]:
         """Ids of the users matching ``query``, best first (the tiers of the module docstring),
         at most ``limit`` (clamped to 1..MAX_LIMIT). ``channel_members``: the current
-        channel's members (pass a set: it is tested for membership; another collection is
-        copied into one). ``recent``: people the caller talked to recently, most relevant
-        first. ``exclude``: ids never returned (e.g. the caller)."""
+        channel's members (pass a set or frozenset; another collection is copied into one).
+        ``recent``: people the caller talked to recently, most relevant first. ``exclude``:
+        ids never returned (e.g. the caller)."""
         n = clamp_limit(limit)
         q = _key(query)
         out: list[int] = []
@@ -250,43 +338,48 @@ class UserIndex:
                         return out
         if channel_members:  # tier 2
             members = (
-                channel_members if isinstance(channel_members, Set) else frozenset(channel_members)
+                channel_members
+                if isinstance(channel_members, set | frozenset)
+                else frozenset(channel_members)
             )
             self._members_tier(q, members, n, out, seen)
             if len(out) == n:
                 return out
         # Past tier 2, every matching member is in ``out``: tier 2 stops only when full.
+        needle = _SEP + q
         for uid in recent:  # tier 3
-            if uid not in seen:
-                entry = self._users.get(uid)
-                if entry is not None and entry.matches(q):
-                    out.append(uid)
-                    seen.add(uid)
-                    if len(out) == n:
-                        return out
+            e = self._users.get(uid)
+            if e is not None and uid not in seen and (e.handle.startswith(q) or needle in e.joined):
+                out.append(uid)
+                seen.add(uid)
+                if len(out) == n:
+                    return out
         self._everyone_tier(q, n, out, seen)  # tier 4
         return out
 
     # Tier 2 and tier 4 append to ``out`` (and ``seen``) until it holds ``n`` ids.
 
     def _members_tier(
-        self, q: str, members: Set[int], n: int, out: list[int], seen: set[int]
+        self, q: str, members: set[int] | frozenset[int], n: int, out: list[int], seen: set[int]
     ) -> None:
-        hlo, hhi = self._handles.prefix(q)
-        nlo, nhi = self._names.prefix(q) if q else (0, 0)
-        if self._scan_members(len(members), n - len(out), hhi - hlo, nhi - nlo):
-            cands: list[tuple[int, str, int]] = []
+        handles, names = self._handles, self._names
+        hlo, hhi = handles.prefix(q)
+        nlo, nhi = names.prefix(q) if q else (0, 0)
+        if self._scan_members(len(members), n - len(out), hhi - hlo, nhi - nlo, q):
+            needle = _SEP + q
+            cands: list[tuple[int, str]] = []
             for uid in members:
-                if uid not in seen and (entry := self._users.get(uid)) is not None:
-                    if entry.handle.startswith(q):
-                        cands.append((0, entry.handle, uid))
-                    elif (_SEP + q) in entry.joined:
-                        cands.append((1, entry.handle, uid))
-            for _, _, uid in heapq.nsmallest(n - len(out), cands):
+                if uid not in seen and (e := self._users.get(uid)) is not None:
+                    if e.handle.startswith(q):
+                        cands.append((0, e.skey))
+                    elif needle in e.joined:
+                        cands.append((1, e.skey))
+            for _, skey in heapq.nsmallest(n - len(out), cands):
+                uid = _id_of(skey)
                 out.append(uid)
                 seen.add(uid)
             return
-        ids = self._handles.ids
+        ids = handles.ids
         for i in range(hlo, hhi):  # handle-prefix matches, already in order
             uid = ids[i]
             if uid in members and uid not in seen:
@@ -294,13 +387,24 @@ class UserIndex:
                 seen.add(uid)
                 if len(out) == n:
                     return
-        found: set[int] = set()
-        ids = self._names.ids
-        for i in range(nlo, nhi):  # name-word matches, to be ordered by handle
-            uid = ids[i]
-            if uid in members and uid not in seen:
-                found.add(uid)
-        self._take_by_handle(q, found, n, out, seen)
+        if nlo == nhi:
+            return
+        # Name-only matches. Every handle-prefix member is in ``seen`` by now.
+        if self._stream_members(len(members), n - len(out), nhi - nlo, q):
+            for skey in self._name_only(q, nlo, nhi):
+                uid = _id_of(skey)
+                if uid in members and uid not in seen:
+                    out.append(uid)
+                    seen.add(uid)
+                    if len(out) == n:
+                        return
+            return
+        found = members.intersection(names.ids[nlo:nhi]) - seen
+        users = self._users
+        for skey in heapq.nsmallest(n - len(out), [users[uid].skey for uid in found]):
+            uid = _id_of(skey)
+            out.append(uid)
+            seen.add(uid)
 
     def _everyone_tier(self, q: str, n: int, out: list[int], seen: set[int]) -> None:
         handles = self._handles
@@ -315,67 +419,69 @@ class UserIndex:
         if not q:
             return  # the empty query matched every handle above
         nlo, nhi = self._names.prefix(q)
-        if nlo == nhi:
-            return
-        if self._walk_handles(n - len(out), nhi - nlo):
-            # Users in handle order, but for the handle-prefix range just done: the first
-            # matches found are the ones wanted. Capped at the size of the name range.
-            needle = _SEP + q
-            users = self._users
-            got: list[int] = []
-            budget = nhi - nlo
-            for i in chain(range(hlo), range(hhi, len(handles))):
-                budget -= 1
-                if budget < 0:
-                    break
-                uid = handles.ids[i]
-                if uid not in seen and needle in users[uid].joined:
-                    got.append(uid)
-                    if len(out) + len(got) == n:
-                        break
-            else:
-                budget = 0  # walked every user: ``got`` is complete
-            if budget >= 0:
-                out.extend(got)
-                seen.update(got)
-                return
-        found: set[int] = set()
-        ids = self._names.ids
-        for i in range(nlo, nhi):
-            uid = ids[i]
+        for skey in self._name_only(q, nlo, nhi):
+            uid = _id_of(skey)
             if uid not in seen:
-                found.add(uid)
-        self._take_by_handle(q, found, n, out, seen)
+                out.append(uid)
+                seen.add(uid)
+                if len(out) == n:
+                    return
 
-    def _take_by_handle(
-        self, q: str, found: Iterable[int], n: int, out: list[int], seen: set[int]
-    ) -> None:
-        """Append the name-word matches among ``found`` (handle not a prefix match), by
-        folded handle then id, until ``out`` holds ``n``."""
-        users = self._users
-        cands = [(e.handle, uid) for uid in found if not (e := users[uid]).handle.startswith(q)]
-        for _, uid in heapq.nsmallest(n - len(out), cands):
-            out.append(uid)
-            seen.add(uid)
+    def _name_only(self, q: str, lo: int, hi: int) -> Iterator[str]:
+        """The name-only matches of ``q`` (name rows lo..hi), smallest sort key first. A long
+        range answers from its cached first _CACHED, filling them if needed."""
+        if hi - lo < _LONG_RANGE:
+            yield from _name_only(q, self._names.ordered(lo, hi))
+            return
+        first = self._first.get(q)
+        if first is None:
+            skeys = list(islice(_name_only(q, self._names.ordered(lo, hi)), _CACHED + 1))
+            first = _First(skeys[:_CACHED], len(skeys) <= _CACHED)
+            if len(self._first) >= _CACHED_QUERIES:
+                del self._first[next(iter(self._first))]  # the oldest
+            self._first[q] = first
+        yield from first.skeys
+        if not first.whole:  # rare: more wanted than cached (many skipped or not members)
+            last = first.skeys[-1]
+            for skey in _name_only(q, self._names.ordered(lo, hi)):
+                if skey > last:
+                    yield skey
 
-    # The two cost decisions, apart so that tests can force each way.
+    # The cost decisions of tier 2, apart so that tests can force each way. Units: one row of
+    # a range sliced and heapified, or intersected, in C; _WALK_STEP etc. are loops in Python.
 
-    def _scan_members(self, members: int, wanted: int, handle_range: int, name_range: int) -> bool:
-        """Tier 2: cheaper to test each member's keys than to walk the prefix ranges testing
-        membership? Assumes members spread over the ranges like over the whole index."""
+    def _scan_members(
+        self, members: int, wanted: int, handle_range: int, name_range: int, q: str
+    ) -> bool:
+        """Cheaper to test each member's keys than to use the ranges (walk the handle range
+        testing membership until ``wanted``, then the name-only matches)? Assumes members
+        are spread over the ranges as over the whole index."""
         total = len(self._users)
         if total == 0:
             return True
         density = min(1.0, members / total)
-        walk = min(float(handle_range), wanted / density)
+        ranges = _WALK_STEP * min(float(handle_range), wanted / density)
         if handle_range * density < wanted:  # handle matches will not do: the names too
-            walk += name_range
-        return members < walk
+            ranges += min(
+                self._stream_cost(density, wanted, name_range, q),
+                self._intersect_cost(density, name_range),
+            )
+        return _MEMBER_TEST * members < ranges
 
-    def _walk_handles(self, wanted: int, name_range: int) -> bool:
-        """Tier 4 name-word matches: cheaper to walk users in handle order until ``wanted``
-        matches (about wanted * N / R steps) than to collect the R keys of the range?"""
-        return wanted * len(self._users) < name_range * name_range
+    def _stream_members(self, members: int, wanted: int, name_range: int, q: str) -> bool:
+        """For the name-only matches: cheaper to go through them in order testing membership
+        until ``wanted`` than to intersect the whole name range with the members?"""
+        density = min(1.0, members / max(1, len(self._users)))
+        stream = self._stream_cost(density, wanted, name_range, q)
+        return stream < self._intersect_cost(density, name_range)
+
+    def _stream_cost(self, density: float, wanted: int, name_range: int, q: str) -> float:
+        setup = 0 if name_range >= _LONG_RANGE and q in self._first else name_range
+        return setup + _STREAM_STEP * min(float(name_range), wanted / density)
+
+    @staticmethod
+    def _intersect_cost(density: float, name_range: int) -> float:
+        return name_range + _FOUND_STEP * name_range * density
 
 
 # --------------------------------------------------------------------------- channels
@@ -384,6 +490,7 @@ class UserIndex:
 @dataclass(frozen=True, slots=True)
 class _ChannelKeys:
     name: str  # folded
+    skey: str  # _sort_key(name, id)
     words: tuple[str, ...]  # words of the folded name, but the name itself
     archived: bool
 
@@ -391,7 +498,9 @@ class _ChannelKeys:
 def _channel_keys(channel: Channel) -> _ChannelKeys:
     name = _key(channel.name)
     parts = (w for w in _CHANNEL_WORD_SEP.split(name) if w and w != name)
-    return _ChannelKeys(name, tuple(dict.fromkeys(parts)), channel.archived)
+    return _ChannelKeys(
+        name, _sort_key(name, channel.id), tuple(dict.fromkeys(parts)), channel.archived
+    )
 
 
 class _ChannelGroup:
@@ -401,18 +510,18 @@ class _ChannelGroup:
 
     def __init__(self, entries: Iterable[tuple[int, _ChannelKeys]] = ()) -> None:
         listed = list(entries)
-        self.names = _SortedKeys((e.name, cid) for cid, e in listed)
-        self.words = _SortedKeys((w, cid) for cid, e in listed for w in e.words)
+        self.names = _SortedKeys((e.name, e.skey, cid) for cid, e in listed)
+        self.words = _SortedKeys((w, e.skey, cid) for cid, e in listed for w in e.words)
 
     def add(self, cid: int, entry: _ChannelKeys) -> None:
-        self.names.add(entry.name, cid)
+        self.names.add(entry.name, entry.skey, cid)
         for w in entry.words:
-            self.words.add(w, cid)
+            self.words.add(w, entry.skey, cid)
 
-    def discard(self, cid: int, entry: _ChannelKeys) -> None:
-        self.names.discard(entry.name, cid)
+    def discard(self, entry: _ChannelKeys) -> None:
+        self.names.discard(entry.name, entry.skey)
         for w in entry.words:
-            self.words.discard(w, cid)
+            self.words.discard(w, entry.skey)
 
 
 class ChannelIndex:
@@ -452,7 +561,7 @@ class ChannelIndex:
         if old == new:
             return
         if old is not None:
-            self._group(old).discard(channel.id, old)
+            self._group(old).discard(old)
         self._group(new).add(channel.id, new)
         self._channels[channel.id] = new
 
@@ -460,7 +569,7 @@ class ChannelIndex:
         """Forget ``channel_id`` (no error if it is not indexed)."""
         old = self._channels.pop(channel_id, None)
         if old is not None:
-            self._group(old).discard(channel_id, old)
+            self._group(old).discard(old)
 
     def complete(
         self, query: str, *, limit: int = DEFAULT_LIMIT, visible: Callable[[int], bool]
@@ -468,7 +577,7 @@ class ChannelIndex:
         """Ids of the channels matching ``query`` that ``visible(id)`` allows, live before
         archived, at most ``limit`` (clamped to 1..MAX_LIMIT). ``visible`` is the caller's
         rule (public, or private and a member); it is called only for matching channels,
-        and at most once each."""
+        at most once each, and not past the last one returned."""
         n = clamp_limit(limit)
         q = _key(query)
         out: list[int] = []
@@ -484,16 +593,10 @@ class ChannelIndex:
             if not q:
                 continue
             lo, hi = group.words.prefix(q)
-            tested: set[int] = set()
-            cands: list[tuple[str, int]] = []
-            for i in range(lo, hi):
-                cid = group.words.ids[i]
-                if cid not in tested:
-                    tested.add(cid)
-                    name = self._channels[cid].name
-                    if not name.startswith(q) and visible(cid):
-                        cands.append((name, cid))
-            out.extend(cid for _, cid in heapq.nsmallest(n - len(out), cands))
-            if len(out) == n:
-                return out
+            for skey in _name_only(q, group.words.ordered(lo, hi)):  # word-only matches
+                cid = _id_of(skey)
+                if visible(cid):
+                    out.append(cid)
+                    if len(out) == n:
+                        return out
         return out
