@@ -35,6 +35,9 @@ class FlannelSettings(FrontSettings):
     service_key: str = ""
     # How long an upstream request (attach, snapshot, subscribe, replay, load) may take.
     upstream_timeout_s: float = Field(default=10.0, gt=0)
+    # A workspace's load (every user, channel and membership): a 100,000-user workspace is
+    # tens of megabytes.
+    upstream_load_timeout_s: float = Field(default=60.0, gt=0)
     # Reconnecting a lost upstream connection: exponential backoff with full jitter.
     upstream_backoff_s: float = Field(default=0.2, gt=0)
     upstream_backoff_cap_s: float = Field(default=5.0, gt=0)

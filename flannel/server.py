@@ -84,6 +84,7 @@ class Edge(Front):
             key=settings.key,
             node_id=settings.node_id,
             timeout_s=settings.upstream_timeout_s,
+            load_timeout_s=settings.upstream_load_timeout_s,
             backoff_s=settings.upstream_backoff_s,
             backoff_cap_s=settings.upstream_backoff_cap_s,
             ping_interval_s=settings.ping_interval_s,

@@ -212,13 +212,15 @@ class _Link:
         except websockets.ConnectionClosed:
             raise UpstreamUnavailable("the upstream connection was lost") from None
 
-    async def call(self, kind: str, key: int, frame: dict[str, Any]) -> Any:
+    async def call(
+        self, kind: str, key: int, frame: dict[str, Any], *, timeout: float | None = None
+    ) -> Any:
         """Send a frame and wait for the answer keyed by its ``sid`` or ``rid``."""
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self.waiting[(kind, key)] = future
         try:
             await self.send(frame)
-            async with asyncio.timeout(self.upstream.timeout_s):
+            async with asyncio.timeout(timeout or self.upstream.timeout_s):
                 return await future
         except TimeoutError:
             raise UpstreamUnavailable("the chat tier did not answer in time") from None
@@ -333,6 +335,7 @@ class Upstream:
         key: tuple[str, str],
         node_id: str,
         timeout_s: float = 10.0,
+        load_timeout_s: float = 60.0,
         backoff_s: float = 0.2,
         backoff_cap_s: float = 5.0,
         ping_interval_s: float = 20.0,
@@ -343,6 +346,7 @@ class Upstream:
         self.key = key
         self.node_id = node_id
         self.timeout_s = timeout_s
+        self.load_timeout_s = load_timeout_s
         self.backoff_s = backoff_s
         self.backoff_cap_s = backoff_cap_s
         self.ping_interval_s = ping_interval_s
@@ -602,7 +606,10 @@ class Upstream:
         link = await self._up(self._link(workspace_id))
         rid = self.next_rid()
         answer = await link.call(
-            "rid", rid, {"type": "load", "rid": rid, "workspace_id": workspace_id}
+            "rid",
+            rid,
+            {"type": "load", "rid": rid, "workspace_id": workspace_id},
+            timeout=self.load_timeout_s,
         )
         if isinstance(answer, wire.Failed):
             raise UpstreamUnavailable(f"{answer.code}: {answer.message}")
