@@ -33,9 +33,12 @@ import pytest
 import websockets
 from websockets.exceptions import InvalidStatus
 
-from chat import credentials, service_frames
+from chat import credentials, service_frames, wire
 from chat.client import Backoff, Client, RequestError, ResilientClient, goodbye_hint
-from chat.storage import Database, open_database
+from chat.errors import ChatError
+from chat.storage import Database, open_database, queries
+from flannel import answers
+from flannel.cache import WorkspaceCache
 from tests.cluster import SERVICE_KID, SERVICE_SECRET, Cluster
 from tests.conftest import MakeCluster
 from tests.timing import scaled
@@ -690,3 +693,373 @@ async def test_d_every_user_gets_the_same_events_through_flannel_as_straight(
             compared += len(events_f)
         assert compared > DIFFERENTIAL_STEPS
         print(f"differential: {dict(workload.done)}, refused {dict(workload.refused)}")
+
+
+# --------------------------------------------------------------------------- e. stale state
+
+
+Answer = tuple[str, Any]  # ("reply", data) or ("error", code)
+
+
+async def ask(client: Client, kind: str, fields: dict[str, Any]) -> Answer:
+    frame = await client.request_frame(kind, timeout=scaled(20), **fields)
+    if frame["type"] == "error":
+        return ("error", frame["code"])
+    return ("reply", frame["data"])
+
+
+def answer_from(
+    cache: WorkspaceCache, user_id: int, kind: str, fields: dict[str, Any], counts: Any
+) -> Answer:
+    """What ``flannel.answers`` says from ``cache``, shaped like :func:`ask`'s result."""
+    request = wire.CLIENT_FRAME_ADAPTER.validate_python({"type": kind, "id": "1", **fields})
+    try:
+        if kind == "bootstrap":
+            data = answers.bootstrap(cache, user_id, fields.get("parts"), counts)
+        else:
+            data = PURE_ANSWERS[kind](cache, user_id, request)
+    except ChatError as exc:
+        return ("error", exc.code.value)
+    return ("reply", data.model_dump(mode="json"))
+
+
+PURE_ANSWERS: dict[str, Callable[[WorkspaceCache, int, Any], Any]] = {
+    "users.info": answers.users_info,
+    "channels.info": answers.channels_info,
+    "channels.members": answers.channels_members,
+    "users.autocomplete": answers.users_autocomplete,
+    "channels.autocomplete": answers.channels_autocomplete,
+}
+QUERIES = ("", "a", "al", "b", "ca", "jo", "jose", "zoe", "wa", "王", "gen", "pri", "x9")
+NAMES = (
+    ("José Álvarez", "José María Álvarez"),
+    ("Zoë", "Zoë Kravitz"),
+    ("王小明", "王 小明"),
+    ("Ålice", "Ålice Liddell"),
+    ("bob the builder", ""),
+    ("Carol", "Carol Danvers"),
+    ("jo", "Jo March"),
+    ("Gene", "Gene Kranz"),
+)
+WORDS = ("general", "private", "ops", "jose", "zoe", "gen", "alpha", "wagon")
+
+
+def requests_for(
+    cache: WorkspaceCache, channel_ids: Iterable[int]
+) -> list[tuple[str, dict[str, Any]]]:
+    """Every request the comparison makes of one observer, from the fresh cache's ids."""
+    nowhere = max([*cache.users, *cache.channel_ids()]) + 1000
+    out: list[tuple[str, dict[str, Any]]] = [
+        ("users.info", {"user_ids": [*sorted(cache.users), nowhere]}),
+        ("bootstrap", {}),
+        ("bootstrap", {"parts": ["channels", "users"]}),
+    ]
+    for cid in [*sorted(cache.channel_ids()), nowhere]:
+        out.append(("channels.info", {"channel_id": cid}))
+        out.append(("channels.members", {"channel_id": cid, "limit": 3}))
+        out.append(("channels.members", {"channel_id": cid, "limit": 3, "cursor": 2}))
+        out.append(("channels.members", {"channel_id": cid, "limit": 1000}))
+    for q in QUERIES:
+        out.append(("users.autocomplete", {"query": q, "limit": 50}))
+        out.append(("channels.autocomplete", {"query": q, "limit": 50}))
+        for cid in channel_ids:
+            out.append(("users.autocomplete", {"query": q, "channel_id": cid, "limit": 5}))
+    return out
+
+
+@dataclass
+class Changes:
+    """A seeded random series of changes to one workspace, each made straight on a chat
+    node by a user allowed to make it (the owner, or the user concerned), chosen from its
+    own model of who and what exists (so nearly every change is accepted)."""
+
+    rng: random.Random
+    users: dict[str, int]
+    direct: dict[str, Client]
+    observers: set[str]  # never deactivated (their Flannel clients are compared)
+    rooms: dict[int, Room]
+    archived: set[int]
+    excluded: set[int]
+    roles: dict[int, str]
+    active: set[str] = field(default_factory=set)
+    done: Counter[str] = field(default_factory=Counter)
+    refused: Counter[str] = field(default_factory=Counter)
+
+    OPS = {
+        "profile": 6,
+        "role": 3,
+        "rename": 4,
+        "archive": 3,
+        "unarchive": 3,
+        "join": 4,
+        "leave": 4,
+        "create": 4,
+        "invite": 3,
+        "dm": 3,
+        "post": 4,
+        "deactivate": 1,
+    }
+
+    async def step(self, step: int) -> str:
+        op = self.rng.choices(list(self.OPS), weights=list(self.OPS.values()))[0]
+        try:
+            done: str = await getattr(self, f"_{op}")(step)
+        except RequestError as exc:
+            self.refused[f"{op}:{exc.code}"] += 1
+            return f"{op} (refused: {exc.code})"
+        self.done[done] += 1
+        return done
+
+    def _pick_user(self, *, staff_ok: bool = True, guest_ok: bool = True) -> str:
+        return self.rng.choice(
+            sorted(
+                h
+                for h in self.active
+                if (guest_ok or self.roles[self.users[h]] != "guest")
+                and (staff_ok or self.roles[self.users[h]] not in ("owner", "admin"))
+            )
+        )
+
+    def _channels(
+        self, *, archived: bool | None = None, kinds: tuple[str, ...] = ("public", "private")
+    ) -> list[int]:
+        return sorted(
+            cid
+            for cid, room in self.rooms.items()
+            if room.kind in kinds
+            and cid not in self.excluded
+            and (archived is None or (cid in self.archived) == archived)
+        )
+
+    async def _profile(self, step: int) -> str:
+        who = self._pick_user()
+        display, real = self.rng.choice(NAMES)
+        await self.direct[who].request(
+            "users.update_profile", display_name=f"{display} {step}", real_name=real
+        )
+        return "profile"
+
+    async def _role(self, step: int) -> str:
+        others = sorted(h for h in self.active if self.roles[self.users[h]] != "owner")
+        who = self.rng.choice(others)
+        role = self.rng.choice(("admin", "member", "guest"))
+        await self.direct["alice"].request("users.set_role", user_id=self.users[who], role=role)
+        self.roles[self.users[who]] = role
+        return "role"
+
+    def _manager(self, cid: int) -> Client:
+        """The channel's creator if still active (it may rename or archive it), else the
+        owner."""
+        creator = next(h for h, uid in self.users.items() if uid == self.rooms[cid].creator)
+        return self.direct[creator if creator in self.active else "alice"]
+
+    async def _rename(self, step: int) -> str:
+        cid = self.rng.choice(self._channels())
+        name = f"{self.rng.choice(WORDS)}-{step}"
+        await self._manager(cid).request("channels.update", channel_id=cid, name=name)
+        return "rename"
+
+    async def _archive(self, step: int) -> str:
+        choices = self._channels(archived=False)
+        if not choices:
+            return await self._unarchive(step)
+        cid = self.rng.choice(choices)
+        await self._manager(cid).request("channels.archive", channel_id=cid)
+        self.archived.add(cid)
+        return "archive"
+
+    async def _unarchive(self, step: int) -> str:
+        choices = self._channels(archived=True)
+        if not choices:
+            return await self._archive(step)
+        cid = self.rng.choice(choices)
+        await self._manager(cid).request("channels.unarchive", channel_id=cid)
+        self.archived.discard(cid)
+        return "unarchive"
+
+    async def _join(self, step: int) -> str:
+        who = self._pick_user(guest_ok=False)
+        uid = self.users[who]
+        choices = [
+            cid
+            for cid in self._channels(archived=False, kinds=("public",))
+            if uid not in self.rooms[cid].members
+        ]
+        if not choices:
+            return await self._leave(step)
+        cid = self.rng.choice(choices)
+        await self.direct[who].request("channels.join", channel_id=cid)
+        self.rooms[cid].members.add(uid)
+        return "join"
+
+    async def _leave(self, step: int) -> str:
+        who = self._pick_user()
+        uid = self.users[who]
+        choices = [cid for cid in self._channels() if uid in self.rooms[cid].members]
+        if not choices:
+            return await self._create(step)
+        cid = self.rng.choice(choices)
+        await self.direct[who].request("channels.leave", channel_id=cid)
+        self.rooms[cid].members.discard(uid)
+        return "leave"
+
+    async def _create(self, step: int) -> str:
+        who = self._pick_user(guest_ok=False)
+        private = self.rng.random() < 0.5
+        name = f"{self.rng.choice(WORDS)}-new-{step}"
+        reply = await self.direct[who].request("channels.create", name=name, private=private)
+        uid = self.users[who]
+        self.rooms[reply["channel"]["id"]] = Room("private" if private else "public", uid, {uid})
+        return "create"
+
+    async def _invite(self, step: int) -> str:
+        alice = self.users["alice"]
+        choices = [
+            cid
+            for cid in self._channels(archived=False)
+            if alice in self.rooms[cid].members
+            and {self.users[h] for h in self.active} - self.rooms[cid].members
+        ]
+        if not choices:
+            return await self._join(step)
+        cid = self.rng.choice(choices)
+        outside = sorted({self.users[h] for h in self.active} - self.rooms[cid].members)
+        invited = self.rng.sample(outside, k=min(2, len(outside)))
+        await self.direct["alice"].request("channels.invite", channel_id=cid, user_ids=invited)
+        self.rooms[cid].members.update(invited)
+        return "invite"
+
+    async def _dm(self, step: int) -> str:
+        who = self._pick_user()
+        partner = self.rng.choice(sorted(self.active - {who}))
+        channel = (await self.direct[who].request("dms.open", user_ids=[self.users[partner]]))[
+            "channel"
+        ]
+        self.rooms.setdefault(
+            channel["id"], Room("dm", self.users[who], {self.users[who], self.users[partner]})
+        )
+        await self.direct[who].post(channel["id"], f"dm {step}", f"dm{step}")
+        return "dm"
+
+    async def _post(self, step: int) -> str:
+        who = self._pick_user()
+        uid = self.users[who]
+        choices = [
+            cid
+            for cid, room in self.rooms.items()
+            if uid in room.members and cid not in self.archived and cid not in self.excluded
+        ]
+        if not choices:
+            return await self._dm(step)
+        await self.direct[who].post(self.rng.choice(sorted(choices)), f"post {step}", f"p{step}")
+        return "post"
+
+    async def _deactivate(self, step: int) -> str:
+        choices = sorted(self.active - self.observers - {"alice"})
+        if len(choices) <= 2:
+            return await self._profile(step)
+        who = self.rng.choice(choices)
+        await self.direct["alice"].request("users.deactivate", user_id=self.users[who])
+        self.active.discard(who)
+        return "deactivate"
+
+
+STALE_SEED = int(os.environ.get("CHAT_TEST_SEED", "1729"))
+STALE_STEPS = int(os.environ.get("CHAT_TEST_STEPS", "30"))
+
+
+@pytest.mark.timeout(300)
+async def test_e_after_every_change_flannel_answers_as_a_fresh_load_would(
+    make_flannel_cluster: MakeCluster,
+) -> None:
+    """After each change, a barrier message is posted and awaited by every observer (so
+    its Flannel node has applied the change's event, which comes before it); then every
+    look-up, autocomplete and bootstrap through Flannel must equal ``flannel.answers`` over
+    a :class:`WorkspaceCache` loaded fresh from PostgreSQL, and so must the chat node's own
+    answers (database look-ups; bootstrap and autocomplete from its in-process cache).
+    Observers: the owner, two members and a guest, on both Flannel nodes; their roles may
+    change, they are never deactivated."""
+    cluster = await make_flannel_cluster(seed=False, extra_env=FAST_CHAT, flannel_env=FAST_FLANNEL)
+    handles = ["alice", "bob", "carol", "dave", "erin", "frank", "gina", "hugo"]
+    seeded = await cluster.seed(handles=handles, channels=["general", "random", "barrier"])
+    users, wid = seeded.users, seeded.workspace_id
+    barrier, general = seeded.channels["barrier"], seeded.channels["general"]
+    roles = {uid: ("owner" if h == "alice" else "member") for h, uid in users.items()}
+    everyone = set(users.values())
+    rooms = {cid: Room("public", users["alice"], set(everyone)) for cid in seeded.channels.values()}
+
+    async with contextlib.AsyncExitStack() as stack, database(cluster) as db:
+        direct = {
+            h: await stack.enter_async_context(cluster.client(i % 2, h))
+            for i, h in enumerate(handles)
+        }
+        # Some variety before the observers arrive: a guest, a private channel, a DM.
+        await direct["alice"].request("users.set_role", user_id=users["erin"], role="guest")
+        roles[users["erin"]] = "guest"
+        secret = (await direct["alice"].request("channels.create", name="secret", private=True))[
+            "channel"
+        ]["id"]
+        await direct["alice"].request("channels.invite", channel_id=secret, user_ids=[users["bob"]])
+        rooms[secret] = Room("private", users["alice"], {users["alice"], users["bob"]})
+        dm = (await direct["bob"].request("dms.open", user_ids=[users["carol"]]))["channel"]["id"]
+        rooms[dm] = Room("dm", users["bob"], {users["bob"], users["carol"]})
+        await direct["bob"].post(dm, "hi carol", "dm0")
+
+        observers = {"alice": 0, "bob": 1, "erin": 0, "dave": 1}  # handle -> Flannel node
+        through = {
+            h: await stack.enter_async_context(cluster.flannel_client(i, h))
+            for h, i in observers.items()
+        }
+        seen = {h: record(c) for h, c in through.items()}
+        seen_straight = {h: record(direct[h]) for h in observers}
+        changes = Changes(
+            random.Random(STALE_SEED),
+            users,
+            direct,
+            set(observers),
+            rooms,
+            set(),
+            {barrier},
+            roles,
+            active=set(handles),
+        )
+
+        async def settle(what: str) -> None:
+            """Everything before the barrier post has reached every observer's Flannel
+            node and chat node (events are applied in order, before the client gets
+            them)."""
+            mid = (await direct["alice"].post(barrier, what, what))["message"]["id"]
+            for h in observers:
+                await posted(seen[h], mid, scaled(20), f"{h} through Flannel")
+                await posted(seen_straight[h], mid, scaled(20), f"{h} straight")
+
+        async def compare(step: int, what: str) -> int:
+            async with db.connection() as conn:
+                model = await queries.workspace_model(conn, wid)
+                assert model is not None
+                fresh = WorkspaceCache.from_model(wid, model)
+                counts = {h: await queries.unread_counts(conn, users[h]) for h in through}
+            compared = 0
+            for h, client in through.items():
+                uid = users[h]
+                asked = requests_for(fresh, [general, secret, dm])
+                got = await asyncio.gather(*(ask(client, k, f) for k, f in asked))
+                # The chat node answers the look-ups from its database, bootstrap and
+                # autocomplete from its own cache (chat/handlers/cached.py).
+                straight = await asyncio.gather(*(ask(direct[h], k, f) for k, f in asked))
+                for (kind, fields), answer, chat in zip(asked, got, straight, strict=True):
+                    want = answer_from(fresh, uid, kind, fields, counts[h])
+                    where = f"step {step} ({what}): {h} {kind} {fields}"
+                    assert answer == want, f"{where}\n  Flannel {answer}\n  fresh   {want}"
+                    assert chat == want, f"{where}\n  chat    {chat}\n  fresh   {want}"
+                    compared += 1
+            return compared
+
+        await settle("start")
+        compared = await compare(0, "start")
+        for step in range(1, STALE_STEPS + 1):
+            what = await changes.step(step)
+            await settle(f"after-{step}")
+            compared += await compare(step, what)
+        assert sum(changes.done.values()) >= STALE_STEPS * 3 // 4, changes.refused
+        print(f"stale state: {dict(changes.done)}, refused {dict(changes.refused)}, {compared}")
