@@ -8,8 +8,9 @@ and passes what depends on the caller (the current channel's members, recent con
 channels it may see) to each ``complete`` call.
 
 Matching. A query matches a key when the key starts with it, after both went through
-:func:`flannel.text.fold` (NFKD, casefold, combining marks dropped, NFC): "jose" finds "José",
-"zoe" finds "Zoë", "strasse" finds "Straße", "山田" finds "山田太郎". A user's keys are the
+:func:`flannel.text.fold` (NFKD, casefold, combining marks dropped, "ł"/"ø"/"æ"-like letters
+spelled plainly, NFC): "jose" finds "José", "zoe" finds "Zoë", "strasse" finds "Straße",
+"lukasz" finds "Łukasz", "山田" finds "山田太郎". A user's keys are the
 handle, the display name and each of its words, and each word of the real name
 (:func:`flannel.text.words`); a channel's keys are its name and the words of its name split on
 ``-``, ``_``, ``.`` and whitespace.
@@ -29,27 +30,36 @@ Channels: DMs and group DMs are never indexed (they have no #name); live channel
 archived ones; within each, a name that starts with the query before a match on a word, then
 by folded name, then by id; only channels for which the caller's ``visible(id)`` is true.
 
-Cost model (N users, K keys per user, about 4). Keys live in sorted lists (``bisect``): one of
-(folded handle, id), one of (name key, id). The keys that start with the query are one
-contiguous range, found in O(log NK). Handles in that range are already in the order tiers 2
-and 4 want, so their handle-prefix part stops as soon as ``limit`` users are found. Name-word
-matches must be ordered by handle; the index takes the cheaper of two ways:
+Cost model (N users, K name keys per user, about 3). Keys live in sorted lists searched with
+``bisect``: one row per user of (folded handle, sort key, id) and one per name key of (key,
+sort key, id), where a user's sort key is one string that orders like (folded handle, id). The
+rows whose key starts with the query are one contiguous range, found in O(log NK); call its
+length H for handles, R for names. Handles in their range are already in the order tiers 2
+and 4 want, so that part stops as soon as ``limit`` users are found. Name-only matches (a name
+key starts with the query, the handle does not) must be put in handle order:
 
-- tier 2: walk the prefix ranges testing channel membership (expected steps about
-  ``limit / density`` while handle matches suffice, plus the name range when they do not) or
-  test the keys of each member (one substring test on the member's joined keys). A 1-letter
-  query in a 1,000-member channel tests 1,000 members, not the tens of thousands of users
-  whose names start with that letter; a 3-letter one walks a range of a few dozen.
-- tier 4: collect the name range and take the ``limit`` smallest handles (R steps for a range
-  of R keys), or walk all users in handle order and stop at ``limit`` matches (about
-  ``limit * N / R`` steps, capped at R, after which it falls back to the range). Either way
-  at most about ``sqrt(limit * N)`` steps for a query whose matches are spread like names are.
+- tier 4 takes them in order from the range, heapified (R < 1,024) or sorted (the range comes
+  in runs already sorted, one per key, which Timsort merges); both O(R) or about, in C. A long
+  range (R >= 1,024: "a", or "김" in a Korean workspace) keeps its first 128 name-only matches,
+  filled by the first query that needs them and kept true by ``upsert``/``remove`` (a
+  bisect and a short list insert per prefix of a changed key), so later queries cost
+  O(limit): a few microseconds instead of a few milliseconds. At most 4,096 queries per
+  index are cached (about 1 KB each; the oldest goes first).
+- tier 2 takes the cheapest of three ways, by estimates that assume members are spread over
+  the index evenly (density = members / N): test each member's keys (one prefix test and
+  one substring test over the member's joined keys: O(members)); walk the handle range
+  testing membership (about ``limit / density`` steps), then either intersect the name range
+  with the member set in C (O(R)) or take name-only matches in order until ``limit`` are
+  members (about ``limit / density``, nearly free when cached). A 1-letter query in a
+  1,000-member channel of 100,000 tests at most the 1,000 members, not the tens of thousands
+  of users whose names start with that letter; in a channel of everyone it stops after
+  ``limit`` matches.
 
-``upsert`` touches only the keys that changed (a new avatar or time zone costs a dict lookup)
-and inserts each changed key with ``bisect.insort`` semantics: O(log NK) to find the place and
-an O(NK) pointer move, a few hundred microseconds at 100,000 users. No query ever re-sorts.
-Building from many users at once (the constructor) sorts once: O(NK log NK).
-``python -m bench.autocomplete`` measures all of this on a 100,000-user index.
+``upsert`` touches only the rows whose key changed (a new avatar or time zone costs a dict
+lookup and a comparison): each such row is a ``bisect`` and an insert into the sorted
+lists, an O(NK) pointer move of a few hundred microseconds at 100,000 users. No query ever
+re-sorts the index. Building from many users at once (the constructor) sorts once, O(NK log
+NK). ``python -m bench.autocomplete`` measures all of this on a 100,000-user index.
 """
 
 from __future__ import annotations
@@ -305,7 +315,7 @@ class UserIndex:
                     first.whole = False
             elif there and not wanted:
                 del skeys[j]
-                if not first.whole and len(skeys) < _CACHED // 2:
+                if not first.whole and len(skeys) < max(1, _CACHED // 2):
                     del self._first[p]  # too few left to answer from: filled again if asked
 
     def complete(

@@ -10,6 +10,7 @@ from collections.abc import Callable, Collection, Sequence
 import pytest
 
 from chat.wire import Channel, ChannelKind, User
+from flannel import autocomplete
 from flannel.autocomplete import MAX_LIMIT, ChannelIndex, UserIndex, clamp_limit
 from flannel.text import fold, words
 
@@ -292,11 +293,52 @@ def test_empty_index_with_members() -> None:
     assert UserIndex().complete("a", channel_members={1}, recent=[1]) == []
 
 
-def test_walk_in_handle_order_to_the_last_user(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(UserIndex, "_walk_handles", lambda self, *a: True)
-    idx = UserIndex([user(1, "b", "Zed One"), user(2, "a", "Zed Two"), user(3, "zed")])
+def test_long_range_answers_from_its_cache_and_forgets_it_on_change(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(autocomplete, "_LONG_RANGE", 2)
+    monkeypatch.setattr(autocomplete, "_CACHED", 2)
+    idx = UserIndex(
+        [user(1, "d", "Zed One"), user(2, "c", "Zed Two"), user(3, "zed"), user(4, "b", "Zedd")]
+    )
+    assert idx.complete("zed") == [3, 4, 2, 1]  # b and c cached, d from the range past them
+    assert idx.complete("zed") == [3, 4, 2, 1]
+    assert idx.complete("zed", exclude={4}) == [3, 2, 1]
+    idx.upsert(user(4, "b", "Ted"))
     assert idx.complete("zed") == [3, 2, 1]
-    assert idx.complete("zed", limit=2) == [3, 2]
+    idx.upsert(user(5, "a", "Zed Five"))
+    assert idx.complete("zed") == [3, 5, 2, 1]
+    idx.remove(2)
+    assert idx.complete("ze") == [3, 5, 1]
+    idx.upsert(user(1, "0x", "Zed One"))  # a new handle: a new place in the order
+    assert idx.complete("ze") == [3, 1, 5]
+
+
+def test_cached_matches_kept_true_as_they_shrink(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(autocomplete, "_LONG_RANGE", 2)
+    monkeypatch.setattr(autocomplete, "_CACHED", 4)
+    idx = UserIndex([user(uid, f"a{uid}", "Zed") for uid in range(1, 7)])
+    assert idx.complete("zed", limit=2) == [1, 2]  # caches a1..a4, not all
+    idx.upsert(user(7, "b", "Zed"))  # after the cached ones: not cached
+    idx.upsert(user(8, "a0", "Zed"))  # before: cached, a4 out
+    assert idx.complete("zed") == [8, 1, 2, 3, 4, 5, 6, 7]
+    for uid in (8, 1, 2):
+        idx.remove(uid)
+    assert idx.complete("zed") == [3, 4, 5, 6, 7]  # a3 alone was left: filled again
+    idx.upsert(user(3, "a3", "Ted"))
+    assert idx.complete("ze") == [4, 5, 6, 7]
+
+
+def test_cached_queries_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(autocomplete, "_LONG_RANGE", 1)
+    monkeypatch.setattr(autocomplete, "_CACHED_QUERIES", 1)
+    idx = UserIndex([user(1, "b", "Zed Young"), user(2, "a", "Yves Zorn")])
+    for _ in range(2):
+        assert idx.complete("z") == [2, 1]
+        assert idx.complete("y") == [2, 1]
+    idx.remove(2)  # the cache holds "y" alone now
+    assert idx.complete("z") == [1]
+    assert idx.complete("y") == [1]
 
 
 # --------------------------------------------------------------------------- channels
@@ -466,30 +508,37 @@ def random_query(rng: random.Random, users: dict[int, User]) -> str:
     return source[: rng.randint(1, max(1, len(source)))]
 
 
-STRATEGIES = [None, (True, True), (True, False), (False, True), (False, False)]
+# Tier 2's two cost decisions forced (scan the members; else stream the name-only matches in
+# order or intersect the name range with the members), or None: left to the cost model.
+STRATEGIES = [None, (True, False), (False, True), (False, False)]
 
 
 @pytest.mark.parametrize(
-    "strategy",
-    STRATEGIES,
-    ids=["cost-model", "members-walk", "members-range", "ranges-walk", "ranges-range"],
+    "strategy", STRATEGIES, ids=["cost-model", "members", "ranges-stream", "ranges-intersect"]
 )
+@pytest.mark.parametrize("cache", [False, True], ids=["", "tiny-cache"])
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_users_match_the_reference(
-    seed: int, strategy: tuple[bool, bool] | None, monkeypatch: pytest.MonkeyPatch
+    seed: int,
+    cache: bool,
+    strategy: tuple[bool, bool] | None,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Random users, upserts and removals; every answer equals the reference. ``strategy``
-    forces the index's two cost decisions (tier 2: scan the members; tier 4: walk users in
-    handle order), None leaves them to the cost model."""
+    """Random users, upserts and removals; every answer equals the reference. ``cache``:
+    ranges of 3 rows or more keep their first 4 matches, for at most 40 queries."""
     if strategy is not None:
-        scan, walk = strategy
+        scan, stream = strategy
         monkeypatch.setattr(UserIndex, "_scan_members", lambda self, *a: scan)
-        monkeypatch.setattr(UserIndex, "_walk_handles", lambda self, *a: walk)
+        monkeypatch.setattr(UserIndex, "_stream_members", lambda self, *a: stream)
+    if cache:
+        monkeypatch.setattr(autocomplete, "_LONG_RANGE", 3)
+        monkeypatch.setattr(autocomplete, "_CACHED", 4)
+        monkeypatch.setattr(autocomplete, "_CACHED_QUERIES", 40)
     rng = random.Random(seed)
     users = {uid: random_user(rng, uid) for uid in range(1, 121)}
     idx = UserIndex(users.values())
     next_id = 121
-    for _ in range(400):
+    for _ in range(300):
         r = rng.random()
         if r < 0.15:
             uid = rng.randrange(1, next_id + 1)
