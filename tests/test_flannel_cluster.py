@@ -239,8 +239,8 @@ async def test_c_wrong_or_missing_service_credentials_are_refused(
     }
     for what, token in attempts.items():
         assert await service_upgrade(url, token) == 401, what
-    refused = await cluster.achat_metric("chat_service_refused_total") - refused_before
-    assert refused == len(attempts)
+    counted = await cluster.achat_metric("chat_service_refused_total") - refused_before
+    assert counted == len(attempts)
     assert await service_upgrade(url, credentials.issue(kid, secret, "tester")) == 101
 
 
