@@ -39,7 +39,7 @@ from chat.config import Settings
 from tests.cluster import ChatNodeProcess, Cluster
 from tests.conftest import MakeCluster
 from tests.rawws import read_until_closed, stalled_client
-from tests.timing import scaled
+from tests.timing import scaled, wait_until
 
 Frame = dict[str, Any]
 T = TypeVar("T")
@@ -144,13 +144,6 @@ def metric(node: ChatNodeProcess, name: str, labels: str = "") -> float:
 
 async def ametric(node: ChatNodeProcess, name: str, labels: str = "") -> float:
     return await asyncio.to_thread(metric, node, name, labels)
-
-
-async def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out after {timeout:.1f}s waiting for {what}"
-        await asyncio.sleep(0.01)
 
 
 class TracingClient(ResilientClient):

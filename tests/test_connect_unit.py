@@ -341,9 +341,7 @@ def test_a_single_chunk_is_not_read_twice() -> None:
     assert isinstance(effect, Identify)
     h.carry(h.connect.identified(identity()))
     h.carry(h.connect.subscribed())
-    assert isinstance(
-        h.carry(h.connect.snapshot_taken(snap(2, frozenset({X})))), CheckWindow
-    )
+    assert isinstance(h.carry(h.connect.snapshot_taken(snap(2, frozenset({X})))), CheckWindow)
     assert isinstance(h.carry(h.connect.window_checked(True)), ScanReplay)
     chunk = [event(2, "x2", channel_id=X)]
     h.connect.scan(chunk)

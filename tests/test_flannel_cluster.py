@@ -41,7 +41,7 @@ from flannel import answers
 from flannel.cache import WorkspaceCache
 from tests.cluster import SERVICE_KID, SERVICE_SECRET, Cluster
 from tests.conftest import MakeCluster
-from tests.timing import scaled
+from tests.timing import scaled, wait_until
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -57,13 +57,6 @@ UPSTREAM_CONNECTIONS = 2
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-async def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out after {timeout:.1f}s waiting for {what}"
-        await asyncio.sleep(0.01)
 
 
 def durable(frames: Iterable[Frame]) -> list[Frame]:

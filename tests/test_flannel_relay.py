@@ -16,6 +16,7 @@ from chat.client import Client, RequestError
 from flannel.config import FlannelSettings
 from flannel.server import Edge
 from tests.harness import SERVICE_KID, SERVICE_SECRET, RunningNode
+from tests.timing import scaled, wait_until
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -250,3 +251,34 @@ async def test_typing_reaches_the_other_members_not_the_typist(node: RunningNode
             assert (event["user_id"], event["channel_id"]) == (node.users["olivia"], node.general)
             event = await next_of(mia, "typing")  # and mia never saw her own
             assert (event["user_id"], event["channel_id"]) == (node.users["olivia"], node.general)
+
+
+async def test_an_idle_workspace_keeps_its_cache_and_catches_up(node: RunningNode) -> None:
+    """The last client leaves: the subscription goes, the cache stays (memory allows). Changes
+    made meanwhile reach it when a client returns, without a second load."""
+    async with flannel(node) as edge, node.client("olivia") as olivia:
+        async with Client.connect(url(edge), node.tokens["mia"]) as mia:
+            await mia.request("bootstrap")
+        assert edge.loads == 1
+        await wait_until(lambda: node.workspace_id in edge._idle, scaled(5), "the workspace idle")
+        await olivia.request("channels.update", channel_id=node.general, name="renamed-away")
+        await olivia.request("users.update_profile", display_name="Olivia Away")
+        async with Client.connect(url(edge), node.tokens["mia"]) as mia:
+            found = await mia.request("channels.autocomplete", query="renamed")
+            assert [c["name"] for c in found["channels"]] == ["renamed-away"]
+            info = await mia.request("users.info", user_ids=[node.users["olivia"]])
+            assert info["users"][0]["display_name"] == "Olivia Away"
+        assert edge.loads == 1  # caught up from its position, not loaded again
+
+
+async def test_idle_caches_are_evicted_past_the_bound(node: RunningNode) -> None:
+    async with flannel(node, cache_max_users=0) as edge:
+        async with Client.connect(url(edge), node.tokens["mia"]) as mia:
+            await mia.request("bootstrap")
+            assert node.workspace_id in edge._workspaces  # in use: never evicted
+        await wait_until(
+            lambda: node.workspace_id not in edge._workspaces, scaled(5), "the eviction"
+        )
+        async with Client.connect(url(edge), node.tokens["mia"]) as mia:
+            await mia.request("users.autocomplete", query="mi")
+        assert edge.loads == 2

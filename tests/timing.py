@@ -7,9 +7,12 @@ CI runner can set ``CHAT_TEST_TIMEOUT_FACTOR=3`` instead of anyone editing tests
 
 from __future__ import annotations
 
+import asyncio
 import math
 import os
 import random
+import time
+from collections.abc import Callable
 
 TIMEOUT_FACTOR_ENV = "CHAT_TEST_TIMEOUT_FACTOR"
 
@@ -47,3 +50,13 @@ class Fixed(random.Random):
 
     def random(self) -> float:
         return self.value
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll ``predicate`` until it holds; fail naming ``what`` after ``timeout`` seconds
+    (pass ``scaled(...)`` to let slow machines stretch it)."""
+    limit = timeout
+    deadline = time.monotonic() + limit
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out after {limit:.1f}s waiting for {what}"
+        await asyncio.sleep(0.01)
