@@ -44,6 +44,9 @@ class FrontSettings(BaseSettings):
     # Slow consumers: past the soft mark, typing/presence are dropped; past the hard mark,
     # the connection is closed (4001: reconnect and resume) instead of growing its buffer.
     send_buffer_soft_bytes: int = 256 * 1024
+    # Under load, a connection's frames are written at most this often (the frames of the
+    # interval in one write: fewer system calls per frame); an idle connection's at once.
+    write_delay_ms: float = Field(default=0.0, ge=0, le=100)
     send_buffer_hard_bytes: int = 2 * 1024 * 1024
     # The kernel caps the accept queue at net.core.somaxconn (4096 on recent kernels, 128 on
     # old ones): raise both for storms (docs/operations.md).

@@ -27,9 +27,14 @@ FINISH_REQUESTS_S = 10.0
 
 
 class Host(Protocol):
-    """What a peer needs from the server it belongs to: a place for its background work."""
+    """What a peer needs from the server it belongs to: a place for its background work, and
+    a flush of its frames once the current turn of the event loop is over."""
 
     def spawn(self, coro: Awaitable[object]) -> asyncio.Task[object]: ...
+
+    def defer(self, peer: Peer) -> None:
+        """Call ``peer.flush()`` once the current turn of the event loop is over."""
+        ...
 
 
 class Peer(FrameWriter):
@@ -39,6 +44,7 @@ class Peer(FrameWriter):
         "_corked",
         "_hard",
         "_node",
+        "_pending",
         "_soft",
         "closer",
         "closing",
@@ -71,6 +77,7 @@ class Peer(FrameWriter):
         self.closer: asyncio.Task[object] | None = None
         self.requests = Slots(max_inflight)
         self._corked: list[bytes] | None = None
+        self._pending: list[bytes] | None = None  # written at the end of the loop's turn
         self.pinged_at = 0.0
 
     def send(self, frame: bytes, droppable: bool) -> None:
@@ -96,12 +103,22 @@ class Peer(FrameWriter):
         replay, marker and buffered events cost one system call, not one each (in a storm,
         the node's time goes to system calls)."""
         if self._corked is None:
+            self.flush()  # what came before goes first
             self._corked = []
 
     def uncork(self) -> None:
         corked, self._corked = self._corked, None
         if corked and self._protocol.state is OPEN:
             self._transport.write(b"".join(corked))
+
+    def flush(self) -> None:
+        """Write the frames of this turn of the event loop in one go. Every frame (events,
+        replies) waits here until the turn is over, in order, so that the events of several
+        batches handled in one turn (a busy edge reads several at once) cost one system call
+        per connection, not one each."""
+        pending, self._pending = self._pending, None
+        if pending and self._protocol.state is OPEN:
+            self._transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
 
     def _write(self, frame: bytes, droppable: bool) -> None:
         if self._corked is not None:
@@ -116,7 +133,12 @@ class Peer(FrameWriter):
                 log.warning("slow consumer cut off", extra={"user_id": self.user_id})
                 self.close(CloseCode.SLOW_CONSUMER, "slow_consumer")
                 return
-        transport.write(frame)
+        pending = self._pending
+        if pending is None:
+            self._pending = [frame]
+            self._node.defer(self)
+        else:
+            pending.append(frame)
         TALLY.frames_out += 1
 
     def waited_for(self) -> bool:
@@ -151,7 +173,8 @@ class Peer(FrameWriter):
     def close(self, code: CloseCode, reason: str) -> None:
         if self.closing:
             return
-        self.uncork()  # what was written before the close goes before it
+        self.flush()  # what was written before the close goes before it
+        self.uncork()
         self.closing = True
         metrics.CLOSES.labels(code=str(int(code))).inc()
         self.closer = self._node.spawn(self._close(code, reason))
