@@ -13,7 +13,9 @@ one of them moves:
 - ``ServerConnection.connection_lost``: called once when the socket goes, also for a
   handshake that never reached the handler (admission control counts those);
 - ``serve(create_connection=...)``: the server builds our subclass;
-- ``Protocol.max_message_size``: read per frame, so one connection's limit can differ.
+- ``Protocol.max_message_size``: read per frame, so one connection's limit can differ;
+- ``Connection.protocol.send_binary`` and ``.data_to_send``: several frames framed (and, by a
+  client, masked) by websockets, then written in one system call (:func:`write_binary_frames`).
 
 It also reads one kernel fact, Linux's ``TCP_INFO.tcpi_last_data_recv`` (:func:`waited_s`).
 """
@@ -27,6 +29,7 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
+from websockets.asyncio.connection import Connection as Connection_
 from websockets.asyncio.server import ServerConnection
 from websockets.protocol import State
 
@@ -76,6 +79,17 @@ def set_max_message_size(ws: ServerConnection, size: int) -> None:
     """Change one connection's inbound message limit after ``serve(max_size=...)`` set it
     for all: websockets reads ``Protocol.max_message_size`` as each frame is parsed."""
     ws.protocol.max_message_size = size
+
+
+def write_binary_frames(ws: Connection_, payloads: list[bytes]) -> None:
+    """Send several binary messages in one write, framed (and masked, by a client) by
+    websockets: a peer reads a burst as one burst (a chat node then commits it as one
+    batch), where one write each lets it wake and read them one or two at a time. Raises
+    websockets' ``InvalidState`` when the connection is not open."""
+    protocol = ws.protocol
+    for payload in payloads:
+        protocol.send_binary(payload)
+    ws.transport.write(b"".join(protocol.data_to_send()))
 
 
 def binary_frame(payload: bytes) -> bytes:

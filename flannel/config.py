@@ -24,11 +24,6 @@ class FlannelSettings(FrontSettings):
     )
 
     port: int = 8766
-    # A Flannel node receives a workspace's events as the chat tier commits them, a few at a
-    # time, and fans each out to its clients: when busy, it writes a connection's frames at
-    # most every 10 ms, so that a busy channel costs a system call per connection per
-    # interval, not per event (Centrifugo's client.write_delay). An idle node writes at once.
-    write_delay_ms: float = Field(default=10.0, ge=0, le=100)
     # The chat tier's service endpoints (a node's ws://host:port/service, or a load balancer
     # in front of several), tried in turn; JSON list.
     upstream: list[str] = ["ws://127.0.0.1:8765/service"]

@@ -33,11 +33,13 @@ import pydantic
 import pydantic_core
 import websockets
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import InvalidState
 
 from chat import credentials, service_frames, wire
 from chat.bus import Envelope
 from chat.replay import ReplayLost
 from chat.storage.base import Unavailable
+from chat.transport import write_binary_frames
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +114,7 @@ class _Link:
         self.waiting: dict[tuple[str, int], asyncio.Future[Any]] = {}
         self.replays: dict[int, _Replay] = {}
         self.task: asyncio.Task[None] | None = None
+        self._outbox: list[bytes] = []
 
     # ------------------------------------------------------------------ lifetime
 
@@ -159,6 +162,7 @@ class _Link:
         are to be restored on the next one."""
         self.up.clear()
         self.ws = None
+        self._outbox.clear()
         lost = UpstreamUnavailable("the upstream connection was lost")
         for future in self.waiting.values():
             if not future.done():
@@ -211,6 +215,24 @@ class _Link:
             await ws.send(frame if isinstance(frame, bytes) else json.dumps(frame))
         except websockets.ConnectionClosed:
             raise UpstreamUnavailable("the upstream connection was lost") from None
+
+    def send_soon(self, frame: bytes) -> None:
+        """Queue a relayed frame; the frames of this turn of the event loop leave in one
+        write, so the chat node reads a burst of requests as one (and commits it as one
+        batch, as when clients send to it straight)."""
+        if self.ws is None:
+            raise UpstreamUnavailable("no upstream connection")
+        if not self._outbox:
+            asyncio.get_running_loop().call_soon(self._send_outbox)
+        self._outbox.append(frame)
+
+    def _send_outbox(self) -> None:
+        frames, self._outbox = self._outbox, []
+        if self.ws is None or not frames:
+            return  # lost: Upstream.relay_lost answers the requests in flight
+        # Closing (InvalidState): the reader sees it and the link is restored.
+        with contextlib.suppress(InvalidState):
+            write_binary_frames(self.ws, frames)
 
     async def call(
         self, kind: str, key: int, frame: dict[str, Any], *, timeout: float | None = None
@@ -492,7 +514,7 @@ class Upstream:
             raise UpstreamUnavailable("no upstream connection")
         self._in_flight.setdefault(session.sid, {})[request_id] = link
         try:
-            await link.send(service_frames.relay(session.sid, text.encode()))
+            link.send_soon(service_frames.relay(session.sid, text.encode()))
         except UpstreamUnavailable:
             self._in_flight.get(session.sid, {}).pop(request_id, None)
             raise
