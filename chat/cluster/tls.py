@@ -50,3 +50,23 @@ def self_signed(directory: Path, days: int = 30) -> tuple[Path, Path]:
     bundle.touch(mode=0o600)
     bundle.write_bytes(cert_pem + key_pem)
     return cert_path, bundle
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m chat.cluster.tls DIR``: make a certificate for docker compose
+    (``deploy/certs/haproxy.pem``; a real deployment mounts its own)."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m chat.cluster.tls", description=main.__doc__)
+    p.add_argument("directory", type=Path)
+    p.add_argument("--days", type=int, default=30)
+    args = p.parse_args(argv)
+    args.directory.mkdir(parents=True, exist_ok=True)
+    cert, bundle = self_signed(args.directory, args.days)
+    bundle.chmod(0o644)  # the haproxy image reads it as user haproxy; it is a dev cert
+    print(f"wrote {cert} (trust this) and {bundle} (HAProxy's crt)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

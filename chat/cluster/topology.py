@@ -44,9 +44,9 @@ class Service:
 class Topology:
     """N chat nodes, M Flannel nodes, one PostgreSQL, one Redis, one HAProxy::
 
-        client --wss--> haproxy :public --/?workspace=W--> flannel-i --ws /service-->
-               haproxy :internal --> chat-j --> postgres, redis
-        client --wss--> haproxy :public --/chat--> chat-j      (no edge cache)
+    client --wss--> haproxy :public --/?workspace=W--> flannel-i --ws /service-->
+           haproxy :internal --> chat-j --> postgres, redis
+    client --wss--> haproxy :public --/chat--> chat-j      (no edge cache)
     """
 
     n_chat: int = 2
@@ -192,6 +192,8 @@ def environment(
 ) -> dict[str, str]:
     """The ``CHAT_*`` / ``FLANNEL_*`` settings of node ``name`` (chat or Flannel)."""
     role = topology.service(name).role
+    if role not in (Role.CHAT, Role.FLANNEL):
+        raise ValueError(f"{name} is a {role} service: it takes no CHAT_/FLANNEL_ settings")
     own = endpoints.at[name]
     if role is Role.CHAT:
         return {
@@ -206,15 +208,13 @@ def environment(
             "CHAT_METRICS_PORT": str(endpoints.metrics[name]),
             "CHAT_LOG_FORMAT": "text",
         }
-    if role is Role.FLANNEL:
-        return {
-            "FLANNEL_HOST": endpoints.listen_host,
-            "FLANNEL_PORT": str(own.port),
-            "FLANNEL_NODE_ID": name,
-            "FLANNEL_UPSTREAM": json.dumps([upstream_url(endpoints)]),
-            "FLANNEL_SERVICE_KEY": secrets.service_key,
-            "FLANNEL_METRICS_HOST": endpoints.listen_host,
-            "FLANNEL_METRICS_PORT": str(endpoints.metrics[name]),
-            "FLANNEL_LOG_FORMAT": "text",
-        }
-    raise ValueError(f"{name} is a {role} service: it takes no CHAT_/FLANNEL_ settings")
+    return {
+        "FLANNEL_HOST": endpoints.listen_host,
+        "FLANNEL_PORT": str(own.port),
+        "FLANNEL_NODE_ID": name,
+        "FLANNEL_UPSTREAM": json.dumps([upstream_url(endpoints)]),
+        "FLANNEL_SERVICE_KEY": secrets.service_key,
+        "FLANNEL_METRICS_HOST": endpoints.listen_host,
+        "FLANNEL_METRICS_PORT": str(endpoints.metrics[name]),
+        "FLANNEL_LOG_FORMAT": "text",
+    }
