@@ -12,6 +12,7 @@ import contextlib
 import json
 import sys
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from chat import logs, loop
@@ -67,6 +68,18 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--channels", type=int, default=5, help="how many channels (default 5)")
     s.add_argument("--seed", type=int, default=1, help="random seed: same seed, same workspace")
     s.add_argument("--no-tokens", action="store_true", help="do not issue tokens (faster)")
+
+    cluster = sub.add_parser("cluster", help="run the whole cluster locally (chat.cluster)")
+    cl = cluster.add_subparsers(dest="action", required=True, metavar="COMMAND")
+    up = cl.add_parser(
+        "up",
+        help="start PostgreSQL, Redis, chat and Flannel nodes and HAProxy as local processes "
+        "on free loopback ports; Ctrl-C stops them all",
+    )
+    up.add_argument("--chat", type=int, default=2, help="chat nodes (default 2)")
+    up.add_argument("--flannel", type=int, default=2, help="Flannel nodes (default 2)")
+    up.add_argument("--dir", type=Path, help="keep everything here (default: a temp dir)")
+    up.add_argument("--seed", action="store_true", help="create a workspace; print tokens")
     return p
 
 
@@ -135,6 +148,12 @@ async def _token(admin: Admin, args: argparse.Namespace) -> Any:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "cluster":
+        from chat.cluster.launcher import up
+        from chat.cluster.topology import Topology
+
+        topology = Topology(n_chat=args.chat, n_flannel=args.flannel)
+        return asyncio.run(up(topology, args.dir, args.seed))
     overrides = {
         k: v
         for k, v in (("host", getattr(args, "host", None)), ("port", getattr(args, "port", None)))

@@ -36,7 +36,10 @@ from chat.cluster.topology import CHAT_PATH, Endpoints, Topology
 @dataclass(frozen=True)
 class Limits:
     heartbeat_interval_s: float = 30.0  # FrontSettings.heartbeat_interval_ms / 1000
-    server_maxconn: int = 10_000  # connections per server at once; beyond: queued
+    # Connections at once: the process needs two descriptors each (client and server side),
+    # within its open-files limit.
+    global_maxconn: int = 9000
+    server_maxconn: int = 4000  # per server; beyond: queued
     queue_s: int = 10  # how long a queued connection waits for a server
     rate_limit: int = 2000  # new connections per source address per 10 s
     slowstart_s: int = 10
@@ -63,7 +66,7 @@ def render(
         "    master-worker",
         f"    hard-stop-after {limits.hard_stop_after_s}s",
         f"    close-spread-time {limits.close_spread_s}s",
-        "    maxconn 100000",
+        f"    maxconn {limits.global_maxconn}",
     ]
     if stats_socket is not None:
         global_lines.append(f"    stats socket {stats_socket} mode 600 level admin")

@@ -27,7 +27,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Self
@@ -78,6 +78,8 @@ class TempRedis:
         startup_timeout: float | None = None,
         stop_timeout: float | None = None,
         base_dir: str | os.PathLike[str] | None = None,
+        extra_args: Sequence[str] = (),
+        auth: tuple[str, str] | None = None,
     ) -> None:
         """
         :param port: listen on this port; None picks a free one at the first start.
@@ -86,6 +88,9 @@ class TempRedis:
         :param startup_timeout: seconds to wait for PING to answer (default scaled 10).
         :param stop_timeout: seconds to wait after SIGTERM before SIGKILL (default scaled 5).
         :param base_dir: where to create the temporary directory (default: tempfile's).
+        :param extra_args: more ``redis-server`` options (``--user chat on >pw ...``).
+        :param auth: (ACL user, password) that PING authenticates as, when the ``default``
+            user is off.
         """
         self._port = port
         self._fixed_port = port is not None
@@ -93,6 +98,8 @@ class TempRedis:
         self.startup_timeout = startup_timeout if startup_timeout is not None else scaled(10)
         self.stop_timeout = stop_timeout if stop_timeout is not None else scaled(5)
         self._base_dir = base_dir
+        self.extra_args = list(extra_args)
+        self.auth = auth
         self._tmpdir: Path | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._log_file: IO[bytes] | None = None
@@ -186,7 +193,7 @@ class TempRedis:
         """Whether the server answers PING with PONG right now."""
         if self._port is None:
             return False
-        return _redis_ping(self._port, timeout)
+        return _redis_ping(self._port, timeout, self.auth)
 
     def close(self) -> None:
         """Stop the server and delete the directory. Idempotent."""
@@ -254,7 +261,7 @@ class TempRedis:
         self._log_file = open(tmpdir / "stderr.log", "ab")  # noqa: SIM115 - closed in _reap
         try:
             self._proc = subprocess.Popen(
-                [self._find_executable(), str(conf)],
+                [self._find_executable(), str(conf), *self.extra_args],
                 cwd=tmpdir,
                 stdin=subprocess.DEVNULL,
                 stdout=self._log_file,
@@ -277,7 +284,7 @@ class TempRedis:
                     f"redis-server on port {self._port} exited with status {proc.returncode}"
                     f" during start-up\n{self.log_tail()}"
                 )
-            if _redis_ping(self.port, 0.5):
+            if _redis_ping(self.port, 0.5, self.auth):
                 return
             if time.monotonic() > deadline:
                 raise ClusterError(
@@ -298,13 +305,26 @@ class TempRedis:
                 self._log_file = None
 
 
-def _redis_ping(port: int, timeout: float) -> bool:
+def _redis_ping(port: int, timeout: float, auth: tuple[str, str] | None = None) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+            if auth is not None:
+                sock.sendall(resp_command("AUTH", *auth))
+                if _recv_line(sock) != b"+OK":
+                    return False
             sock.sendall(b"PING\r\n")
             return _recv_line(sock) == b"+PONG"
     except OSError:
         return False
+
+
+def resp_command(*args: str) -> bytes:
+    """One command in the Redis protocol (RESP) as an array of bulk strings."""
+    out = [f"*{len(args)}\r\n".encode()]
+    for arg in args:
+        data = arg.encode()
+        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(out)
 
 
 def _recv_line(sock: socket.socket) -> bytes:

@@ -1,0 +1,549 @@
+"""``chat cluster up``: the whole topology as local processes, from the installed binaries.
+
+PostgreSQL (``initdb --auth=scram-sha-256``, a password), Redis (an ACL user with a
+password, the ``default`` user off), N chat nodes and M Flannel nodes (``python -m chat
+serve`` / ``python -m flannel serve`` with :func:`chat.cluster.topology.environment`) and
+HAProxy (the rendered config, a self-signed certificate), each on a free loopback port, in
+one directory. Started in dependency order, each waited for (bounded); stopped in reverse,
+each by its PID. Tests use :class:`LocalCluster` directly (tests/test_deploy.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import csv
+import io
+import os
+import pwd
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any, Self
+
+from chat.cluster import haproxy, tls
+from chat.cluster.processes import (
+    ClusterError,
+    ServerProcess,
+    TempRedis,
+    _reaper,
+    _stop_process,
+    _tail,
+    free_port,
+    http_get,
+    scaled,
+)
+from chat.cluster.topology import (
+    CHAT_PATH,
+    DATABASE,
+    POSTGRES,
+    REDIS,
+    REDIS_USER,
+    Endpoints,
+    Secrets,
+    Topology,
+    database_url,
+    environment,
+    redis_args,
+    redis_url,
+)
+
+PG_BINDIR_ENV = "CHAT_PG_BINDIR"  # where initdb/postgres are, if not found
+
+
+# --------------------------------------------------------------------------- our nodes
+
+
+class NodeProcess(ServerProcess):
+    """A chat or Flannel node whose settings are the topology's ``environment()``."""
+
+    def __init__(
+        self,
+        name: str,
+        module: str,
+        env: Mapping[str, str],
+        *,
+        port: int,
+        metrics_port: int,
+        log_dir: Path,
+        extra_env: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(name, port=port, log_dir=log_dir, extra_env=extra_env)
+        self.module = module
+        self.kind = module
+        self.metrics_port = metrics_port
+        self._settings = dict(env)
+
+    def settings_env(self) -> dict[str, str]:
+        return dict(self._settings)
+
+
+# --------------------------------------------------------------------------- PostgreSQL
+
+
+def find_pg_bindir() -> Path:
+    candidates = [Path(p) for p in [os.environ.get(PG_BINDIR_ENV, "")] if p]
+    candidates += sorted(
+        Path("/usr/lib/postgresql").glob("*/bin"),
+        key=lambda p: [int(x) for x in p.parent.name.split(".") if x.isdigit()],
+        reverse=True,
+    )
+    if initdb := shutil.which("initdb"):
+        candidates.append(Path(initdb).resolve().parent)
+    for bindir in candidates:
+        if (bindir / "initdb").is_file() and (bindir / "postgres").is_file():
+            return bindir
+    raise ClusterError(f"initdb/postgres not found: install PostgreSQL or set ${PG_BINDIR_ENV}")
+
+
+class PostgresProcess:
+    """``postgres`` in ``directory/data``, password (SCRAM) authentication only, on
+    127.0.0.1:``port``; as the ``postgres`` (else ``nobody``) user when we are root. The
+    superuser ``postgres`` has ``password``. Stopped by PID: SIGINT (fast shutdown), then
+    SIGKILL after a bound."""
+
+    def __init__(self, directory: Path, port: int, password: str) -> None:
+        self.directory = directory
+        self.port = port
+        self.password = password
+        self.timeout = scaled(60)
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+        self._ids: tuple[int, int] | None = None
+        if os.geteuid() == 0:
+            for user in ("postgres", "nobody"):
+                with contextlib.suppress(KeyError):
+                    entry = pwd.getpwnam(user)
+                    self._ids = (entry.pw_uid, entry.pw_gid)
+                    break
+
+    @property
+    def admin_dsn(self) -> str:
+        return f"postgresql://postgres:{self.password}@127.0.0.1:{self.port}/postgres"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
+
+    def _as_user(self) -> dict[str, Any]:
+        if self._ids is None:
+            return {}
+        return {"user": self._ids[0], "group": self._ids[1], "extra_groups": []}
+
+    def start(self) -> None:
+        bindir = find_pg_bindir()
+        self.directory.mkdir(parents=True, exist_ok=True)
+        pwfile = self.directory / "pwfile"
+        pwfile.write_text(self.password + "\n")
+        if self._ids is not None:
+            for path in (self.directory, pwfile):
+                os.chown(path, *self._ids)
+        initdb = subprocess.run(
+            [str(bindir / "initdb"), "-D", str(self.directory / "data"), "-U", "postgres",
+             "--auth=scram-sha-256", f"--pwfile={pwfile}", "-E", "UTF8", "--no-locale",
+             "--no-sync"],
+            capture_output=True, text=True, timeout=self.timeout, check=False,
+            stdin=subprocess.DEVNULL, **self._as_user(),
+        )  # fmt: skip
+        pwfile.unlink()
+        if initdb.returncode != 0:
+            raise ClusterError(f"initdb failed:\n{initdb.stdout}{initdb.stderr}")
+        self._log = open(self.directory / "postgres.log", "ab")  # noqa: SIM115 - closed in stop
+        self._proc = subprocess.Popen(
+            [str(bindir / "postgres"), "-D", str(self.directory / "data"), "-h", "127.0.0.1",
+             "-p", str(self.port), "-k", str(self.directory), "-c", "fsync=off",
+             "-c", "max_connections=200"],
+            stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
+            start_new_session=True, **self._as_user(),
+        )  # fmt: skip
+        _reaper.register(self._proc.pid)
+        deadline = time.monotonic() + self.timeout
+        while not _accepts(self.port):
+            if self._proc.poll() is not None or time.monotonic() > deadline:
+                raise ClusterError(f"postgres did not start\n{self.log_tail()}")
+            time.sleep(0.05)
+
+    def log_tail(self) -> str:
+        return _tail(self.directory / "postgres.log")
+
+    def stop(self) -> None:
+        proc, self._proc = self._proc, None
+        try:
+            if proc is not None:
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGINT)  # fast shutdown (SIGTERM waits for clients)
+                _stop_process(proc, kill=False, timeout=self.timeout)
+        finally:
+            if self._log is not None:
+                self._log.close()
+                self._log = None
+
+
+def _accepts(port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+        return True
+    return False
+
+
+# --------------------------------------------------------------------------- HAProxy
+
+
+class HAProxyProcess:
+    """``haproxy -W -f haproxy.cfg`` (master-worker): :meth:`reload` is SIGUSR2 to the
+    master (a new worker; the old one lets its connections go gently), :meth:`stop` SIGTERM
+    to the master, SIGKILL after a bound. :meth:`servers` reads the stats page."""
+
+    def __init__(self, config: Path, stats_port: int, admin_socket: Path) -> None:
+        self.config = config
+        self.stats_port = stats_port
+        self.admin_socket = admin_socket
+        self.timeout = scaled(15)
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
+
+    def start(self) -> None:
+        exe = shutil.which("haproxy") or "/usr/sbin/haproxy"
+        self._log = open(self.config.parent / "haproxy.log", "ab")  # noqa: SIM115
+        self._proc = subprocess.Popen(
+            [exe, "-W", "-f", str(self.config)],
+            cwd=self.config.parent,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        _reaper.register(self._proc.pid)
+        deadline = time.monotonic() + self.timeout
+        while http_get(self.stats_port, "/;csv", timeout=1.0) is None:
+            if self._proc.poll() is not None or time.monotonic() > deadline:
+                raise ClusterError(f"haproxy did not start\n{self.log_tail()}")
+            time.sleep(0.05)
+
+    def log_tail(self) -> str:
+        return _tail(self.config.parent / "haproxy.log")
+
+    def reload(self) -> None:
+        if self._proc is None or self._proc.poll() is not None:
+            raise ClusterError("haproxy is not running")
+        self._proc.send_signal(signal.SIGUSR2)
+
+    def servers(self) -> dict[tuple[str, str], str]:
+        """``{(backend, server): status}`` from the stats page (``UP``, ``DOWN``, ``MAINT``,
+        ``UP 1/2``, ...); empty if it does not answer."""
+        try:
+            url = f"http://127.0.0.1:{self.stats_port}/;csv"
+            with urllib.request.urlopen(url, timeout=2.0) as response:
+                page = response.read().decode()
+        except OSError:
+            return {}
+        rows = csv.DictReader(io.StringIO(page.lstrip("# ")))
+        return {
+            (r["pxname"], r["svname"]): r["status"]
+            for r in rows
+            if r["svname"] not in ("FRONTEND", "BACKEND")
+        }
+
+    def command(self, line: str) -> str:
+        """One command on the admin socket (``show servers state``, ``disable server b/s``)."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(5)
+            sock.connect(str(self.admin_socket))
+            sock.sendall(line.encode() + b"\n")
+            chunks = []
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+        return b"".join(chunks).decode()
+
+    def stop(self) -> None:
+        proc, self._proc = self._proc, None
+        try:
+            if proc is not None:
+                _stop_process(proc, kill=False, timeout=self.timeout)
+        finally:
+            if self._log is not None:
+                self._log.close()
+                self._log = None
+
+
+# --------------------------------------------------------------------------- the cluster
+
+
+@dataclass(frozen=True)
+class Seeded:
+    """What :meth:`LocalCluster.seed` created."""
+
+    workspace_id: int
+    users: dict[str, int]  # handle -> user id
+    tokens: dict[str, str]  # handle -> token
+    channels: dict[str, int]  # name -> channel id
+
+
+class LocalCluster:
+    """The topology on 127.0.0.1, in ``directory`` (default: a temp dir, deleted at
+    close()). ``async with LocalCluster() as c:`` starts and stops it. ``node_env``: extra
+    environment for every chat and Flannel node (a test's knobs)."""
+
+    def __init__(
+        self,
+        topology: Topology | None = None,
+        *,
+        directory: str | os.PathLike[str] | None = None,
+        secrets: Secrets | None = None,
+        limits: haproxy.Limits | None = None,
+        node_env: Mapping[str, str] | None = None,
+    ) -> None:
+        self.topology = topology or Topology()
+        self.secrets = secrets or Secrets.generate()
+        self.limits = limits or haproxy.Limits()
+        self.endpoints = Endpoints.local(self.topology, free_port)
+        self._own_dir = directory is None
+        self.directory = Path(directory or tempfile.mkdtemp(prefix="chat-cluster-"))
+        self.directory.mkdir(parents=True, exist_ok=True)
+        if self._own_dir:
+            _reaper.register_dir(self.directory)
+        self.directory.chmod(0o755)  # PostgreSQL runs as another user when we are root
+        logs = self.directory / "logs"
+        logs.mkdir(exist_ok=True)
+        ends = self.endpoints
+        self.postgres = PostgresProcess(
+            self.directory / "postgres", ends.at[POSTGRES].port, self.secrets.postgres_password
+        )
+        self.redis = TempRedis(
+            port=ends.at[REDIS].port,
+            base_dir=self.directory,
+            extra_args=redis_args(ends, self.secrets),
+            auth=(REDIS_USER, self.secrets.redis_password),
+        )
+        self.chats = {
+            name: NodeProcess(
+                name,
+                "chat",
+                environment(self.topology, ends, self.secrets, name),
+                port=ends.at[name].port,
+                metrics_port=ends.metrics[name],
+                log_dir=logs,
+                extra_env=node_env,
+            )
+            for name in self.topology.chat_nodes
+        }
+        self.flannels = {
+            name: NodeProcess(
+                name,
+                "flannel",
+                environment(self.topology, ends, self.secrets, name),
+                port=ends.at[name].port,
+                metrics_port=ends.metrics[name],
+                log_dir=logs,
+                extra_env=node_env,
+            )
+            for name in self.topology.flannel_nodes
+        }
+        self.cert, bundle = tls.self_signed(self.directory)
+        config = self.directory / "haproxy.cfg"
+        config.write_text(
+            haproxy.render(
+                self.topology,
+                ends,
+                cert=str(bundle),
+                stats_socket=str(self.directory / "haproxy.sock"),
+                limits=self.limits,
+            )
+        )
+        self.haproxy = HAProxyProcess(config, ends.stats.port, self.directory / "haproxy.sock")
+        self.seeded: Seeded | None = None
+
+    # -- where to connect ----------------------------------------------------------------
+
+    def url(self, workspace: int | None = None) -> str:
+        """The public ``wss://`` URL through Flannel (``?workspace=`` for affinity)."""
+        query = f"?workspace={workspace}" if workspace is not None else ""
+        return f"wss://127.0.0.1:{self.endpoints.public.port}/{query}"
+
+    @property
+    def chat_url(self) -> str:
+        """The public ``wss://`` URL straight to the chat tier (no Flannel)."""
+        return f"wss://127.0.0.1:{self.endpoints.public.port}{CHAT_PATH}"
+
+    @property
+    def stats_url(self) -> str:
+        return f"http://127.0.0.1:{self.endpoints.stats.port}/"
+
+    @property
+    def database_url(self) -> str:
+        return database_url(self.endpoints, self.secrets)
+
+    @property
+    def redis_url(self) -> str:
+        return redis_url(self.endpoints, self.secrets)
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """A client context that trusts the cluster's certificate (and nothing else)."""
+        return ssl.create_default_context(cafile=str(self.cert))
+
+    # -- life ------------------------------------------------------------------------------
+
+    async def start(self) -> Self:
+        """PostgreSQL (role + database), Redis, migrations, chat nodes, HAProxy, Flannel
+        nodes; then wait until HAProxy sees every server UP."""
+        await asyncio.to_thread(self.postgres.start)
+        await self._bootstrap_database()
+        await asyncio.to_thread(self.redis.start)
+        from chat.storage import open_database
+
+        db = await open_database(self.database_url, "")  # migrates, once, before any node
+        await db.close()
+        await asyncio.to_thread(_start_all, list(self.chats.values()))
+        await asyncio.to_thread(self.haproxy.start)
+        await asyncio.to_thread(_start_all, list(self.flannels.values()))
+        every = {("chat", n) for n in self.chats} | {("flannel", n) for n in self.flannels}
+        await self.wait_servers(lambda s: all(s.get(k) == "UP" for k in every), scaled(30))
+        return self
+
+    async def wait_servers(self, done: Any, timeout: float) -> dict[tuple[str, str], str]:
+        """Poll HAProxy's server states until ``done(states)``; ClusterError after
+        ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            states = await asyncio.to_thread(self.haproxy.servers)
+            if done(states):
+                return states
+            if time.monotonic() > deadline:
+                raise ClusterError(f"haproxy servers: {states}\n{self.haproxy.log_tail()}")
+            await asyncio.sleep(0.1)
+
+    async def seed(
+        self,
+        workspace: str = "acme",
+        handles: Sequence[str] = ("alice", "bob", "carol", "dave"),
+        channels: Sequence[str] = ("general",),
+    ) -> Seeded:
+        """A workspace whose first user is its owner, public channels with everyone in them,
+        a token per user."""
+        from chat.admin import Admin
+        from chat.config import Settings
+
+        settings = Settings(database_url=self.database_url, secret_key=self.secrets.token_secret)
+        admin = await Admin.open(settings)
+        try:
+            wid = await admin.create_workspace(workspace)
+            specs = [
+                {"handle": h, "display_name": h.title(), "role": "owner" if i == 0 else "member"}
+                for i, h in enumerate(handles)
+            ]
+            users = {u.handle: u.id for u in await admin.create_users(wid, specs)}
+            ids = list(users.values())
+            chans = {
+                name: (await admin.create_channel(wid, name, ids[0], ids, False)).id
+                for name in channels
+            }
+            tokens = dict(zip(users, await admin.issue_tokens(ids), strict=True))
+        finally:
+            await admin.close()
+        self.seeded = Seeded(wid, users, tokens, chans)
+        return self.seeded
+
+    async def stop(self) -> None:
+        """Flannel nodes, HAProxy, chat nodes, Redis, PostgreSQL: each by PID, bounded."""
+        try:
+            await asyncio.gather(*(f.astop() for f in self.flannels.values()))
+            await asyncio.to_thread(self.haproxy.stop)
+            await asyncio.gather(*(n.astop() for n in self.chats.values()))
+        finally:
+            await asyncio.to_thread(self.redis.stop)
+            await asyncio.to_thread(self.postgres.stop)
+
+    async def close(self) -> None:
+        """stop(), then delete the directory if it is ours. Idempotent."""
+        try:
+            await self.stop()
+        finally:
+            self.redis.close()
+            if self._own_dir and self.directory.exists():
+                shutil.rmtree(self.directory, ignore_errors=True)
+                _reaper.unregister_dir(self.directory)
+
+    async def __aenter__(self) -> Self:
+        try:
+            return await self.start()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def _bootstrap_database(self) -> None:
+        import asyncpg
+
+        conn = await asyncpg.connect(self.postgres.admin_dsn, timeout=scaled(10))
+        try:
+            password = self.secrets.postgres_password.replace("'", "''")
+            await conn.execute(f"CREATE ROLE {DATABASE} LOGIN PASSWORD '{password}'")
+            await conn.execute(f"CREATE DATABASE {DATABASE} OWNER {DATABASE}")
+        finally:
+            await conn.close()
+
+
+def _start_all(nodes: Sequence[ServerProcess]) -> None:
+    """Spawn all, then wait for each: they boot in parallel. All or none."""
+    try:
+        for node in nodes:
+            node.spawn()
+        for node in nodes:
+            node.wait_ready()
+    except BaseException:
+        for node in nodes:
+            node.kill()
+        raise
+
+
+# --------------------------------------------------------------------------- command line
+
+
+async def up(topology: Topology, directory: Path | None, seed: bool) -> int:
+    """Start the cluster, print where to connect, run until SIGINT/SIGTERM, tear down."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    cluster = LocalCluster(topology, directory=directory)
+    try:
+        await cluster.start()
+        lines = [
+            f"cluster up in {cluster.directory}; clients trust its certificate, e.g. "
+            f"SSL_CERT_FILE={cluster.cert}",
+            f"  through Flannel:   {cluster.url()}?workspace=<workspace id>",
+            f"  chat tier direct:  {cluster.chat_url}",
+            f"  HAProxy stats:     {cluster.stats_url}",
+            f"  PostgreSQL:        {cluster.database_url}",
+        ]
+        if seed:
+            seeded = await cluster.seed()
+            lines.append(f"  seeded workspace {seeded.workspace_id}, tokens:")
+            lines += [f"    {handle}: {token}" for handle, token in seeded.tokens.items()]
+        lines.append("Ctrl-C stops everything.")
+        print("\n".join(lines), flush=True)
+        await stop.wait()
+    finally:
+        print("stopping...", file=sys.stderr, flush=True)
+        await cluster.close()
+    return 0
