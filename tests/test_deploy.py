@@ -3,16 +3,32 @@ and (below) the launcher's cluster through the real HAProxy."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import os
 import shutil
+import socket
+import ssl
 import subprocess
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
+import asyncpg
 import pytest
+import pytest_asyncio
 import yaml
+from websockets.asyncio.client import connect as ws_connect
+from websockets.exceptions import InvalidStatus
 
+from chat import credentials
+from chat.client import Client, ResilientClient
 from chat.cluster import haproxy, render, tls
+from chat.cluster.launcher import LocalCluster
+from chat.cluster.processes import resp_command
 from chat.cluster.topology import (
+    SERVICE_KID,
     Endpoints,
     Role,
     Secrets,
@@ -21,6 +37,7 @@ from chat.cluster.topology import (
     redis_args,
 )
 from tests.pg import free_port
+from tests.timing import scaled
 
 HAPROXY_BIN = shutil.which("haproxy") or "/usr/sbin/haproxy"
 
@@ -103,3 +120,278 @@ def test_environment_is_only_for_our_nodes(name: str) -> None:
     topology = Topology()
     with pytest.raises(ValueError):
         environment(topology, Endpoints.compose(topology), Secrets.compose(), name)
+
+
+# ----------------------------------------------------------------------------- the launcher
+#
+# Real processes: PostgreSQL, Redis, chat and Flannel nodes, HAProxy. Clients trust the
+# launcher's certificate through SSL_CERT_FILE (what websockets' default context reads), so
+# ResilientClient, which builds its own connections, verifies it too.
+
+
+@contextlib.contextmanager
+def trusting(cert: Path) -> Iterator[None]:
+    old = os.environ.get("SSL_CERT_FILE")
+    os.environ["SSL_CERT_FILE"] = str(cert)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("SSL_CERT_FILE", None)
+        else:
+            os.environ["SSL_CERT_FILE"] = old
+
+
+@contextlib.asynccontextmanager
+async def launched(**kwargs: Any) -> AsyncIterator[LocalCluster]:
+    async with LocalCluster(**kwargs) as cluster:
+        await cluster.seed(handles=["alice", "bob", *(f"u{i}" for i in range(N_CLIENTS))])
+        with trusting(cluster.cert):
+            yield cluster
+
+
+N_CLIENTS = 6
+
+
+@pytest_asyncio.fixture(loop_scope="session", scope="module")
+async def cluster() -> AsyncIterator[LocalCluster]:
+    async with launched() as c:
+        yield c
+
+
+class Listener:
+    """A ResilientClient and the message ids it received (once each)."""
+
+    def __init__(self, url: str, token: str) -> None:
+        self.rc = ResilientClient(url, token, connect_timeout=scaled(20))
+        self.ids: list[int] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self.rc.start()
+        self._task = asyncio.create_task(self._pump())
+        await self.rc.wait_connected(scaled(30))
+
+    async def _pump(self) -> None:
+        async for event in self.rc.events():
+            if event["type"] == "message.posted":
+                self.ids.append(event["message"]["id"])
+
+    async def close(self) -> None:
+        await self.rc.close()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+
+@contextlib.asynccontextmanager
+async def listeners(
+    cluster: LocalCluster, url: str, n: int = N_CLIENTS
+) -> AsyncIterator[list[Listener]]:
+    assert cluster.seeded is not None
+    made = [Listener(url, cluster.seeded.tokens[f"u{i}"]) for i in range(n)]
+    try:
+        await asyncio.gather(*(m.start() for m in made))
+        yield made
+    finally:
+        await asyncio.gather(*(m.close() for m in made))
+
+
+async def stored_ids(cluster: LocalCluster, channel_id: int) -> list[int]:
+    conn = await asyncpg.connect(cluster.database_url, timeout=scaled(10))
+    try:
+        rows = await conn.fetch(
+            "SELECT id FROM messages WHERE channel_id = $1 ORDER BY seq", channel_id
+        )
+    finally:
+        await conn.close()
+    return [r["id"] for r in rows]
+
+
+async def wait_for(predicate: Any, timeout: float, what: str) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.05)
+
+
+async def test_clients_reach_flannel_and_chat_through_haproxy_over_tls(
+    cluster: LocalCluster,
+) -> None:
+    seeded = cluster.seeded
+    assert seeded is not None
+    general = seeded.channels["general"]
+    ctx = cluster.ssl_context()
+    via_flannel = cluster.url(seeded.workspace_id)
+    async with (
+        Client.connect(via_flannel, seeded.tokens["alice"], ssl=ctx) as alice,
+        Client.connect(cluster.chat_url, seeded.tokens["bob"], ssl=ctx) as bob,
+    ):
+        posted = await alice.post(general, "over tls")
+        for who in (alice, bob):
+            event = await who.next_event("message.posted", timeout=scaled(10))
+            assert event["message"]["id"] == posted["message"]["id"]
+    loads = [await f.ametric("flannel_workspace_loads_total") for f in cluster.flannels.values()]
+    assert sorted(loads) == [0, 1]  # the workspace hashed to one Flannel node
+    # A client that does not trust the certificate does not get in.
+    with pytest.raises(ssl.SSLCertVerificationError):
+        async with Client.connect(cluster.chat_url, ssl=ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)):
+            pass
+
+
+async def test_redis_and_postgres_require_their_passwords(cluster: LocalCluster) -> None:
+    port = cluster.endpoints.at["redis"].port
+
+    def redis(*commands: bytes) -> list[bytes]:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            answers = []
+            for command in commands:
+                sock.sendall(command)
+                answers.append(sock.recv(4096).split(b"\r\n")[0])
+            return answers
+
+    assert redis(resp_command("PING"))[0].startswith(b"-NOAUTH")
+    assert redis(resp_command("AUTH", "chat", "wrong"))[0].startswith(b"-WRONGPASS")
+    assert redis(resp_command("AUTH", "default", ""))[0].startswith(b"-WRONGPASS")
+    ok = redis(resp_command("AUTH", "chat", cluster.secrets.redis_password), resp_command("PING"))
+    assert ok == [b"+OK", b"+PONG"]
+
+    wrong = cluster.database_url.replace(cluster.secrets.postgres_password, "wrong")
+    with pytest.raises(asyncpg.InvalidPasswordError):
+        await asyncpg.connect(wrong, timeout=scaled(10))
+    without = cluster.database_url.replace(f":{cluster.secrets.postgres_password}@", "@")
+    with pytest.raises((asyncpg.InvalidPasswordError, asyncpg.ClientCannotConnectError)):
+        await asyncpg.connect(without, timeout=scaled(10))
+    conn = await asyncpg.connect(cluster.database_url, timeout=scaled(10))
+    assert await conn.fetchval("SELECT 1") == 1
+    await conn.close()
+
+
+async def test_only_holders_of_the_service_key_act_as_flannel(cluster: LocalCluster) -> None:
+    internal = f"ws://127.0.0.1:{cluster.endpoints.internal.port}/service"
+
+    async def status(url: str, token: str | None, **kwargs: Any) -> int:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        try:
+            async with ws_connect(url, additional_headers=headers, **kwargs):
+                return 101
+        except InvalidStatus as exc:
+            return exc.response.status_code
+
+    forged = credentials.issue(SERVICE_KID, "not-the-secret-" * 3, "intruder")
+    assert await status(internal, None) == 401
+    assert await status(internal, forged) == 401
+    kid, secret = cluster.secrets.service_key.split("=", 1)
+    assert await status(internal, credentials.issue(kid, secret, "ours")) == 101
+    # The public frontend does not offer /service at all, credential or not.
+    public = cluster.chat_url.replace("/chat", "/service")
+    ctx = cluster.ssl_context()
+    assert await status(public, credentials.issue(kid, secret, "ours"), ssl=ctx) == 404
+
+
+async def moved_without_loss(cluster: LocalCluster, url: str, kill: Any) -> list[Listener]:
+    """Listeners on ``url``; 10 posts, ``kill()``, 10 more posts; every listener ends with
+    all 20 (nothing lost, nothing twice) and PostgreSQL holds exactly those 20."""
+    seeded = cluster.seeded
+    assert seeded is not None
+    general = seeded.channels["general"]
+    async with listeners(cluster, url) as clients:
+        async with ResilientClient(cluster.chat_url, seeded.tokens["alice"]) as poster:
+            await poster.wait_connected(scaled(30))
+            acked = [(await poster.post(general, f"a{i}"))["message"]["id"] for i in range(10)]
+            await kill()
+            for i in range(10):
+                reply = await poster.post(general, f"b{i}", timeout=scaled(60))
+                acked.append(reply["message"]["id"])
+        await wait_for(lambda: all(len(c.ids) >= 20 for c in clients), scaled(60), "every delivery")
+        stored = await stored_ids(cluster, general)
+        assert stored == acked and len(set(stored)) == 20
+        for c in clients:
+            assert c.ids == stored  # in order, once each
+        return clients
+
+
+async def test_killing_a_chat_node_moves_its_clients_with_nothing_lost() -> None:
+    async with launched() as cluster:
+
+        async def kill() -> None:
+            assert await cluster.chats["chat0"].akill() == -9
+
+        clients = await moved_without_loss(cluster, cluster.chat_url, kill)
+        moved = [c for c in clients if c.rc.connects == 2]
+        assert moved and all(c.rc.resumes == 1 for c in moved)  # leastconn spread them
+
+
+async def test_killing_a_flannel_node_moves_its_clients_with_nothing_lost() -> None:
+    async with launched() as cluster:
+        assert cluster.seeded is not None
+        url = cluster.url(cluster.seeded.workspace_id)
+        holder: list[str] = []
+
+        async def kill() -> None:
+            loads = {
+                n: await f.ametric("flannel_workspace_loads_total")
+                for n, f in cluster.flannels.items()
+            }
+            (name,) = [n for n, v in loads.items() if v == 1]  # the workspace's one node
+            holder.append(name)
+            assert await cluster.flannels[name].akill() == -9
+
+        clients = await moved_without_loss(cluster, url, kill)
+        assert all(c.rc.connects == 2 for c in clients)  # all were on the killed node
+        (other,) = [f for n, f in cluster.flannels.items() if n != holder[0]]
+        assert await other.ametric("flannel_workspace_loads_total") == 1
+
+
+async def test_a_draining_chat_node_is_taken_out_by_the_health_check() -> None:
+    async with launched(
+        node_env={"CHAT_DRAIN_PERIOD_S": "20", "CHAT_SHUTDOWN_GRACE_S": "1"}
+    ) as cluster:
+        seeded = cluster.seeded
+        assert seeded is not None
+        node = cluster.chats["chat0"]
+        stopping = asyncio.create_task(node.aterminate(scaled(60)))
+        try:
+            states = await cluster.wait_servers(
+                lambda s: s.get(("chat", "chat0"), "").startswith(("DOWN", "MAINT")), scaled(20)
+            )
+            assert states[("chat", "chat1")] == "UP"
+            assert node.running  # still draining: its /readyz said 503
+            state = await asyncio.to_thread(cluster.haproxy.command, "show servers state chat")
+            assert any(" chat0 " in line and line.split()[5] == "0" for line in state.splitlines())
+            before = await cluster.chats["chat1"].ametric("chat_sessions")
+            ctx = cluster.ssl_context()
+            async with contextlib.AsyncExitStack() as stack:
+                for i in range(4):  # a draining node would refuse them with 503
+                    await stack.enter_async_context(
+                        Client.connect(cluster.chat_url, seeded.tokens[f"u{i}"], ssl=ctx)
+                    )
+                assert await cluster.chats["chat1"].ametric("chat_sessions") == before + 4
+        finally:
+            await stopping
+
+
+async def test_a_haproxy_reload_under_load_drops_nobody() -> None:
+    async with launched() as cluster:
+        seeded = cluster.seeded
+        assert seeded is not None
+        general = seeded.channels["general"]
+        async with listeners(cluster, cluster.chat_url) as clients:
+            async with ResilientClient(cluster.chat_url, seeded.tokens["alice"]) as poster:
+                await poster.wait_connected(scaled(30))
+                acked = [(await poster.post(general, f"a{i}"))["message"]["id"] for i in range(5)]
+                await asyncio.to_thread(cluster.haproxy.reload)
+                for i in range(5):
+                    acked.append((await poster.post(general, f"b{i}"))["message"]["id"])
+                # A connection made after the reload (the new worker) posts too.
+                async with Client.connect(
+                    cluster.chat_url, seeded.tokens["bob"], ssl=cluster.ssl_context()
+                ) as bob:
+                    acked.append((await bob.post(general, "after"))["message"]["id"])
+            await wait_for(
+                lambda: all(len(c.ids) >= len(acked) for c in clients), scaled(30), "deliveries"
+            )
+            survivors = [c for c in clients if c.rc.connects == 1]
+            assert len(survivors) == len(clients)  # the old worker kept every websocket
+            assert all(c.ids == acked for c in clients)

@@ -237,9 +237,17 @@ class HAProxyProcess:
         return _tail(self.config.parent / "haproxy.log")
 
     def reload(self) -> None:
+        """SIGUSR2 to the master; returns once it reports the new worker loaded."""
         if self._proc is None or self._proc.poll() is not None:
             raise ClusterError("haproxy is not running")
+        log = self.config.parent / "haproxy.log"
+        loaded = log.read_text(errors="replace").count("Loading success.")
         self._proc.send_signal(signal.SIGUSR2)
+        deadline = time.monotonic() + self.timeout
+        while log.read_text(errors="replace").count("Loading success.") <= loaded:
+            if time.monotonic() > deadline or "Reload failed" in self.log_tail():
+                raise ClusterError(f"haproxy did not reload\n{self.log_tail()}")
+            time.sleep(0.05)
 
     def servers(self) -> dict[tuple[str, str], str]:
         """``{(backend, server): status}`` from the stats page (``UP``, ``DOWN``, ``MAINT``,
