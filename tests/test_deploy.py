@@ -7,10 +7,15 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
+import sys
+import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -251,7 +256,16 @@ async def test_redis_and_postgres_require_their_passwords(cluster: LocalCluster)
                 answers.append(sock.recv(4096).split(b"\r\n")[0])
             return answers
 
-    assert redis(resp_command("PING"))[0].startswith(b"-NOAUTH")
+    # Without the ACL user's password nothing reads or injects events.
+    for command in (
+        resp_command("PING"),
+        resp_command("XADD", "events:1", "*", "type", "forged"),
+        resp_command("XREAD", "STREAMS", "events:1", "0"),
+        resp_command("SUBSCRIBE", "anything"),
+        resp_command("PUBLISH", "anything", "forged"),
+        resp_command("KEYS", "*"),
+    ):
+        assert redis(command)[0].startswith(b"-NOAUTH"), command
     assert redis(resp_command("AUTH", "chat", "wrong"))[0].startswith(b"-WRONGPASS")
     assert redis(resp_command("AUTH", "default", ""))[0].startswith(b"-WRONGPASS")
     ok = redis(resp_command("AUTH", "chat", cluster.secrets.redis_password), resp_command("PING"))
@@ -395,3 +409,50 @@ async def test_a_haproxy_reload_under_load_drops_nobody() -> None:
             survivors = [c for c in clients if c.rc.connects == 1]
             assert len(survivors) == len(clients)  # the old worker kept every websocket
             assert all(c.ids == acked for c in clients)
+
+
+def test_chat_cluster_up_prints_where_to_connect_and_stops_on_ctrl_c() -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "chat", "cluster", "up", "--chat", "1", "--flannel", "1", "--seed"],
+        cwd=render.ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    lines: list[str] = []
+    try:
+        assert proc.stdout is not None
+        reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")))
+        reader.start()
+        deadline = time.monotonic() + scaled(90)
+        while not any("Ctrl-C" in line for line in lines):
+            assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)
+            time.sleep(0.05)
+        out = "".join(lines)
+        cert = re.search(r"SSL_CERT_FILE=(\S+)", out)
+        chat_url = re.search(r"chat tier direct: +(\S+)", out)
+        token = re.search(r"alice: (\S+)", out)
+        assert cert and chat_url and token, out
+        directory = Path(cert.group(1)).parent
+
+        async def talk() -> None:
+            ctx = ssl.create_default_context(cafile=cert.group(1))
+            async with Client.connect(chat_url.group(1), token.group(1), ssl=ctx) as alice:
+                assert alice.session["user"]["handle"] == "alice"
+
+        asyncio.run(talk())
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=scaled(60)) == 0
+        reader.join(timeout=scaled(10))
+        assert "stopping" in "".join(lines)
+        assert not directory.exists()  # its temp directory, and so every server, is gone
+        port = int(chat_url.group(1).rsplit(":", 1)[1].split("/")[0])
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+        if proc.stdout is not None:
+            proc.stdout.close()
