@@ -422,8 +422,9 @@ def test_chat_cluster_up_prints_where_to_connect_and_stops_on_ctrl_c() -> None:
     )
     lines: list[str] = []
     try:
-        assert proc.stdout is not None
-        reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")))
+        stdout = proc.stdout
+        assert stdout is not None
+        reader = threading.Thread(target=lambda: lines.extend(iter(stdout.readline, "")))
         reader.start()
         deadline = time.monotonic() + scaled(90)
         while not any("Ctrl-C" in line for line in lines):
