@@ -18,6 +18,7 @@ import http
 import logging
 import random
 import signal
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -495,6 +496,34 @@ class Front:
             if peer.closing:
                 return False
         return True
+
+    async def _respond(
+        self,
+        peer: Peer,
+        protocol: ClientProtocol,
+        request: wire.Request,
+        work: Awaitable[wire.Data],
+    ) -> None:
+        """Answer ``request`` with what ``work`` gives, or its error; release the request's
+        slot; time it. A ``token_revoked`` refusal revokes the connection (the request saw
+        the revocation before its event arrived)."""
+        started = time.perf_counter()
+        try:
+            data = await work
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            verdict = protocol.fail(request.id, exc)
+            if isinstance(exc, ChatError) and exc.code is ErrorCode.TOKEN_REVOKED:
+                peer.revoke()
+            self._apply(peer, verdict)
+        else:
+            peer.reply(text_frame(protocol.reply(request.id, data)))
+        finally:
+            peer.requests.release()
+            metrics.REQUESTS.labels(type=request.type).observe(  # type: ignore[attr-defined]
+                time.perf_counter() - started
+            )
 
     def _hello(self) -> wire.Hello:
         s = self.front_settings

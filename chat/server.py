@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import http
 import logging
-import time
 
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
@@ -37,7 +36,6 @@ from chat.connect import (
     Subscribe,
     TakeSnapshot,
 )
-from chat.errors import ChatError, ErrorCode
 from chat.front import Front, bounded, serve_until_signalled
 from chat.handlers import Caller, Services, handle
 from chat.handlers.cached import Caches
@@ -317,23 +315,7 @@ class Node(Front):
         caller: Caller,
         request: wire.Request,
     ) -> None:
-        started = time.perf_counter()
-        try:
-            data = await handle(self.services, caller, request)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            verdict = protocol.fail(request.id, exc)
-            if isinstance(exc, ChatError) and exc.code is ErrorCode.TOKEN_REVOKED:
-                peer.revoke()  # the session was revoked: a handler noticed it first
-            self._apply(peer, verdict)
-        else:
-            peer.reply(text_frame(protocol.reply(request.id, data)))
-        finally:
-            peer.requests.release()
-            metrics.REQUESTS.labels(type=request.type).observe(  # type: ignore[attr-defined]
-                time.perf_counter() - started
-            )
+        await self._respond(peer, protocol, request, handle(self.services, caller, request))
 
 
 async def run(settings: Settings) -> None:

@@ -475,22 +475,7 @@ class ServiceLink(FrameWriter):
         if model is None:
             self._failed(frame.rid, "not_found", "No such workspace.")
             return
-        loaded = wire.Loaded(
-            rid=frame.rid,
-            workspace_id=wid,
-            workspace_name=model.name,
-            seq=model.seq,
-            users=model.users,
-            channels=model.channels,
-            members=[
-                wire.Membership(
-                    channel_id=c.id,
-                    user_ids=model.members.get(c.id, []),
-                    last_ts=model.last_ts.get(c.id),
-                )
-                for c in model.channels
-            ],
-        )
+        loaded = loaded_frame(frame.rid, wid, model)
         self._text(loaded)
 
     # ------------------------------------------------------------------ writing
@@ -555,3 +540,24 @@ class ServiceLink(FrameWriter):
             if not task.done() and task is not asyncio.current_task():
                 task.cancel()
         log.info("service connection ended", extra={"subject": self.subject})
+
+
+def loaded_frame(rid: int, workspace_id: int, model: queries.WorkspaceModel) -> wire.Loaded:
+    """The ``loaded`` answer for a workspace the node read (every channel has a membership
+    entry, empty for a channel without members)."""
+    return wire.Loaded(
+        rid=rid,
+        workspace_id=workspace_id,
+        workspace_name=model.name,
+        seq=model.seq,
+        users=model.users,
+        channels=model.channels,
+        members=[
+            wire.Membership(
+                channel_id=c.id,
+                user_ids=model.members.get(c.id, []),
+                last_ts=model.last_ts.get(c.id),
+            )
+            for c in model.channels
+        ],
+    )

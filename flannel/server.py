@@ -34,7 +34,6 @@ from chat.journal import now_ms
 from chat.peer import Peer
 from chat.protocol import ClientProtocol, Close
 from chat.replay import CHUNK, ReplayCache
-from chat.transport import text_frame
 from flannel import answers
 from flannel import metrics as flannel_metrics
 from flannel.cache import WorkspaceCache
@@ -312,25 +311,16 @@ class Edge(Front):
     async def _answer(
         self, peer: Peer, protocol: ClientProtocol, request: wire.Request, answer: _Answer
     ) -> None:
-        started = time.perf_counter()
-        try:
-            session = self._sessions.get(peer)
-            if session is not None and 0 < session.expires_at <= time.time():
-                # The chat tier refuses a relayed request past expiry; so does the cache.
-                raise ChatError(ErrorCode.TOKEN_EXPIRED)
-            cache = await self.cache(peer.workspace_id)
-            data = await answer(self, peer, cache, request)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            self._apply(peer, protocol.fail(request.id, exc))
-        else:
-            peer.reply(text_frame(protocol.reply(request.id, data)))
-        finally:
-            peer.requests.release()
-            metrics.REQUESTS.labels(type=request.type).observe(  # type: ignore[attr-defined]
-                time.perf_counter() - started
-            )
+        await self._respond(peer, protocol, request, self._from_cache(peer, request, answer))
+
+    async def _from_cache(self, peer: Peer, request: wire.Request, answer: _Answer) -> wire.Data:
+        session = self._sessions.get(peer)
+        if session is not None and 0 < session.expires_at <= time.time():
+            # The chat tier refuses a relayed request past expiry; so does the cache.
+            raise ChatError(ErrorCode.TOKEN_EXPIRED)
+        cache = await self.cache(peer.workspace_id)
+        data: wire.Data = await answer(self, peer, cache, request)
+        return data
 
     def _relayed(self, peer: Peer, frame: bytes) -> None:
         """A reply or error from the chat tier to one of this client's requests."""

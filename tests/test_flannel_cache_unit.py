@@ -16,6 +16,7 @@ from chat import wire
 from chat.bus import Audience, Envelope
 from chat.errors import ChatError
 from chat.handlers.access import channel_audience, user_audience
+from chat.service import loaded_frame
 from chat.storage.queries import WorkspaceModel
 from flannel import answers
 from flannel.cache import WorkspaceCache
@@ -337,22 +338,7 @@ def assert_same_answers(cache: WorkspaceCache, ref: Reference) -> None:
 
 
 def loaded_of(model: WorkspaceModel) -> wire.Loaded:
-    return wire.Loaded(
-        rid=1,
-        workspace_id=W,
-        workspace_name=model.name,
-        seq=model.seq,
-        users=model.users,
-        channels=model.channels,
-        members=[
-            wire.Membership(
-                channel_id=c.id,
-                user_ids=model.members.get(c.id, []),
-                last_ts=model.last_ts.get(c.id),
-            )
-            for c in model.channels
-        ],
-    )
+    return loaded_frame(1, W, model)
 
 
 def test_both_constructors_give_the_same_state() -> None:
