@@ -69,6 +69,11 @@ This is the complete wire protocol between chat clients and the chat server. It 
 from the pydantic models in `chat/wire.py` and the codes in `chat/errors.py`, which are the
 contract; `python -m chat.docgen --check` fails when this file drifts from them.
 
+A client may connect to a chat node or to a Flannel node, the edge tier in front of the chat
+nodes ([flannel.md](flannel.md)): both speak this protocol, frames, codes and limits
+included. Flannel answers `bootstrap`, the autocomplete requests and some look-ups from its
+memory; a chat node answers them too.
+
 ## Overview
 
 ### Connecting
