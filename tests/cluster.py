@@ -31,6 +31,13 @@ No pytest dependency (the fixtures live in ``tests/conftest.py``). Typical use::
   nodes, and seeds through :class:`chat.admin.Admin`.
 * Both kinds of node read their own ``/metrics`` listener: ``node.metric(name, labels)``.
 
+The process machinery (:class:`ServerProcess`, :class:`TempRedis`, the reaper, bounded
+starts) lives in ``chat/cluster/processes.py`` and seeding in
+:func:`chat.cluster.launcher.seed_workspace`, shared with ``chat cluster up``; this module
+adds what tests configure themselves (fixed secrets, an external database, no HAProxy).
+For the whole topology through HAProxy use :class:`chat.cluster.launcher.LocalCluster`
+(the ``make_local_cluster`` fixture).
+
 Every process is started in its own session (a terminal's ^C meant for pytest does
 not hit it), stopped by PID only, and every wait is bounded. If the test process dies
 without stopping them (SIGKILL, ``os._exit``), a small reaper process kills whatever we
@@ -50,13 +57,13 @@ import contextlib
 import json
 import os
 from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
 from chat.admin import Admin
 from chat.client import Client
+from chat.cluster.launcher import DEFAULT_HANDLES, SeededWorkspace, seed_workspace
 from chat.cluster.processes import (  # the process machinery lives with the launcher
     REDIS_SERVER_ENV,
     ClusterError,
@@ -64,6 +71,7 @@ from chat.cluster.processes import (  # the process machinery lives with the lau
     TempRedis,
     http_get,
     parse_metric,
+    start_all,
 )
 from chat.config import Settings
 from chat.storage import open_database
@@ -83,7 +91,6 @@ __all__ = [
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SECRET = "cluster-test-secret-key-0123456789-abcdefghijklmnop"
-DEFAULT_HANDLES = ("alice", "bob", "carol", "dave")  # the first one is the owner
 # Service connections (docs/flannel.md): every cluster's chat nodes accept this key, and its
 # Flannel nodes sign their credentials with it.
 SERVICE_KID = "cluster"
@@ -213,20 +220,6 @@ class FlannelNodeProcess(ServerProcess):
 # --------------------------------------------------------------------------- cluster
 
 
-@dataclass(frozen=True)
-class SeededWorkspace:
-    """What :meth:`Cluster.seed` created."""
-
-    workspace_id: int
-    users: dict[str, int]  # handle -> user id
-    tokens: dict[str, str]  # handle -> token
-    channels: dict[str, int]  # name -> channel id (public, every seeded user a member)
-
-    @property
-    def handles(self) -> list[str]:
-        return list(self.users)
-
-
 class Cluster:
     """One PostgreSQL database, one Redis, N chat node processes, the same secret; and M
     Flannel nodes in front of them.
@@ -354,19 +347,7 @@ class Cluster:
         """Create ``workspace`` with users ``handles`` (the first is the owner, the rest
         members), public ``channels`` with every user in them, and a token per user.
         Works before or after start(); the result is also kept in ``self.seeded``."""
-        async with self.admin() as admin:
-            wid = await admin.create_workspace(workspace)
-            specs = [
-                {"handle": h, "display_name": h.title(), "role": "owner" if i == 0 else "member"}
-                for i, h in enumerate(handles)
-            ]
-            users = {u.handle: u.id for u in await admin.create_users(wid, specs)}
-            ids = list(users.values())
-            chans = {}
-            for name in channels:
-                chans[name] = (await admin.create_channel(wid, name, ids[0], ids, False)).id
-            tokens = dict(zip(users, await admin.issue_tokens(ids), strict=True))
-        self.seeded = SeededWorkspace(wid, users, tokens, chans)
+        self.seeded = await seed_workspace(self.settings(), workspace, handles, channels)
         return self.seeded
 
     async def start(self) -> Self:
@@ -378,11 +359,11 @@ class Cluster:
         pending = [n for n in self.nodes if not n.running]
         for node in pending:
             node.redis_url = self.redis_url
-        await asyncio.to_thread(self._start_nodes, pending)
+        await asyncio.to_thread(start_all, pending)
         edges = [f for f in self.flannels if not f.running]
         for edge in edges:
             edge.upstream = self.service_urls
-        await asyncio.to_thread(self._start_nodes, edges)
+        await asyncio.to_thread(start_all, edges)
         return self
 
     async def add_node(self, *, extra_env: Mapping[str, str] | None = None) -> ChatNodeProcess:
@@ -495,16 +476,3 @@ class Cluster:
         )
         self.flannels.append(edge)
         return edge
-
-    @staticmethod
-    def _start_nodes(nodes: Sequence[ServerProcess]) -> None:
-        """Spawn all, then wait for each: they boot in parallel. All or none."""
-        try:
-            for node in nodes:
-                node.spawn()
-            for node in nodes:
-                node.wait_ready()
-        except BaseException:
-            for node in nodes:
-                node.kill()
-            raise

@@ -42,6 +42,7 @@ from chat.cluster.processes import (
     free_port,
     http_get,
     scaled,
+    start_all,
 )
 from chat.cluster.topology import (
     CHAT_PATH,
@@ -290,14 +291,50 @@ class HAProxyProcess:
 # --------------------------------------------------------------------------- the cluster
 
 
+DEFAULT_HANDLES = ("alice", "bob", "carol", "dave")  # the first one is the owner
+
+
 @dataclass(frozen=True)
-class Seeded:
-    """What :meth:`LocalCluster.seed` created."""
+class SeededWorkspace:
+    """What :func:`seed_workspace` created."""
 
     workspace_id: int
     users: dict[str, int]  # handle -> user id
     tokens: dict[str, str]  # handle -> token
-    channels: dict[str, int]  # name -> channel id
+    channels: dict[str, int]  # name -> channel id (public, every seeded user a member)
+
+    @property
+    def handles(self) -> list[str]:
+        return list(self.users)
+
+
+async def seed_workspace(
+    settings: Any,
+    workspace: str = "acme",
+    handles: Sequence[str] = DEFAULT_HANDLES,
+    channels: Sequence[str] = ("general",),
+) -> SeededWorkspace:
+    """Create ``workspace`` with users ``handles`` (the first is the owner, the rest
+    members), public ``channels`` with every user in them, and a token per user, in the
+    store of ``settings`` (:class:`chat.config.Settings`)."""
+    from chat.admin import Admin
+
+    admin = await Admin.open(settings)
+    try:
+        wid = await admin.create_workspace(workspace)
+        specs = [
+            {"handle": h, "display_name": h.title(), "role": "owner" if i == 0 else "member"}
+            for i, h in enumerate(handles)
+        ]
+        users = {u.handle: u.id for u in await admin.create_users(wid, specs)}
+        ids = list(users.values())
+        chans = {}
+        for name in channels:
+            chans[name] = (await admin.create_channel(wid, name, ids[0], ids, False)).id
+        tokens = dict(zip(users, await admin.issue_tokens(ids), strict=True))
+    finally:
+        await admin.close()
+    return SeededWorkspace(wid, users, tokens, chans)
 
 
 class LocalCluster:
@@ -372,7 +409,7 @@ class LocalCluster:
             )
         )
         self.haproxy = HAProxyProcess(config, ends.stats.port, self.directory / "haproxy.sock")
-        self.seeded: Seeded | None = None
+        self.seeded: SeededWorkspace | None = None
 
     # -- where to connect ----------------------------------------------------------------
 
@@ -414,9 +451,9 @@ class LocalCluster:
 
         db = await open_database(self.database_url, "")  # migrates, once, before any node
         await db.close()
-        await asyncio.to_thread(_start_all, list(self.chats.values()))
+        await asyncio.to_thread(start_all, list(self.chats.values()))
         await asyncio.to_thread(self.haproxy.start)
-        await asyncio.to_thread(_start_all, list(self.flannels.values()))
+        await asyncio.to_thread(start_all, list(self.flannels.values()))
         every = {("chat", n) for n in self.chats} | {("flannel", n) for n in self.flannels}
         await self.wait_servers(lambda s: all(s.get(k) == "UP" for k in every), scaled(30))
         return self
@@ -436,32 +473,14 @@ class LocalCluster:
     async def seed(
         self,
         workspace: str = "acme",
-        handles: Sequence[str] = ("alice", "bob", "carol", "dave"),
+        handles: Sequence[str] = DEFAULT_HANDLES,
         channels: Sequence[str] = ("general",),
-    ) -> Seeded:
-        """A workspace whose first user is its owner, public channels with everyone in them,
-        a token per user."""
-        from chat.admin import Admin
+    ) -> SeededWorkspace:
+        """:func:`seed_workspace` in the cluster's database; kept in ``self.seeded``."""
         from chat.config import Settings
 
         settings = Settings(database_url=self.database_url, secret_key=self.secrets.token_secret)
-        admin = await Admin.open(settings)
-        try:
-            wid = await admin.create_workspace(workspace)
-            specs = [
-                {"handle": h, "display_name": h.title(), "role": "owner" if i == 0 else "member"}
-                for i, h in enumerate(handles)
-            ]
-            users = {u.handle: u.id for u in await admin.create_users(wid, specs)}
-            ids = list(users.values())
-            chans = {
-                name: (await admin.create_channel(wid, name, ids[0], ids, False)).id
-                for name in channels
-            }
-            tokens = dict(zip(users, await admin.issue_tokens(ids), strict=True))
-        finally:
-            await admin.close()
-        self.seeded = Seeded(wid, users, tokens, chans)
+        self.seeded = await seed_workspace(settings, workspace, handles, channels)
         return self.seeded
 
     async def stop(self) -> None:
@@ -509,19 +528,6 @@ class LocalCluster:
             await conn.execute(f"CREATE DATABASE {DATABASE} OWNER {DATABASE}")
         finally:
             await conn.close()
-
-
-def _start_all(nodes: Sequence[ServerProcess]) -> None:
-    """Spawn all, then wait for each: they boot in parallel. All or none."""
-    try:
-        for node in nodes:
-            node.spawn()
-        for node in nodes:
-            node.wait_ready()
-    except BaseException:
-        for node in nodes:
-            node.kill()
-        raise
 
 
 # --------------------------------------------------------------------------- command line

@@ -644,6 +644,19 @@ class ServerProcess:
                 self._log_file = None
 
 
+def start_all(nodes: Sequence[ServerProcess]) -> None:
+    """Spawn all, then wait for each: they boot in parallel. All or none."""
+    try:
+        for node in nodes:
+            node.spawn()
+        for node in nodes:
+            node.wait_ready()
+    except BaseException:
+        for node in nodes:
+            node.kill()
+        raise
+
+
 def parse_metric(page: str, name: str, labels: str = "") -> float:
     """The value of sample ``name{labels}`` in a Prometheus text page (0 when absent)."""
     pattern = "^" + re.escape(name + (("{" + labels + "}") if labels else "")) + r" (\S+)$"
