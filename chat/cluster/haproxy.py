@@ -31,11 +31,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from chat.cluster.topology import CHAT_PATH, Endpoints, Topology
+from chat.config import FrontSettings
+
+_HEARTBEAT_MS: int = FrontSettings.model_fields["heartbeat_interval_ms"].default
 
 
 @dataclass(frozen=True)
 class Limits:
-    heartbeat_interval_s: float = 30.0  # FrontSettings.heartbeat_interval_ms / 1000
+    heartbeat_interval_s: float = _HEARTBEAT_MS / 1000  # the nodes' default
     # Connections at once: the process needs two descriptors each (client and server side),
     # within its open-files limit.
     global_maxconn: int = 9000
