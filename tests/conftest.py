@@ -258,3 +258,56 @@ async def make_flannel_cluster(
                 await c.close()
             finally:
                 await postgres_server.drop_database(name)
+
+
+# =========================================================================== the launcher
+#
+# `make_local_cluster` (function, async): `await make_local_cluster(n_chat=2, n_flannel=2,
+#   node_env={...}, handles=[...])` returns a started chat.cluster.launcher.LocalCluster (its
+#   own PostgreSQL with SCRAM, Redis with an ACL user, chat and Flannel nodes, HAProxy over
+#   TLS), seeded with `handles` (default alice, bob, carol, dave) in `cluster.seeded`.
+#   Everything is stopped by PID and its directory deleted at the end of the test.
+
+from collections.abc import Sequence  # noqa: E402
+from typing import Protocol  # noqa: E402
+
+from chat.cluster.launcher import LocalCluster  # noqa: E402
+from chat.cluster.topology import Topology  # noqa: E402
+
+
+class MakeLocalCluster(Protocol):
+    async def __call__(
+        self,
+        n_chat: int = 2,
+        n_flannel: int = 2,
+        *,
+        node_env: Mapping[str, str] | None = None,
+        handles: Sequence[str] | None = None,
+    ) -> LocalCluster: ...
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def make_local_cluster() -> AsyncIterator[MakeLocalCluster]:
+    made: list[LocalCluster] = []
+
+    async def make(
+        n_chat: int = 2,
+        n_flannel: int = 2,
+        *,
+        node_env: Mapping[str, str] | None = None,
+        handles: Sequence[str] | None = None,
+    ) -> LocalCluster:
+        c = LocalCluster(Topology(n_chat=n_chat, n_flannel=n_flannel), node_env=node_env)
+        made.append(c)
+        await c.start()
+        if handles is None:
+            await c.seed()
+        else:
+            await c.seed(handles=handles)
+        return c
+
+    try:
+        yield make
+    finally:
+        for c in reversed(made):
+            await c.close()

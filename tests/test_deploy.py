@@ -41,6 +41,7 @@ from chat.cluster.topology import (
     environment,
     redis_args,
 )
+from tests.conftest import MakeLocalCluster
 from tests.pg import free_port
 from tests.timing import scaled
 
@@ -147,21 +148,26 @@ def trusting(cert: Path) -> Iterator[None]:
             os.environ["SSL_CERT_FILE"] = old
 
 
-@contextlib.asynccontextmanager
-async def launched(**kwargs: Any) -> AsyncIterator[LocalCluster]:
-    async with LocalCluster(**kwargs) as cluster:
-        await cluster.seed(handles=["alice", "bob", *(f"u{i}" for i in range(N_CLIENTS))])
-        with trusting(cluster.cert):
-            yield cluster
-
-
 N_CLIENTS = 6
+HANDLES = ["alice", "bob", *(f"u{i}" for i in range(N_CLIENTS))]
 
 
 @pytest_asyncio.fixture(loop_scope="session", scope="module")
 async def cluster() -> AsyncIterator[LocalCluster]:
-    async with launched() as c:
-        yield c
+    """One cluster for the tests that leave it as they found it."""
+    async with LocalCluster() as c:
+        await c.seed(handles=HANDLES)
+        with trusting(c.cert):
+            yield c
+
+
+async def fresh(
+    make: MakeLocalCluster, monkeypatch: pytest.MonkeyPatch, **kwargs: Any
+) -> LocalCluster:
+    """A cluster of the test's own (to break), its certificate trusted."""
+    cluster = await make(handles=HANDLES, **kwargs)
+    monkeypatch.setenv("SSL_CERT_FILE", str(cluster.cert))
+    return cluster
 
 
 class Listener:
@@ -326,89 +332,95 @@ async def moved_without_loss(cluster: LocalCluster, url: str, kill: Any) -> list
         return clients
 
 
-async def test_killing_a_chat_node_moves_its_clients_with_nothing_lost() -> None:
-    async with launched() as cluster:
+async def test_killing_a_chat_node_moves_its_clients_with_nothing_lost(
+    make_local_cluster: MakeLocalCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cluster = await fresh(make_local_cluster, monkeypatch)
 
-        async def kill() -> None:
-            assert await cluster.chats["chat0"].akill() == -9
+    async def kill() -> None:
+        assert await cluster.chats["chat0"].akill() == -9
 
-        clients = await moved_without_loss(cluster, cluster.chat_url, kill)
-        moved = [c for c in clients if c.rc.connects == 2]
-        assert moved and all(c.rc.resumes == 1 for c in moved)  # leastconn spread them
-
-
-async def test_killing_a_flannel_node_moves_its_clients_with_nothing_lost() -> None:
-    async with launched() as cluster:
-        assert cluster.seeded is not None
-        url = cluster.url(cluster.seeded.workspace_id)
-        holder: list[str] = []
-
-        async def kill() -> None:
-            loads = {
-                n: await f.ametric("flannel_workspace_loads_total")
-                for n, f in cluster.flannels.items()
-            }
-            (name,) = [n for n, v in loads.items() if v == 1]  # the workspace's one node
-            holder.append(name)
-            assert await cluster.flannels[name].akill() == -9
-
-        clients = await moved_without_loss(cluster, url, kill)
-        assert all(c.rc.connects == 2 for c in clients)  # all were on the killed node
-        (other,) = [f for n, f in cluster.flannels.items() if n != holder[0]]
-        assert await other.ametric("flannel_workspace_loads_total") == 1
+    clients = await moved_without_loss(cluster, cluster.chat_url, kill)
+    moved = [c for c in clients if c.rc.connects == 2]
+    assert moved and all(c.rc.resumes == 1 for c in moved)  # leastconn spread them
 
 
-async def test_a_draining_chat_node_is_taken_out_by_the_health_check() -> None:
-    async with launched(
-        node_env={"CHAT_DRAIN_PERIOD_S": "20", "CHAT_SHUTDOWN_GRACE_S": "1"}
-    ) as cluster:
-        seeded = cluster.seeded
-        assert seeded is not None
-        node = cluster.chats["chat0"]
-        stopping = asyncio.create_task(node.aterminate(scaled(60)))
-        try:
-            states = await cluster.wait_servers(
-                lambda s: s.get(("chat", "chat0"), "").startswith(("DOWN", "MAINT")), scaled(20)
-            )
-            assert states[("chat", "chat1")] == "UP"
-            assert node.running  # still draining: its /readyz said 503
-            state = await asyncio.to_thread(cluster.haproxy.command, "show servers state chat")
-            assert any(" chat0 " in line and line.split()[5] == "0" for line in state.splitlines())
-            before = await cluster.chats["chat1"].ametric("chat_sessions")
-            ctx = cluster.ssl_context()
-            async with contextlib.AsyncExitStack() as stack:
-                for i in range(4):  # a draining node would refuse them with 503
-                    await stack.enter_async_context(
-                        Client.connect(cluster.chat_url, seeded.tokens[f"u{i}"], ssl=ctx)
-                    )
-                assert await cluster.chats["chat1"].ametric("chat_sessions") == before + 4
-        finally:
-            await stopping
+async def test_killing_a_flannel_node_moves_its_clients_with_nothing_lost(
+    make_local_cluster: MakeLocalCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cluster = await fresh(make_local_cluster, monkeypatch)
+    assert cluster.seeded is not None
+    url = cluster.url(cluster.seeded.workspace_id)
+    holder: list[str] = []
+
+    async def kill() -> None:
+        loads = {
+            n: await f.ametric("flannel_workspace_loads_total") for n, f in cluster.flannels.items()
+        }
+        (name,) = [n for n, v in loads.items() if v == 1]  # the workspace's one node
+        holder.append(name)
+        assert await cluster.flannels[name].akill() == -9
+
+    clients = await moved_without_loss(cluster, url, kill)
+    assert all(c.rc.connects == 2 for c in clients)  # all were on the killed node
+    (other,) = [f for n, f in cluster.flannels.items() if n != holder[0]]
+    assert await other.ametric("flannel_workspace_loads_total") == 1
 
 
-async def test_a_haproxy_reload_under_load_drops_nobody() -> None:
-    async with launched() as cluster:
-        seeded = cluster.seeded
-        assert seeded is not None
-        general = seeded.channels["general"]
-        async with listeners(cluster, cluster.chat_url) as clients:
-            async with ResilientClient(cluster.chat_url, seeded.tokens["alice"]) as poster:
-                await poster.wait_connected(scaled(30))
-                acked = [(await poster.post(general, f"a{i}"))["message"]["id"] for i in range(5)]
-                await asyncio.to_thread(cluster.haproxy.reload)
-                for i in range(5):
-                    acked.append((await poster.post(general, f"b{i}"))["message"]["id"])
-                # A connection made after the reload (the new worker) posts too.
-                async with Client.connect(
-                    cluster.chat_url, seeded.tokens["bob"], ssl=cluster.ssl_context()
-                ) as bob:
-                    acked.append((await bob.post(general, "after"))["message"]["id"])
-            await wait_for(
-                lambda: all(len(c.ids) >= len(acked) for c in clients), scaled(30), "deliveries"
-            )
-            survivors = [c for c in clients if c.rc.connects == 1]
-            assert len(survivors) == len(clients)  # the old worker kept every websocket
-            assert all(c.ids == acked for c in clients)
+async def test_a_draining_chat_node_is_taken_out_by_the_health_check(
+    make_local_cluster: MakeLocalCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    drain = {"CHAT_DRAIN_PERIOD_S": "20", "CHAT_SHUTDOWN_GRACE_S": "1"}
+    cluster = await fresh(make_local_cluster, monkeypatch, node_env=drain)
+    seeded = cluster.seeded
+    assert seeded is not None
+    node = cluster.chats["chat0"]
+    stopping = asyncio.create_task(node.aterminate(scaled(60)))
+    try:
+        states = await cluster.wait_servers(
+            lambda s: s.get(("chat", "chat0"), "").startswith(("DOWN", "MAINT")), scaled(20)
+        )
+        assert states[("chat", "chat1")] == "UP"
+        assert node.running  # still draining: its /readyz said 503
+        state = await asyncio.to_thread(cluster.haproxy.command, "show servers state chat")
+        assert any(" chat0 " in line and line.split()[5] == "0" for line in state.splitlines())
+        before = await cluster.chats["chat1"].ametric("chat_sessions")
+        ctx = cluster.ssl_context()
+        async with contextlib.AsyncExitStack() as stack:
+            for i in range(4):  # a draining node would refuse them with 503
+                await stack.enter_async_context(
+                    Client.connect(cluster.chat_url, seeded.tokens[f"u{i}"], ssl=ctx)
+                )
+            assert await cluster.chats["chat1"].ametric("chat_sessions") == before + 4
+    finally:
+        await stopping
+
+
+async def test_a_haproxy_reload_under_load_drops_nobody(
+    make_local_cluster: MakeLocalCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cluster = await fresh(make_local_cluster, monkeypatch)
+    seeded = cluster.seeded
+    assert seeded is not None
+    general = seeded.channels["general"]
+    async with listeners(cluster, cluster.chat_url) as clients:
+        async with ResilientClient(cluster.chat_url, seeded.tokens["alice"]) as poster:
+            await poster.wait_connected(scaled(30))
+            acked = [(await poster.post(general, f"a{i}"))["message"]["id"] for i in range(5)]
+            await asyncio.to_thread(cluster.haproxy.reload)
+            for i in range(5):
+                acked.append((await poster.post(general, f"b{i}"))["message"]["id"])
+            # A connection made after the reload (the new worker) posts too.
+            async with Client.connect(
+                cluster.chat_url, seeded.tokens["bob"], ssl=cluster.ssl_context()
+            ) as bob:
+                acked.append((await bob.post(general, "after"))["message"]["id"])
+        await wait_for(
+            lambda: all(len(c.ids) >= len(acked) for c in clients), scaled(30), "deliveries"
+        )
+        survivors = [c for c in clients if c.rc.connects == 1]
+        assert len(survivors) == len(clients)  # the old worker kept every websocket
+        assert all(c.ids == acked for c in clients)
 
 
 def test_chat_cluster_up_prints_where_to_connect_and_stops_on_ctrl_c() -> None:
