@@ -82,6 +82,15 @@ def test_haproxy_accepts_the_launcher_config(tmp_path: Path) -> None:
     result = haproxy_check(tmp_path / "haproxy.cfg")
     assert result.returncode == 0, result.stdout + result.stderr
     assert text.count("slowstart") == 3 and "balance url_param workspace" in text
+    with_state = haproxy.render(
+        topology,
+        Endpoints.local(topology, free_port),
+        cert=str(bundle),
+        state_file=str(tmp_path / "haproxy.state"),  # absent: HAProxy starts all the same
+    )
+    (tmp_path / "haproxy.cfg").write_text(with_state)
+    result = haproxy_check(tmp_path / "haproxy.cfg")
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_compose_matches_the_topology() -> None:
@@ -251,6 +260,19 @@ async def test_clients_reach_flannel_and_chat_through_haproxy_over_tls(
             pass
 
 
+async def test_without_a_workspace_parameter_clients_are_spread_round_robin(
+    cluster: LocalCluster,
+) -> None:
+    seeded = cluster.seeded
+    assert seeded is not None
+    ctx = cluster.ssl_context()
+    for handle in ("u0", "u1"):  # one after the other: round robin alternates
+        async with Client.connect(cluster.url(), seeded.tokens[handle], ssl=ctx):
+            pass
+    loads = [await f.ametric("flannel_workspace_loads_total") for f in cluster.flannels.values()]
+    assert all(n >= 1 for n in loads)  # the workspace got cached on both Flannel nodes
+
+
 async def test_redis_and_postgres_require_their_passwords(cluster: LocalCluster) -> None:
     port = cluster.endpoints.at["redis"].port
 
@@ -394,6 +416,30 @@ async def test_a_draining_chat_node_is_taken_out_by_the_health_check(
             assert await cluster.chats["chat1"].ametric("chat_sessions") == before + 4
     finally:
         await stopping
+
+
+async def test_a_chat_node_that_lost_postgres_is_taken_out(
+    make_local_cluster: MakeLocalCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cluster = await fresh(make_local_cluster, monkeypatch, n_flannel=1)
+    await asyncio.to_thread(cluster.postgres.stop)
+    await cluster.wait_servers(
+        lambda s: all(s.get(("chat", n), "").startswith("DOWN") for n in cluster.chats),
+        scaled(30),
+    )
+    assert all(node.running for node in cluster.chats.values())  # alive, but not ready
+
+
+async def test_a_reload_keeps_a_down_server_down(
+    make_local_cluster: MakeLocalCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cluster = await fresh(make_local_cluster, monkeypatch, n_flannel=1)
+    await cluster.chats["chat0"].akill()
+    await cluster.wait_servers(lambda s: s.get(("chat", "chat0")) == "DOWN", scaled(20))
+    await asyncio.to_thread(cluster.haproxy.reload)
+    state = await asyncio.to_thread(cluster.haproxy.command, "show servers state chat")
+    (line,) = [x for x in state.splitlines() if " chat0 " in x]
+    assert line.split()[5] == "0"  # srv_op_state 0 (stopped) in the new worker at once
 
 
 async def test_a_haproxy_reload_under_load_drops_nobody(

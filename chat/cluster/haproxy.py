@@ -56,13 +56,17 @@ def render(
     *,
     cert: str,
     stats_socket: str | None = None,
+    state_file: str | None = None,
     docker_dns: bool = False,
     limits: Limits = Limits(),
 ) -> str:
     """The whole configuration. ``cert``: a PEM with the certificate and its key.
     ``stats_socket``: a path for the admin socket (``show servers state``, ``disable
-    server``); None: none. ``docker_dns``: resolve server names with Docker's DNS at run
-    time, so HAProxy starts before every node exists (a node not up yet is DOWN)."""
+    server``); None: none. ``state_file``: where a reload finds the servers' states (the
+    reloader writes ``show servers state`` there first), so the new worker starts with a
+    DOWN server DOWN rather than UP until its checks fail. ``docker_dns``: resolve server
+    names with Docker's DNS at run time, so HAProxy starts before every node exists (a node
+    not up yet is DOWN)."""
     tunnel = round(3 * limits.heartbeat_interval_s)
     global_lines = [
         "global",
@@ -73,6 +77,8 @@ def render(
     ]
     if stats_socket is not None:
         global_lines.append(f"    stats socket {stats_socket} mode 600 level admin")
+    if state_file is not None:
+        global_lines.append(f"    server-state-file {state_file}")
     lh = endpoints.listen_host
     resolvers = ["", "resolvers docker", "    nameserver dns 127.0.0.11:53"] if docker_dns else []
     server_defaults = "check inter 1s fall 2 rise 2"
@@ -94,6 +100,7 @@ def render(
         "    timeout http-request 5s  # a slow upgrade request is cut",
         f"    timeout queue {limits.queue_s}s",
         f"    default-server {server_defaults}",
+        *(["    load-server-state-from-file global"] if state_file is not None else []),
         "",
         "frontend public",
         f"    bind {lh}:{endpoints.public.port} ssl crt {cert}",

@@ -238,9 +238,11 @@ class HAProxyProcess:
         return _tail(self.config.parent / "haproxy.log")
 
     def reload(self) -> None:
-        """SIGUSR2 to the master; returns once it reports the new worker loaded."""
+        """Save the servers' states (``server-state-file``), SIGUSR2 to the master; returns
+        once it reports the new worker loaded."""
         if self._proc is None or self._proc.poll() is not None:
             raise ClusterError("haproxy is not running")
+        (self.config.parent / "haproxy.state").write_text(self.command("show servers state"))
         log = self.config.parent / "haproxy.log"
         loaded = log.read_text(errors="replace").count("Loading success.")
         self._proc.send_signal(signal.SIGUSR2)
@@ -405,6 +407,7 @@ class LocalCluster:
                 ends,
                 cert=str(bundle),
                 stats_socket=str(self.directory / "haproxy.sock"),
+                state_file=str(self.directory / "haproxy.state"),
                 limits=self.limits,
             )
         )
