@@ -263,7 +263,8 @@ async def make_flannel_cluster(
 # =========================================================================== the launcher
 #
 # `make_local_cluster` (function, async): `await make_local_cluster(n_chat=2, n_flannel=2,
-#   node_env={...}, handles=[...])` returns a started chat.cluster.launcher.LocalCluster (its
+#   node_env={...}, handles=[...], limits=Limits(...))` returns a started
+#   chat.cluster.launcher.LocalCluster (its
 #   own PostgreSQL with SCRAM, Redis with an ACL user, chat and Flannel nodes, HAProxy over
 #   TLS), seeded with `handles` (default alice, bob, carol, dave) in `cluster.seeded`.
 #   Everything is stopped by PID and its directory deleted at the end of the test.
@@ -271,6 +272,7 @@ async def make_flannel_cluster(
 from collections.abc import Sequence  # noqa: E402
 from typing import Protocol  # noqa: E402
 
+from chat.cluster.haproxy import Limits  # noqa: E402
 from chat.cluster.launcher import LocalCluster  # noqa: E402
 from chat.cluster.topology import Topology  # noqa: E402
 
@@ -283,6 +285,7 @@ class MakeLocalCluster(Protocol):
         *,
         node_env: Mapping[str, str] | None = None,
         handles: Sequence[str] | None = None,
+        limits: Limits | None = None,
     ) -> LocalCluster: ...
 
 
@@ -296,8 +299,10 @@ async def make_local_cluster() -> AsyncIterator[MakeLocalCluster]:
         *,
         node_env: Mapping[str, str] | None = None,
         handles: Sequence[str] | None = None,
+        limits: Limits | None = None,
     ) -> LocalCluster:
-        c = LocalCluster(Topology(n_chat=n_chat, n_flannel=n_flannel), node_env=node_env)
+        topology = Topology(n_chat=n_chat, n_flannel=n_flannel)
+        c = LocalCluster(topology, node_env=node_env, limits=limits)
         made.append(c)
         await c.start()
         if handles is None:

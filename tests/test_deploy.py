@@ -442,6 +442,63 @@ async def test_a_reload_keeps_a_down_server_down(
     assert line.split()[5] == "0"  # srv_op_state 0 (stopped) in the new worker at once
 
 
+async def test_each_source_gets_a_limited_connection_rate(
+    make_local_cluster: MakeLocalCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cluster = await fresh(
+        make_local_cluster, monkeypatch, n_flannel=1, limits=haproxy.Limits(rate_limit=5)
+    )
+    ctx = cluster.ssl_context()
+    port = cluster.endpoints.public.port
+
+    async def handshake() -> bool:
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx)
+        except (OSError, ssl.SSLError):
+            return False
+        writer.close()
+        with contextlib.suppress(OSError, ssl.SSLError):
+            await writer.wait_closed()
+        return True
+
+    outcomes = [await handshake() for _ in range(12)]
+    assert outcomes == [True] * 5 + [False] * 7  # within 10 s, from one address
+
+
+async def test_a_full_server_makes_new_clients_wait_in_the_queue(
+    make_local_cluster: MakeLocalCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    limits = haproxy.Limits(server_maxconn=1, queue_s=60)
+    # No Flannel: its service connections would hold the one slot.
+    cluster = await fresh(make_local_cluster, monkeypatch, n_chat=1, n_flannel=0, limits=limits)
+    seeded = cluster.seeded
+    assert seeded is not None
+    ctx = cluster.ssl_context()
+
+    async def queued() -> int:
+        rows = await asyncio.to_thread(cluster.haproxy.stat)
+        return sum(int(r["qcur"] or 0) for (proxy, _), r in rows.items() if proxy == "chat")
+
+    async with Client.connect(cluster.chat_url, seeded.tokens["u0"], ssl=ctx):
+        waiting = asyncio.create_task(_connect_and_close(cluster.chat_url, seeded.tokens["u1"]))
+        await wait_for_async(lambda: queued(), 1, scaled(20), "a queued connection")
+        assert not waiting.done()
+    await asyncio.wait_for(waiting, scaled(30))  # in, once the slot was free
+    assert await queued() == 0
+
+
+async def _connect_and_close(url: str, token: str) -> None:
+    async with Client.connect(url, token):
+        pass
+
+
+async def wait_for_async(probe: Any, want: Any, timeout: float, what: str) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while await probe() != want:
+        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.05)
+
+
 async def test_a_haproxy_reload_under_load_drops_nobody(
     make_local_cluster: MakeLocalCluster, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -268,6 +268,12 @@ class HAProxyProcess:
             if r["svname"] not in ("FRONTEND", "BACKEND")
         }
 
+    def stat(self) -> dict[tuple[str, str], dict[str, str]]:
+        """``show stat`` on the admin socket: every row (``FRONTEND``/``BACKEND`` too) by
+        (proxy, server), fields by name (``qcur``: queued now, ``scur``: sessions now)."""
+        rows = csv.DictReader(io.StringIO(self.command("show stat").lstrip("# ")))
+        return {(r["pxname"], r["svname"]): r for r in rows if r.get("svname")}
+
     def command(self, line: str) -> str:
         """One command on the admin socket (``show servers state``, ``disable server b/s``)."""
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
