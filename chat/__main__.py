@@ -78,7 +78,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     up.add_argument("--chat", type=int, default=2, help="chat nodes (default 2)")
     up.add_argument("--flannel", type=int, default=2, help="Flannel nodes (default 2)")
-    up.add_argument("--dir", type=Path, help="keep everything here (default: a temp dir)")
+    up.add_argument(
+        "--dir",
+        type=Path,
+        help="keep the database, secrets and logs here; the next run with this --dir "
+        "continues with them (default: a temp dir, deleted)",
+    )
     up.add_argument("--seed", action="store_true", help="create a workspace; print tokens")
     return p
 

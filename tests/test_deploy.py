@@ -14,6 +14,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -572,3 +573,26 @@ def test_chat_cluster_up_prints_where_to_connect_and_stops_on_ctrl_c() -> None:
             proc.wait(timeout=30)
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+async def test_a_kept_directory_keeps_the_database_and_its_passwords() -> None:
+    # Not under tmp_path: as root, PostgreSQL runs as another user, who cannot enter it.
+    directory = Path(tempfile.mkdtemp(prefix="chat-kept-cluster-"))
+    try:
+        await _run_twice(directory)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+async def _run_twice(directory: Path) -> None:
+    async with LocalCluster(Topology(n_chat=1, n_flannel=0), directory=directory) as first:
+        seeded = await first.seed()
+        general = seeded.channels["general"]
+        async with Client.connect(
+            first.chat_url, seeded.tokens["alice"], ssl=first.ssl_context()
+        ) as alice:
+            posted = (await alice.post(general, "kept"))["message"]["id"]
+    assert (directory / "postgres" / "data" / "PG_VERSION").exists()
+    async with LocalCluster(Topology(n_chat=1, n_flannel=0), directory=directory) as second:
+        assert second.secrets == first.secrets and not second.postgres.created
+        assert await stored_ids(second, general) == [posted]

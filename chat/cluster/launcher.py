@@ -13,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import csv
+import dataclasses
 import io
+import json
 import os
 import pwd
 import shutil
@@ -121,6 +123,7 @@ class PostgresProcess:
         self._proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
         self._ids: tuple[int, int] | None = None
+        self.created = False  # the last start() ran initdb
         if os.geteuid() == 0:
             for user in ("postgres", "nobody"):
                 with contextlib.suppress(KeyError):
@@ -142,23 +145,13 @@ class PostgresProcess:
         return {"user": self._ids[0], "group": self._ids[1], "extra_groups": []}
 
     def start(self) -> None:
+        """initdb (unless ``data`` holds a cluster already: ``created`` says which), start,
+        wait until it accepts connections."""
         bindir = find_pg_bindir()
         self.directory.mkdir(parents=True, exist_ok=True)
-        pwfile = self.directory / "pwfile"
-        pwfile.write_text(self.password + "\n")
-        if self._ids is not None:
-            for path in (self.directory, pwfile):
-                os.chown(path, *self._ids)
-        initdb = subprocess.run(
-            [str(bindir / "initdb"), "-D", str(self.directory / "data"), "-U", "postgres",
-             "--auth=scram-sha-256", f"--pwfile={pwfile}", "-E", "UTF8", "--no-locale",
-             "--no-sync"],
-            capture_output=True, text=True, timeout=self.timeout, check=False,
-            stdin=subprocess.DEVNULL, **self._as_user(),
-        )  # fmt: skip
-        pwfile.unlink()
-        if initdb.returncode != 0:
-            raise ClusterError(f"initdb failed:\n{initdb.stdout}{initdb.stderr}")
+        self.created = not (self.directory / "data" / "PG_VERSION").exists()
+        if self.created:
+            self._initdb(bindir)
         self._log = open(self.directory / "postgres.log", "ab")  # noqa: SIM115 - closed in stop
         self._proc = subprocess.Popen(
             [str(bindir / "postgres"), "-D", str(self.directory / "data"), "-h", "127.0.0.1",
@@ -176,6 +169,26 @@ class PostgresProcess:
 
     def log_tail(self) -> str:
         return _tail(self.directory / "postgres.log")
+
+    def _initdb(self, bindir: Path) -> None:
+        pwfile = self.directory / "pwfile"
+        pwfile.write_text(self.password + "\n")
+        if self._ids is not None:
+            for path in (self.directory, pwfile):
+                os.chown(path, *self._ids)
+        initdb = subprocess.run(
+            [str(bindir / "initdb"), "-D", str(self.directory / "data"), "-U", "postgres",
+             "--auth=scram-sha-256", f"--pwfile={pwfile}", "-E", "UTF8", "--no-locale",
+             "--no-sync"],
+            capture_output=True, text=True, timeout=self.timeout, check=False,
+            stdin=subprocess.DEVNULL, **self._as_user(),
+        )  # fmt: skip
+        pwfile.unlink()
+        if initdb.returncode != 0:
+            raise ClusterError(
+                f"initdb failed (as root, every directory above {self.directory} must be "
+                f"enterable by the postgres user):\n{initdb.stdout}{initdb.stderr}"
+            )
 
     def stop(self) -> None:
         proc, self._proc = self._proc, None
@@ -360,15 +373,16 @@ class LocalCluster:
         node_env: Mapping[str, str] | None = None,
     ) -> None:
         self.topology = topology or Topology()
-        self.secrets = secrets or Secrets.generate()
         self.limits = limits or haproxy.Limits()
         self.endpoints = Endpoints.local(self.topology, free_port)
         self._own_dir = directory is None
         self.directory = Path(directory or tempfile.mkdtemp(prefix="chat-cluster-"))
         self.directory.mkdir(parents=True, exist_ok=True)
+        self.secrets = secrets or _kept_secrets(self.directory / "secrets.json")
         if self._own_dir:
             _reaper.register_dir(self.directory)
-        self.directory.chmod(0o755)  # PostgreSQL runs as another user when we are root
+        if os.geteuid() == 0:
+            self.directory.chmod(0o755)  # PostgreSQL runs as another user
         logs = self.directory / "logs"
         logs.mkdir(exist_ok=True)
         ends = self.endpoints
@@ -454,7 +468,8 @@ class LocalCluster:
         """PostgreSQL (role + database), Redis, migrations, chat nodes, HAProxy, Flannel
         nodes; then wait until HAProxy sees every server UP."""
         await asyncio.to_thread(self.postgres.start)
-        await self._bootstrap_database()
+        if self.postgres.created:
+            await self._bootstrap_database()
         await asyncio.to_thread(self.redis.start)
         from chat.storage import open_database
 
@@ -537,6 +552,17 @@ class LocalCluster:
             await conn.execute(f"CREATE DATABASE {DATABASE} OWNER {DATABASE}")
         finally:
             await conn.close()
+
+
+def _kept_secrets(path: Path) -> Secrets:
+    """The secrets saved in ``path`` by an earlier run in the same directory (its database
+    has those passwords), else new ones, saved there (mode 0600)."""
+    if path.exists():
+        return Secrets(**json.loads(path.read_text()))
+    secrets = Secrets.generate()
+    path.touch(mode=0o600)
+    path.write_text(json.dumps(dataclasses.asdict(secrets)))
+    return secrets
 
 
 # --------------------------------------------------------------------------- command line
