@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -282,3 +283,26 @@ async def test_idle_caches_are_evicted_past_the_bound(node: RunningNode) -> None
         async with Client.connect(url(edge), node.tokens["mia"]) as mia:
             await mia.request("users.autocomplete", query="mi")
         assert edge.loads == 2
+
+
+async def test_flannel_has_the_chat_tiers_admission_control(node: RunningNode) -> None:
+    """A connect over Flannel's limit is refused at once with HTTP 503, Retry-After and a
+    goodbye body (a retry hint), as a chat node refuses one; the slot frees when the first
+    connect goes live."""
+    async with flannel(node, max_connecting=1) as edge:
+        first = await Client.open(url(edge))  # admitted: in progress until live
+        try:
+            with pytest.raises(websockets.InvalidStatus) as refused:
+                async with websockets.connect(url(edge)):
+                    pass
+            response = refused.value.response
+            assert response.status_code == 503
+            assert int(response.headers["Retry-After"]) >= 1
+            body = json.loads(response.body)
+            assert body["type"] == "goodbye" and body["reason"] == "overloaded"
+            assert body["reconnect_after_ms"] > 0
+            await first.request("auth", token=node.tokens["mia"])  # live: the slot frees
+            async with Client.connect(url(edge), node.tokens["max"]) as second:
+                assert second.session["user"]["handle"] == "max"
+        finally:
+            await first.close()
