@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
@@ -73,6 +72,7 @@ from chat.cluster.processes import (  # the process machinery lives with the lau
     parse_metric,
     start_all,
 )
+from chat.cluster.topology import chat_environment, flannel_environment
 from chat.config import Settings
 from chat.storage import open_database
 
@@ -102,10 +102,11 @@ SERVICE_KEY = f"{SERVICE_KID}={SERVICE_SECRET}"
 
 
 class ChatNodeProcess(ServerProcess):
-    """``python -m chat serve``: ``CHAT_DATABASE_URL``, ``CHAT_REDIS_URL`` (empty: no
-    Redis), ``CHAT_NODE_ID`` (the name), ``CHAT_SECRET_KEY``, ``CHAT_METRICS_PORT``,
-    ``CHAT_SERVICE_KEYS`` (when ``service_keys`` is set: Flannel may connect),
-    ``CHAT_LOG_FORMAT=text``, ``CHAT_LOG_LEVEL=info``; see :class:`ServerProcess`."""
+    """``python -m chat serve`` with the settings every chat node gets
+    (:func:`chat.cluster.topology.chat_environment`, as in the launcher): ``CHAT_DATABASE_URL``,
+    ``CHAT_REDIS_URL`` (empty: no Redis), ``CHAT_NODE_ID`` (the name), ``CHAT_SECRET_KEY``,
+    ``CHAT_METRICS_PORT``, ``CHAT_SERVICE_KEYS`` (empty: no Flannel may connect),
+    ``CHAT_LOG_FORMAT=text``; plus ``CHAT_LOG_LEVEL=info``; see :class:`ServerProcess`."""
 
     module = "chat"
     kind = "node"
@@ -145,17 +146,17 @@ class ChatNodeProcess(ServerProcess):
         return f"ws://127.0.0.1:{self.port}/service"
 
     def settings_env(self) -> dict[str, str]:
-        env = {
-            "CHAT_DATABASE_URL": self.database_url,
-            "CHAT_REDIS_URL": self.redis_url,
-            "CHAT_NODE_ID": self.name,
-            "CHAT_SECRET_KEY": self.secret_key,
-            "CHAT_METRICS_PORT": str(self.metrics_port),
-            "CHAT_LOG_FORMAT": "text",
-            "CHAT_LOG_LEVEL": "info",
-        }
-        if self.service_keys:
-            env["CHAT_SERVICE_KEYS"] = self.service_keys
+        env = chat_environment(  # what the launcher's nodes get, with the test's values
+            self.name,
+            host="127.0.0.1",
+            port=self.port,
+            database_url=self.database_url,
+            redis_url=self.redis_url,
+            token_secret=self.secret_key,
+            service_keys=self.service_keys,
+            metrics_port=self.metrics_port,
+        )
+        env["CHAT_LOG_LEVEL"] = "info"
         return env
 
 
@@ -166,7 +167,8 @@ class FlannelNodeProcess(ServerProcess):
     """``python -m flannel serve``: an edge node in front of the chat nodes at ``upstream``
     (their ``/service`` URLs; a plain list attribute, read at each start).
 
-    Environment: ``FLANNEL_UPSTREAM`` (JSON), ``FLANNEL_SERVICE_KEY`` (one of the chat
+    Environment (:func:`chat.cluster.topology.flannel_environment`, as in the launcher, plus
+    test knobs): ``FLANNEL_UPSTREAM`` (JSON), ``FLANNEL_SERVICE_KEY`` (one of the chat
     nodes' ``CHAT_SERVICE_KEYS``), ``FLANNEL_UPSTREAM_CONNECTIONS``, ``FLANNEL_NODE_ID``
     (the name), ``FLANNEL_METRICS_PORT``, a fast upstream reconnect backoff (0.05 s, capped
     at 0.5 s), ``FLANNEL_LOG_FORMAT=text``, ``FLANNEL_LOG_LEVEL=info``, then ``extra_env``.
@@ -204,17 +206,21 @@ class FlannelNodeProcess(ServerProcess):
         self.upstream_connections = upstream_connections
 
     def settings_env(self) -> dict[str, str]:
-        return {
-            "FLANNEL_UPSTREAM": json.dumps(self.upstream),
-            "FLANNEL_SERVICE_KEY": self.service_key,
+        env = flannel_environment(  # what the launcher's nodes get, with the test's values
+            self.name,
+            host="127.0.0.1",
+            port=self.port,
+            upstream=self.upstream,
+            service_key=self.service_key,
+            metrics_port=self.metrics_port,
+        )
+        env |= {
             "FLANNEL_UPSTREAM_CONNECTIONS": str(self.upstream_connections),
-            "FLANNEL_NODE_ID": self.name,
-            "FLANNEL_METRICS_PORT": str(self.metrics_port),
             "FLANNEL_UPSTREAM_BACKOFF_S": "0.05",
             "FLANNEL_UPSTREAM_BACKOFF_CAP_S": "0.5",
-            "FLANNEL_LOG_FORMAT": "text",
             "FLANNEL_LOG_LEVEL": "info",
         }
+        return env
 
 
 # --------------------------------------------------------------------------- cluster

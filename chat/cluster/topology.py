@@ -187,34 +187,80 @@ def redis_args(endpoints: Endpoints, secrets: Secrets) -> list[str]:
     ]  # fmt: skip
 
 
+def chat_environment(
+    name: str,
+    *,
+    host: str,
+    port: int,
+    database_url: str,
+    redis_url: str,
+    token_secret: str,
+    service_keys: str,
+    metrics_port: int,
+) -> dict[str, str]:
+    """A chat node's settings: the launcher's and compose's (through :func:`environment`)
+    and the tests' own nodes (tests/cluster.py) all come from here."""
+    return {
+        "CHAT_HOST": host,
+        "CHAT_PORT": str(port),
+        "CHAT_NODE_ID": name,
+        "CHAT_DATABASE_URL": database_url,
+        "CHAT_REDIS_URL": redis_url,
+        "CHAT_SECRET_KEY": token_secret,
+        "CHAT_SERVICE_KEYS": service_keys,
+        "CHAT_METRICS_HOST": host,
+        "CHAT_METRICS_PORT": str(metrics_port),
+        "CHAT_LOG_FORMAT": "text",
+    }
+
+
+def flannel_environment(
+    name: str,
+    *,
+    host: str,
+    port: int,
+    upstream: list[str],
+    service_key: str,
+    metrics_port: int,
+) -> dict[str, str]:
+    """A Flannel node's settings (see :func:`chat_environment`)."""
+    return {
+        "FLANNEL_HOST": host,
+        "FLANNEL_PORT": str(port),
+        "FLANNEL_NODE_ID": name,
+        "FLANNEL_UPSTREAM": json.dumps(upstream),
+        "FLANNEL_SERVICE_KEY": service_key,
+        "FLANNEL_METRICS_HOST": host,
+        "FLANNEL_METRICS_PORT": str(metrics_port),
+        "FLANNEL_LOG_FORMAT": "text",
+    }
+
+
 def environment(
     topology: Topology, endpoints: Endpoints, secrets: Secrets, name: str
 ) -> dict[str, str]:
-    """The ``CHAT_*`` / ``FLANNEL_*`` settings of node ``name`` (chat or Flannel)."""
+    """The ``CHAT_*`` / ``FLANNEL_*`` settings of node ``name`` (chat or Flannel) in this
+    topology: the other services at their endpoints, with these secrets."""
     role = topology.service(name).role
     if role not in (Role.CHAT, Role.FLANNEL):
         raise ValueError(f"{name} is a {role} service: it takes no CHAT_/FLANNEL_ settings")
     own = endpoints.at[name]
     if role is Role.CHAT:
-        return {
-            "CHAT_HOST": endpoints.listen_host,
-            "CHAT_PORT": str(own.port),
-            "CHAT_NODE_ID": name,
-            "CHAT_DATABASE_URL": database_url(endpoints, secrets),
-            "CHAT_REDIS_URL": redis_url(endpoints, secrets),
-            "CHAT_SECRET_KEY": secrets.token_secret,
-            "CHAT_SERVICE_KEYS": secrets.service_key,
-            "CHAT_METRICS_HOST": endpoints.listen_host,
-            "CHAT_METRICS_PORT": str(endpoints.metrics[name]),
-            "CHAT_LOG_FORMAT": "text",
-        }
-    return {
-        "FLANNEL_HOST": endpoints.listen_host,
-        "FLANNEL_PORT": str(own.port),
-        "FLANNEL_NODE_ID": name,
-        "FLANNEL_UPSTREAM": json.dumps([upstream_url(endpoints)]),
-        "FLANNEL_SERVICE_KEY": secrets.service_key,
-        "FLANNEL_METRICS_HOST": endpoints.listen_host,
-        "FLANNEL_METRICS_PORT": str(endpoints.metrics[name]),
-        "FLANNEL_LOG_FORMAT": "text",
-    }
+        return chat_environment(
+            name,
+            host=endpoints.listen_host,
+            port=own.port,
+            database_url=database_url(endpoints, secrets),
+            redis_url=redis_url(endpoints, secrets),
+            token_secret=secrets.token_secret,
+            service_keys=secrets.service_key,
+            metrics_port=endpoints.metrics[name],
+        )
+    return flannel_environment(
+        name,
+        host=endpoints.listen_host,
+        port=own.port,
+        upstream=[upstream_url(endpoints)],
+        service_key=secrets.service_key,
+        metrics_port=endpoints.metrics[name],
+    )
