@@ -596,3 +596,16 @@ async def _run_twice(directory: Path) -> None:
     async with LocalCluster(Topology(n_chat=1, n_flannel=0), directory=directory) as second:
         assert second.secrets == first.secrets and not second.postgres.created
         assert await stored_ids(second, general) == [posted]
+
+
+async def test_a_directory_closed_to_postgres_still_works(tmp_path: Path) -> None:
+    # pytest's tmp_path is 0700: as root, PostgreSQL (another user) cannot enter it.
+    cluster = LocalCluster(Topology(n_chat=1, n_flannel=0), directory=tmp_path / "c")
+    side = cluster.postgres.directory
+    async with cluster:
+        seeded = await cluster.seed()
+        assert await stored_ids(cluster, seeded.channels["general"]) == []
+    if os.geteuid() == 0:
+        assert tmp_path not in side.parents and not side.exists()
+    else:
+        assert side == tmp_path / "c" / "postgres"

@@ -16,6 +16,7 @@ import csv
 import dataclasses
 import io
 import json
+import logging
 import os
 import pwd
 import shutil
@@ -61,6 +62,7 @@ from chat.cluster.topology import (
     redis_url,
 )
 
+log = logging.getLogger(__name__)
 PG_BINDIR_ENV = "CHAT_PG_BINDIR"  # where initdb/postgres are, if not found
 
 
@@ -109,6 +111,29 @@ def find_pg_bindir() -> Path:
     raise ClusterError(f"initdb/postgres not found: install PostgreSQL or set ${PG_BINDIR_ENV}")
 
 
+def postgres_ids() -> tuple[int, int] | None:
+    """(uid, gid) PostgreSQL runs as: ``postgres`` (else ``nobody``) when we are root (it
+    refuses to run as root), None (ourselves) otherwise."""
+    if os.geteuid() != 0:
+        return None
+    for user in ("postgres", "nobody"):
+        with contextlib.suppress(KeyError):
+            entry = pwd.getpwnam(user)
+            return entry.pw_uid, entry.pw_gid
+    raise ClusterError("running as root, and no postgres or nobody user to run PostgreSQL as")
+
+
+def enterable(path: Path, ids: tuple[int, int]) -> bool:
+    """Whether user ``ids`` may enter ``path`` and every directory above it."""
+    uid, gid = ids
+    for directory in (path, *path.parents):
+        st = directory.stat()
+        bit = 0o100 if st.st_uid == uid else 0o010 if st.st_gid == gid else 0o001
+        if not st.st_mode & bit:
+            return False
+    return True
+
+
 class PostgresProcess:
     """``postgres`` in ``directory/data``, password (SCRAM) authentication only, on
     127.0.0.1:``port``; as the ``postgres`` (else ``nobody``) user when we are root. The
@@ -122,14 +147,8 @@ class PostgresProcess:
         self.timeout = scaled(60)
         self._proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
-        self._ids: tuple[int, int] | None = None
+        self._ids = postgres_ids()
         self.created = False  # the last start() ran initdb
-        if os.geteuid() == 0:
-            for user in ("postgres", "nobody"):
-                with contextlib.suppress(KeyError):
-                    entry = pwd.getpwnam(user)
-                    self._ids = (entry.pw_uid, entry.pw_gid)
-                    break
 
     @property
     def admin_dsn(self) -> str:
@@ -386,8 +405,9 @@ class LocalCluster:
         logs = self.directory / "logs"
         logs.mkdir(exist_ok=True)
         ends = self.endpoints
+        self._side_dirs: list[Path] = []
         self.postgres = PostgresProcess(
-            self.directory / "postgres", ends.at[POSTGRES].port, self.secrets.postgres_password
+            self._postgres_directory(), ends.at[POSTGRES].port, self.secrets.postgres_password
         )
         self.redis = TempRedis(
             port=ends.at[REDIS].port,
@@ -523,9 +543,28 @@ class LocalCluster:
             await self.stop()
         finally:
             self.redis.close()
+            for side in self._side_dirs:
+                shutil.rmtree(side, ignore_errors=True)
+                _reaper.unregister_dir(side)
             if self._own_dir and self.directory.exists():
                 shutil.rmtree(self.directory, ignore_errors=True)
                 _reaper.unregister_dir(self.directory)
+
+    def _postgres_directory(self) -> Path:
+        """``<directory>/postgres``; but when PostgreSQL runs as another user (we are root)
+        who cannot enter ``directory`` (e.g. under pytest's 0700 tmp_path), a directory of
+        its own in the temp dir, deleted at close(): the database is then not kept."""
+        ids = postgres_ids()
+        if ids is None or enterable(self.directory, ids):
+            return self.directory / "postgres"
+        side = Path(tempfile.mkdtemp(prefix="chat-cluster-pg-"))
+        side.chmod(0o755)
+        _reaper.register_dir(side)
+        self._side_dirs.append(side)
+        log.warning(
+            "%s is closed to the postgres user: the database lives in %s", self.directory, side
+        )
+        return side
 
     async def __aenter__(self) -> Self:
         try:
