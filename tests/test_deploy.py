@@ -609,3 +609,29 @@ async def test_a_directory_closed_to_postgres_still_works(tmp_path: Path) -> Non
         assert tmp_path not in side.parents and not side.exists()
     else:
         assert side == tmp_path / "c" / "postgres"
+
+
+async def test_websockets_an_old_worker_still_holds_at_hard_stop_after_resume(
+    make_local_cluster: MakeLocalCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    limits = haproxy.Limits(hard_stop_after_s=2, close_spread_s=1)
+    cluster = await fresh(make_local_cluster, monkeypatch, n_flannel=1, limits=limits)
+    seeded = cluster.seeded
+    assert seeded is not None
+    general = seeded.channels["general"]
+    async with listeners(cluster, cluster.chat_url) as clients:
+        async with ResilientClient(cluster.chat_url, seeded.tokens["alice"]) as poster:
+            await poster.wait_connected(scaled(30))
+            acked = [(await poster.post(general, f"a{i}"))["message"]["id"] for i in range(5)]
+            await asyncio.to_thread(cluster.haproxy.reload)
+            await wait_for(
+                lambda: all(c.rc.connects == 2 for c in clients), scaled(30), "the hard stop"
+            )
+            for i in range(5):
+                acked.append((await poster.post(general, f"b{i}"))["message"]["id"])
+        await wait_for(
+            lambda: all(len(c.ids) >= len(acked) for c in clients), scaled(30), "deliveries"
+        )
+        assert await stored_ids(cluster, general) == acked
+        for c in clients:
+            assert c.ids == acked and c.rc.resumes == 1  # cut once, resumed, nothing lost

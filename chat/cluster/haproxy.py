@@ -22,8 +22,13 @@ once and the rest queue for up to ``timeout queue``; each source address may ope
 ``rate_limit`` connections per 10 s (a stick table), beyond that it is refused.
 
 Reloads (``kill -USR2 <master pid>``, master-worker mode): the new worker takes the
-listening sockets; the old one keeps its websockets until they end, and at most
-``hard-stop-after``, closing them spread over ``close-spread-time`` rather than at once.
+listening sockets and new connections; the old one keeps every websocket it holds (a reload
+cuts none) until it ends, for at most ``hard-stop-after``. ``close-spread-time`` spreads the
+closing of its idle and HTTP keep-alive connections over a window; it does not apply to
+websockets (tunnels): those still open at ``hard-stop-after`` are closed together then, and
+their clients reconnect with backoff and jitter and resume (tests/test_deploy.py shows both).
+Raise ``hard-stop-after`` to let more of them end on their own, at the cost of old workers
+lingering (each holds its connections' memory and descriptors).
 """
 
 from __future__ import annotations
