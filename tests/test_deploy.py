@@ -635,3 +635,32 @@ async def test_websockets_an_old_worker_still_holds_at_hard_stop_after_resume(
         assert await stored_ids(cluster, general) == acked
         for c in clients:
             assert c.ids == acked and c.rc.resumes == 1  # cut once, resumed, nothing lost
+
+
+async def test_a_reload_can_spread_the_old_workers_closes(
+    make_local_cluster: MakeLocalCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cluster = await fresh(make_local_cluster, monkeypatch, n_flannel=1)
+    seeded = cluster.seeded
+    assert seeded is not None
+    general = seeded.channels["general"]
+    async with listeners(cluster, cluster.chat_url) as clients:
+        async with ResilientClient(cluster.chat_url, seeded.tokens["alice"]) as poster:
+            await poster.wait_connected(scaled(30))
+            acked = [(await poster.post(general, f"a{i}"))["message"]["id"] for i in range(5)]
+            spreading = await asyncio.to_thread(cluster.haproxy.reload, 2.0)
+            assert spreading is not None
+            await asyncio.to_thread(spreading.join, scaled(30))
+            assert not spreading.is_alive() and spreading.error is None
+            await wait_for(lambda: all(c.rc.connects == 2 for c in clients), scaled(30), "moves")
+            for i in range(5):
+                acked.append((await poster.post(general, f"b{i}"))["message"]["id"])
+        # One at a time: the old worker held one fewer before each close. Flannel's two
+        # service connections (internal frontend) and the poster were there too.
+        held = spreading.remaining
+        assert held == list(range(held[0], 0, -1)) and held[0] >= N_CLIENTS + 1
+        await wait_for(
+            lambda: all(len(c.ids) >= len(acked) for c in clients), scaled(30), "deliveries"
+        )
+        for c in clients:
+            assert c.ids == acked and c.rc.resumes == 1

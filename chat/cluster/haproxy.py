@@ -28,7 +28,9 @@ closing of its idle and HTTP keep-alive connections over a window; it does not a
 websockets (tunnels): those still open at ``hard-stop-after`` are closed together then, and
 their clients reconnect with backoff and jitter and resume (tests/test_deploy.py shows both).
 Raise ``hard-stop-after`` to let more of them end on their own, at the cost of old workers
-lingering (each holds its connections' memory and descriptors).
+lingering (each holds its connections' memory and descriptors), or spread them out as the
+launcher can (``HAProxyProcess.reload(spread_s=...)``: ``shutdown session`` on the old
+worker through the master CLI, one at a time over the window).
 """
 
 from __future__ import annotations

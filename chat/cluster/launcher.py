@@ -26,6 +26,7 @@ import ssl
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Mapping, Sequence
@@ -232,14 +233,17 @@ def _accepts(port: int) -> bool:
 
 
 class HAProxyProcess:
-    """``haproxy -W -f haproxy.cfg`` (master-worker): :meth:`reload` is SIGUSR2 to the
-    master (a new worker; the old one lets its connections go gently), :meth:`stop` SIGTERM
-    to the master, SIGKILL after a bound. :meth:`servers` reads the stats page."""
+    """``haproxy -W -S master.sock -f haproxy.cfg`` (master-worker): :meth:`reload` is
+    SIGUSR2 to the master (a new worker; the old one keeps its websockets, and with
+    ``spread_s`` we close them one at a time over that window instead of all together at
+    ``hard-stop-after``), :meth:`stop` SIGTERM to the master, SIGKILL after a bound.
+    :meth:`servers` reads the stats page."""
 
     def __init__(self, config: Path, stats_port: int, admin_socket: Path) -> None:
         self.config = config
         self.stats_port = stats_port
         self.admin_socket = admin_socket
+        self.master_socket = config.parent / "haproxy-master.sock"
         self.timeout = scaled(15)
         self._proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
@@ -252,7 +256,7 @@ class HAProxyProcess:
         exe = shutil.which("haproxy") or "/usr/sbin/haproxy"
         self._log = open(self.config.parent / "haproxy.log", "ab")  # noqa: SIM115
         self._proc = subprocess.Popen(
-            [exe, "-W", "-f", str(self.config)],
+            [exe, "-W", "-S", str(self.master_socket), "-f", str(self.config)],
             cwd=self.config.parent,
             stdin=subprocess.DEVNULL,
             stdout=self._log,
@@ -269,20 +273,48 @@ class HAProxyProcess:
     def log_tail(self) -> str:
         return _tail(self.config.parent / "haproxy.log")
 
-    def reload(self) -> None:
+    def reload(self, spread_s: float | None = None) -> SpreadClose | None:
         """Save the servers' states (``server-state-file``), SIGUSR2 to the master; returns
-        once it reports the new worker loaded."""
+        once it reports the new worker loaded. ``spread_s``: then close the old workers'
+        client connections one at a time over that many seconds, in a thread (returned;
+        its ``remaining`` attribute lists how many each old worker still held before each
+        close)."""
         if self._proc is None or self._proc.poll() is not None:
             raise ClusterError("haproxy is not running")
         (self.config.parent / "haproxy.state").write_text(self.command("show servers state"))
         log = self.config.parent / "haproxy.log"
         loaded = log.read_text(errors="replace").count("Loading success.")
+        before = self.workers()
         self._proc.send_signal(signal.SIGUSR2)
         deadline = time.monotonic() + self.timeout
         while log.read_text(errors="replace").count("Loading success.") <= loaded:
             if time.monotonic() > deadline or "Reload failed" in self.log_tail():
                 raise ClusterError(f"haproxy did not reload\n{self.log_tail()}")
             time.sleep(0.05)
+        if spread_s is None:
+            return None
+        thread = SpreadClose(self, before, spread_s)
+        thread.start()
+        return thread
+
+    def master(self, line: str) -> str:
+        """One command on the master CLI (``show proc``; ``@!<pid> show sess``)."""
+        return _unix_command(self.master_socket, line)
+
+    def workers(self) -> list[int]:
+        """The current workers' PIDs (``show proc``, before ``# old workers``)."""
+        text = self.master("show proc").split("# old workers")[0]
+        section = text.split("# workers", 1)[1] if "# workers" in text else ""
+        return [int(line.split()[0]) for line in section.splitlines() if line[:1].isdigit()]
+
+    def client_sessions(self, pid: int) -> list[str]:
+        """Ids of worker ``pid``'s sessions from the public and internal frontends."""
+        out = self.master(f"@!{pid} show sess")
+        return [
+            line.split(":", 1)[0]
+            for line in out.splitlines()
+            if " fe=public " in line or " fe=internal " in line
+        ]
 
     def servers(self) -> dict[tuple[str, str], str]:
         """``{(backend, server): status}`` from the stats page (``UP``, ``DOWN``, ``MAINT``,
@@ -308,14 +340,7 @@ class HAProxyProcess:
 
     def command(self, line: str) -> str:
         """One command on the admin socket (``show servers state``, ``disable server b/s``)."""
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(5)
-            sock.connect(str(self.admin_socket))
-            sock.sendall(line.encode() + b"\n")
-            chunks = []
-            while chunk := sock.recv(65536):
-                chunks.append(chunk)
-        return b"".join(chunks).decode()
+        return _unix_command(self.admin_socket, line)
 
     def stop(self) -> None:
         proc, self._proc = self._proc, None
@@ -326,6 +351,44 @@ class HAProxyProcess:
             if self._log is not None:
                 self._log.close()
                 self._log = None
+
+
+def _unix_command(path: Path, line: str) -> str:
+    """Send one CLI command, read the answer until the server closes (bounded)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(5)
+        sock.connect(str(path))
+        sock.sendall(line.encode() + b"\n")
+        sock.shutdown(socket.SHUT_WR)  # the master CLI answers and closes only then
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks).decode()
+
+
+class SpreadClose(threading.Thread):
+    """Close old workers' client sessions one by one over ``window`` seconds."""
+
+    def __init__(self, haproxy: HAProxyProcess, old: list[int], window: float) -> None:
+        super().__init__(name="haproxy-spread-close", daemon=True)
+        self.haproxy, self.old, self.window = haproxy, old, window
+        self.remaining: list[int] = []
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            for pid in self.old:
+                sessions = self.haproxy.client_sessions(pid)
+                pause = self.window / max(len(sessions), 1)
+                for _ in range(len(sessions)):  # bounded: at most what it held at the start
+                    current = self.haproxy.client_sessions(pid)
+                    if not current:
+                        break
+                    self.remaining.append(len(current))
+                    self.haproxy.master(f"@!{pid} shutdown session {current[0]}")
+                    time.sleep(pause)
+        except (OSError, ClusterError) as exc:  # the old worker may be gone already
+            self.error = exc
 
 
 # --------------------------------------------------------------------------- the cluster
