@@ -559,6 +559,11 @@ def test_chat_cluster_up_prints_where_to_connect_and_stops_on_ctrl_c() -> None:
                 assert alice.session["user"]["handle"] == "alice"
 
         asyncio.run(talk())
+        proc.send_signal(signal.SIGHUP)
+        while not any("haproxy reloaded" in line for line in lines):
+            assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)
+            time.sleep(0.05)
+        asyncio.run(talk())  # the new worker
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=scaled(60)) == 0
         reader.join(timeout=scaled(10))

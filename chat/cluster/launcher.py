@@ -671,11 +671,15 @@ def _kept_secrets(path: Path) -> Secrets:
 
 
 async def up(topology: Topology, directory: Path | None, seed: bool) -> int:
-    """Start the cluster, print where to connect, run until SIGINT/SIGTERM, tear down."""
+    """Start the cluster, print where to connect, run until SIGINT/SIGTERM, tear down.
+    SIGHUP reloads HAProxy, closing the old worker's websockets spread over
+    ``close-spread-time``."""
     stop = asyncio.Event()
+    reloads: asyncio.Queue[None] = asyncio.Queue()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, reloads.put_nowait, None)
     cluster = LocalCluster(topology, directory=directory)
     try:
         await cluster.start()
@@ -691,9 +695,22 @@ async def up(topology: Topology, directory: Path | None, seed: bool) -> int:
             seeded = await cluster.seed()
             lines.append(f"  seeded workspace {seeded.workspace_id}, tokens:")
             lines += [f"    {handle}: {token}" for handle, token in seeded.tokens.items()]
-        lines.append("Ctrl-C stops everything.")
+        lines.append(f"kill -HUP {os.getpid()} reloads HAProxy; Ctrl-C stops everything.")
         print("\n".join(lines), flush=True)
-        await stop.wait()
+        stopping = asyncio.create_task(stop.wait())
+        while not stop.is_set():
+            reload = asyncio.create_task(reloads.get())
+            await asyncio.wait({stopping, reload}, return_when=asyncio.FIRST_COMPLETED)
+            if reload.done():
+                spread = float(cluster.limits.close_spread_s)
+                try:
+                    await asyncio.to_thread(cluster.haproxy.reload, spread)
+                except ClusterError as exc:  # the old worker keeps serving
+                    print(f"haproxy reload failed: {exc}", file=sys.stderr, flush=True)
+                else:
+                    print(f"haproxy reloaded; old websockets close over {spread:g}s", flush=True)
+            else:
+                reload.cancel()
     finally:
         print("stopping...", file=sys.stderr, flush=True)
         await cluster.close()
