@@ -57,6 +57,7 @@ async def test_storm_through_flannel(cut: str, tmp_path: Path) -> None:
     r = await run_and_write(opts, tmp_path)
     assert_delivered(r)
     assert r["storm"]["unfinished"] == r["storm"]["failed"] == 0
+    assert r["latency_ms"]["after"]["n"] > 0  # the posters and observers came back too
     cost = r["storm_cost"]
     if cut in ("flannel", "haproxy", "client"):
         assert r["dropped"] == CLIENTS
