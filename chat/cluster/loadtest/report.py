@@ -39,7 +39,11 @@ def summary_rows(r: dict[str, Any]) -> list[tuple[str, str]]:
         ),
         ("Flannel workspace loads", str(cost.get("flannel_loads", "-"))),
         ("PostgreSQL statements", str(cost.get("pg_statements", "-"))),
-        ("PostgreSQL transactions", str(cost.get("pg_xacts", "-"))),
+        (
+            "PostgreSQL transactions",
+            f"{cost.get('pg_xacts_net', '-')} (+ {cost.get('posts_in_window', 0)} posts:"
+            f" {cost.get('pg_xacts', '-')})",
+        ),
         ("latency during storm", ms("during")),
         ("latency after storm", ms("after")),
         ("latency (whole run)", ms("all")),

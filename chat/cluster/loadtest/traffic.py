@@ -27,6 +27,7 @@ class Samples:
     frame_bytes: list[int] = field(default_factory=list)  # sizes of message.posted frames
     poster_errors: int = 0
     poster_reconnects: int = 0
+    paused: bool = False  # the posters hold off (while PostgreSQL's counters settle)
     error_sample: str | None = None
 
 
@@ -114,6 +115,8 @@ async def post(
                 try:
                     next_t = max(next_t, time.monotonic())
                     while running():
+                        if samples.paused:
+                            next_t = time.monotonic() + 0.05
                         delay = next_t - time.monotonic()
                         if delay > 0:
                             await asyncio.sleep(min(delay, 0.1))
