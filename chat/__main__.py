@@ -85,6 +85,12 @@ def _parser() -> argparse.ArgumentParser:
         "continues with them (default: a temp dir, deleted)",
     )
     up.add_argument("--seed", action="store_true", help="create a workspace; print tokens")
+    sub.add_parser(
+        "loadtest",
+        help="load tests over the local cluster: chatter, hot, storm, monday (chat.cluster."
+        "loadtest; chat loadtest --help)",
+        add_help=False,
+    )
     return p
 
 
@@ -152,6 +158,11 @@ async def _token(admin: Admin, args: argparse.Namespace) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
+    rest = sys.argv[1:] if argv is None else argv
+    if rest[:1] == ["loadtest"]:  # its own parser
+        from chat.cluster.loadtest import main as loadtest
+
+        return loadtest(rest[1:])
     args = _parser().parse_args(argv)
     if args.command == "cluster":
         from chat.cluster.launcher import up
