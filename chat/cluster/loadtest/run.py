@@ -61,7 +61,8 @@ class Run:
             limits=haproxy.Limits(
                 rate_limit=max(2000, 10 * opts.clients),
                 server_maxconn=max(4000, opts.clients + 100),
-                global_maxconn=max(9000, 2 * opts.clients + 1000),
+                # two descriptors a connection, within HAProxy's open-files limit
+                global_maxconn=max(haproxy.Limits.global_maxconn, opts.clients + 1000),
             ),
             node_env={"CHAT_LOG_LEVEL": "warning", "CHAT_RATE_LIMIT_PER_10S": "100000"},
         )
