@@ -78,7 +78,7 @@ def plot(r: dict[str, Any], path: Path) -> None:
     ax1.set_ylabel("live client connections\n(HAProxy)")
     title = f"{r['scenario']}" + (f", cut {r['cut']}" if r.get("cut") else "")
     ax1.set_title(f"{title}, {r['clients']} clients, {'Flannel' if r['flannel'] else 'no Flannel'}")
-    width = 0.25
+    width = 1.0  # posters send in step: finer bins alias
     for series, label in ((tl["delivered_s"], "delivered (observers)"), (tl["posted_s"], "posted")):
         if series:
             end = max(series)

@@ -20,7 +20,13 @@ from chat.cluster.loadtest.counters import (
     pg_reset,
     pg_work,
 )
-from chat.cluster.loadtest.edge import add_plain_bind, edge_bytes, haproxy_stats, stat_int
+from chat.cluster.loadtest.edge import (
+    add_plain_bind,
+    edge_bytes,
+    edge_sockets,
+    haproxy_stats,
+    stat_int,
+)
 from chat.cluster.loadtest.options import CUTS, SCENARIOS, LoadTestError, Options
 from chat.cluster.loadtest.traffic import Samples, observe, post
 from chat.cluster.loadtest.wsblast import (
@@ -138,14 +144,12 @@ class Run:
         return merge_rounds(list(reports))
 
     async def sample(self) -> None:
-        """Every 0.2 s: HAProxy's live connections on the clients' backend."""
+        """Every 0.2 s: HAProxy's live connections on the clients' backend (0 while it
+        does not answer)."""
         while not self._stop_sampling.is_set():
             stats = await asyncio.to_thread(haproxy_stats, self.cluster)
-            if stats:
-                row = stats.get((self.backend, "BACKEND"))
-                self.timeline.rows.append(
-                    (time.monotonic() - self.timeline.t0, stat_int(row, "scur"))
-                )
+            row = stats.get((self.backend, "BACKEND"))  # no stats: HAProxy down, none live
+            self.timeline.rows.append((time.monotonic() - self.timeline.t0, stat_int(row, "scur")))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop_sampling.wait(), 0.2)
 
@@ -255,6 +259,7 @@ class Run:
             self.start_blasts(seeded, self.cluster.directory)
             loads0, pg0 = flannel_loads(self.cluster), await pg_work(self.cluster)
             await pg_reset(self.cluster)
+            old = set(await asyncio.to_thread(edge_sockets, self.plain_port))  # observers
             self.timeline.mark("connect")
             for b in self.blasts:
                 b.send("GO")
@@ -264,7 +269,7 @@ class Run:
                 raise LoadTestError(f"only {first['live']} of {o.clients} clients went live")
             measured = first
             if o.scenario == "monday":
-                await self.measure_cost(r, "cold", loads0, pg0, statements, time.monotonic())
+                await self.measure_cost(r, "cold", loads0, pg0, statements, time.monotonic(), old)
             # 2. posting
             self.phase = "posting"
             posters = [
@@ -291,6 +296,7 @@ class Run:
                 loads0, pg0 = flannel_loads(self.cluster), await pg_work(self.cluster)
                 await pg_reset(self.cluster)
                 live0 = await asyncio.to_thread(self.on_servers, None)
+                old = set(await asyncio.to_thread(edge_sockets, self.plain_port))
                 t_cut = time.monotonic()
                 self.timeline.mark(f"cut {o.cut}")
                 mark_ns = time.monotonic_ns()
@@ -303,7 +309,7 @@ class Run:
                 # as before the cut (and 1 s more for the resumes), not then.
                 killed = r["cut_detail"].get("killed") if o.cut != "chat" or not o.flannel else None
                 r["back_at_edge_s"] = await self.back_at_edge(live0, killed, t_cut, round_end)
-                await self.measure_cost(r, "storm", loads0, pg0, statements, t_cut)
+                await self.measure_cost(r, "storm", loads0, pg0, statements, t_cut, old)
                 storm = await round_end
                 self.timeline.mark("all live" if storm["live"] >= o.clients else "gave up")
                 r["storm"] = _strip(storm)
@@ -380,13 +386,14 @@ class Run:
         pg0: dict[str, Any],
         statements: bool,
         since: float,
+        old: set[str],
     ) -> None:
-        """Right after every client is live: bytes on the (new) client connections so far,
+        """Right after the clients are back: bytes on the connections opened since ``old``,
         Flannel loads and PostgreSQL work since ``*0`` (read right before the round).
         A connection's bytes include the messages posted since ``since`` (replayed or live):
         ``bytes_to_clients_net`` takes those out at the observers' mean frame size."""
         n = self.o.clients
-        edge = await asyncio.to_thread(edge_bytes, self.plain_port)
+        edge = await asyncio.to_thread(edge_bytes, self.plain_port, old)  # new connections
         per_socket = max(1, edge["sockets"])
         sizes = self.samples.frame_bytes
         frame = sum(sizes) / len(sizes) if sizes else 0.0
