@@ -6,7 +6,6 @@ node), never on time."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -14,11 +13,6 @@ import pytest
 
 from chat.cluster import loadtest
 from chat.cluster.loadtest import Options, Run, write
-
-pytestmark = pytest.mark.skipif(
-    shutil.which("haproxy") is None and not Path("/usr/sbin/haproxy").exists(),
-    reason="needs haproxy",
-)
 
 CLIENTS = 50
 
