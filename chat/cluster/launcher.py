@@ -478,30 +478,23 @@ class LocalCluster:
             extra_args=redis_args(ends, self.secrets),
             auth=(REDIS_USER, self.secrets.redis_password),
         )
-        self.chats = {
-            name: NodeProcess(
-                name,
-                "chat",
-                environment(self.topology, ends, self.secrets, name),
-                port=ends.at[name].port,
-                metrics_port=ends.metrics[name],
-                log_dir=logs,
-                extra_env=node_env,
-            )
-            for name in self.topology.chat_nodes
-        }
-        self.flannels = {
-            name: NodeProcess(
-                name,
-                "flannel",
-                environment(self.topology, ends, self.secrets, name),
-                port=ends.at[name].port,
-                metrics_port=ends.metrics[name],
-                log_dir=logs,
-                extra_env=node_env,
-            )
-            for name in self.topology.flannel_nodes
-        }
+
+        def nodes(kind: str, names: Sequence[str]) -> dict[str, NodeProcess]:
+            return {
+                name: NodeProcess(
+                    name,
+                    kind,
+                    environment(self.topology, ends, self.secrets, name),
+                    port=ends.at[name].port,
+                    metrics_port=ends.metrics[name],
+                    log_dir=logs,
+                    extra_env=node_env,
+                )
+                for name in names
+            }
+
+        self.chats = nodes("chat", self.topology.chat_nodes)
+        self.flannels = nodes("flannel", self.topology.flannel_nodes)
         self.cert, bundle = tls.self_signed(self.directory)
         config = self.directory / "haproxy.cfg"
         config.write_text(
