@@ -92,6 +92,19 @@ def test_haproxy_accepts_the_launcher_config(tmp_path: Path) -> None:
     (tmp_path / "haproxy.cfg").write_text(with_state)
     result = haproxy_check(tmp_path / "haproxy.cfg")
     assert result.returncode == 0, result.stdout + result.stderr
+    plain = haproxy.render(
+        topology, Endpoints.local(topology, free_port), cert=str(bundle), plain_port=free_port()
+    )
+    (tmp_path / "haproxy.cfg").write_text(plain)
+    result = haproxy_check(tmp_path / "haproxy.cfg")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "bind 127.0.0.1:" in plain.split("frontend public")[1].split("frontend internal")[0]
+
+
+def test_the_deployed_files_have_no_plaintext_client_listener() -> None:
+    public = render.HAPROXY_CFG.read_text().split("frontend public")[1].split("frontend")[0]
+    binds = [ln for ln in public.splitlines() if ln.strip().startswith("bind ")]
+    assert binds and all(" ssl crt " in ln for ln in binds)
 
 
 def test_compose_matches_the_topology() -> None:
@@ -429,6 +442,30 @@ async def test_a_chat_node_that_lost_postgres_is_taken_out(
         scaled(30),
     )
     assert all(node.running for node in cluster.chats.values())  # alive, but not ready
+
+
+async def test_the_compose_haproxy_health_probe_reads_the_stats_page(
+    cluster: LocalCluster,
+) -> None:
+    probe = render._stats_probe(cluster.endpoints.stats.port)
+    ok = await asyncio.to_thread(
+        subprocess.run, ["bash", "-c", probe], capture_output=True, timeout=10, check=False
+    )
+    assert ok.returncode == 0, ok.stderr
+    closed = await asyncio.to_thread(
+        subprocess.run, ["bash", "-c", render._stats_probe(free_port())],
+        capture_output=True, timeout=10, check=False,
+    )  # fmt: skip
+    assert closed.returncode != 0
+
+
+async def test_the_launchers_postgres_counts_statements(cluster: LocalCluster) -> None:
+    conn = await asyncpg.connect(cluster.postgres.admin_dsn, timeout=scaled(10))
+    try:
+        preload = await conn.fetchval("SHOW shared_preload_libraries")
+    finally:
+        await conn.close()
+    assert "pg_stat_statements" in preload
 
 
 async def test_a_reload_keeps_a_down_server_down(

@@ -101,12 +101,16 @@ def test_peak_rate_and_percentiles() -> None:
     assert loadtest.pct([], 0.5) is None
 
 
-def test_plain_bind_is_added_to_the_public_frontend(tmp_path: Path) -> None:
+def test_only_a_load_test_cluster_takes_plaintext_clients(tmp_path: Path) -> None:
     from chat.cluster.launcher import LocalCluster
 
-    cluster = LocalCluster(directory=tmp_path / "c")
-    port = loadtest.add_plain_bind(cluster)
-    lines = cluster.haproxy.config.read_text().splitlines()
-    at = lines.index("frontend public")
-    assert lines[at + 1].lstrip().startswith("bind ") and " ssl " in lines[at + 1]
-    assert lines[at + 2].strip().startswith(f"bind 127.0.0.1:{port} ")
+    for plain in (False, True):
+        cluster = LocalCluster(directory=tmp_path / str(plain), plain=plain)
+        lines = cluster.haproxy.config.read_text().splitlines()
+        at = lines.index("frontend public")
+        assert lines[at + 1].lstrip().startswith("bind ") and " ssl " in lines[at + 1]
+        second = lines[at + 2].strip()
+        if plain:
+            assert second.startswith(f"bind 127.0.0.1:{cluster.plain_port} ")
+        else:
+            assert cluster.plain_port is None and not second.startswith("bind ")

@@ -66,6 +66,7 @@ def render(
     state_file: str | None = None,
     docker_dns: bool = False,
     limits: Limits = Limits(),
+    plain_port: int | None = None,
 ) -> str:
     """The whole configuration. ``cert``: a PEM with the certificate and its key.
     ``stats_socket``: a path for the admin socket (``show servers state``, ``disable
@@ -73,7 +74,9 @@ def render(
     reloader writes ``show servers state`` there first), so the new worker starts with a
     DOWN server DOWN rather than UP until its checks fail. ``docker_dns``: resolve server
     names with Docker's DNS at run time, so HAProxy starts before every node exists (a node
-    not up yet is DOWN)."""
+    not up yet is DOWN). ``plain_port``: also accept clients without TLS on
+    127.0.0.1:``plain_port``, for load generators that speak no TLS (loopback only; never
+    rendered into the deployed files)."""
     tunnel = round(3 * limits.heartbeat_interval_s)
     global_lines = [
         "global",
@@ -116,6 +119,11 @@ def render(
         "",
         "frontend public",
         f"    bind {lh}:{endpoints.public.port} ssl crt {cert}",
+        *(
+            [f"    bind 127.0.0.1:{plain_port}  # load generation: plaintext, loopback"]
+            if plain_port is not None
+            else []
+        ),
         "    stick-table type ip size 100k expire 30s store conn_rate(10s)",
         "    tcp-request connection track-sc0 src",
         f"    tcp-request connection reject if {{ sc_conn_rate(0) gt {limits.rate_limit} }}",

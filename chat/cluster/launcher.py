@@ -176,7 +176,7 @@ class PostgresProcess:
         self._proc = subprocess.Popen(
             [str(bindir / "postgres"), "-D", str(self.directory / "data"), "-h", "127.0.0.1",
              "-p", str(self.port), "-k", str(self.directory), "-c", "fsync=off",
-             "-c", "max_connections=200"],
+             "-c", "max_connections=200", *_preload(bindir)],
             stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
             start_new_session=True, **self._as_user(),
         )  # fmt: skip
@@ -221,6 +221,15 @@ class PostgresProcess:
             if self._log is not None:
                 self._log.close()
                 self._log = None
+
+
+def _preload(bindir: Path) -> list[str]:
+    """pg_stat_statements, when this PostgreSQL ships it (Debian's does): load tests count
+    the statements a storm costs."""
+    libdir = bindir.parent / "lib"
+    if (libdir / "pg_stat_statements.so").is_file():
+        return ["-c", "shared_preload_libraries=pg_stat_statements"]
+    return []
 
 
 def _accepts(port: int) -> bool:
@@ -443,7 +452,8 @@ async def seed_workspace(
 class LocalCluster:
     """The topology on 127.0.0.1, in ``directory`` (default: a temp dir, deleted at
     close()). ``async with LocalCluster() as c:`` starts and stops it. ``node_env``: extra
-    environment for every chat and Flannel node (a test's knobs)."""
+    environment for every chat and Flannel node (a test's knobs). ``plain``: HAProxy also
+    takes clients without TLS on 127.0.0.1:``plain_port`` (load generators)."""
 
     def __init__(
         self,
@@ -453,6 +463,7 @@ class LocalCluster:
         secrets: Secrets | None = None,
         limits: haproxy.Limits | None = None,
         node_env: Mapping[str, str] | None = None,
+        plain: bool = False,
     ) -> None:
         self.topology = topology or Topology()
         self.limits = limits or haproxy.Limits()
@@ -496,6 +507,7 @@ class LocalCluster:
         self.chats = nodes("chat", self.topology.chat_nodes)
         self.flannels = nodes("flannel", self.topology.flannel_nodes)
         self.cert, bundle = tls.self_signed(self.directory)
+        self.plain_port = free_port() if plain else None
         config = self.directory / "haproxy.cfg"
         config.write_text(
             haproxy.render(
@@ -505,6 +517,7 @@ class LocalCluster:
                 stats_socket=str(self.directory / "haproxy.sock"),
                 state_file=str(self.directory / "haproxy.state"),
                 limits=self.limits,
+                plain_port=self.plain_port,
             )
         )
         self.haproxy = HAProxyProcess(config, ends.stats.port, self.directory / "haproxy.sock")

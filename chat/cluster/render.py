@@ -60,6 +60,13 @@ def _health(test: list[str]) -> dict[str, Any]:
     return {"test": test, "interval": "2s", "timeout": "3s", "retries": 30}
 
 
+def _stats_probe(port: int) -> str:
+    return (
+        f"exec 3<>/dev/tcp/127.0.0.1/{port} && printf 'GET / HTTP/1.0\\r\\n\\r\\n' >&3"
+        " && head -n1 <&3 | grep -q ' 200 '"
+    )
+
+
 def compose(topology: Topology) -> dict[str, Any]:
     """docker-compose.yml as a dict."""
     ends, secrets = Endpoints.compose(topology), Secrets.compose()
@@ -67,6 +74,8 @@ def compose(topology: Topology) -> dict[str, Any]:
     services: dict[str, Any] = {
         POSTGRES: {
             "image": "postgres:15",
+            # Load tests count the statements a storm costs.
+            "command": ["postgres", "-c", "shared_preload_libraries=pg_stat_statements"],
             "environment": {
                 "POSTGRES_USER": DATABASE,
                 "POSTGRES_DB": DATABASE,
@@ -109,13 +118,15 @@ def compose(topology: Topology) -> dict[str, Any]:
         ],
         "ports": [f"{ends.public.port}:{ends.public.port}"],  # the one port for clients
         "depends_on": {name: healthy for name in topology.chat_nodes},
+        # The image has bash but no HTTP client: a GET of the stats page over /dev/tcp.
+        "healthcheck": _health(["CMD", "bash", "-c", _stats_probe(ends.stats.port)]),
     }
     for name in topology.flannel_nodes:
         services[name] = {
             "build": ".",
             "command": ["python", "-m", "flannel", "serve"],
             "environment": environment(topology, ends, secrets, name),
-            "depends_on": {HAPROXY: {"condition": "service_started"}},
+            "depends_on": {HAPROXY: healthy},
             "healthcheck": _health(_readyz(ends.at[name].port)),
         }
     return {"name": "chat", "services": services}

@@ -33,17 +33,16 @@ against the posters' messages in PostgreSQL (lost) and durable seqs seen twice
 (duplicated). Reported live (rich), then as a table, JSON
 (``bench/results/loadtest-<date>.json``) and a PNG (matplotlib).
 
-HAProxy's public listener is TLS only and wsblast speaks no TLS: :func:`add_plain_bind`
-adds a plaintext loopback ``bind`` to the generated config's ``public`` frontend (same
-routing, limits and counters). Everything started here is stopped by PID; every wait is
-bounded.
+HAProxy's public listener is TLS only and wsblast speaks no TLS: the cluster is started
+with ``LocalCluster(plain=True)``, which renders a plaintext loopback ``bind`` into the
+``public`` frontend (same routing, limits and counters). Everything started here is
+stopped by PID; every wait is bounded.
 
 Files:
 
 * ``options.py``: :class:`Options` (what a run is asked to do), the scenario and cut
   names, :class:`LoadTestError`;
-* ``edge.py``: HAProxy as the harness sees it: the plaintext bind, the stats page,
-  per-socket bytes (``ss``);
+* ``edge.py``: HAProxy as the harness sees it: the stats page, per-socket bytes (``ss``);
 * ``wsblast.py``: the wsblast processes (build, start, line protocol, stop by PID) and
   their STORM/COUNTS reports merged;
 * ``traffic.py``: the Python posters and observers;
@@ -54,7 +53,7 @@ Files:
 """
 
 from chat.cluster.loadtest.cli import main, parse_args
-from chat.cluster.loadtest.edge import add_plain_bind, edge_bytes
+from chat.cluster.loadtest.edge import edge_bytes
 from chat.cluster.loadtest.options import CUTS, SCENARIOS, LoadTestError, Options
 from chat.cluster.loadtest.report import plot, summary_rows, write
 from chat.cluster.loadtest.run import Run
@@ -66,7 +65,6 @@ __all__ = [
     "LoadTestError",
     "Options",
     "Run",
-    "add_plain_bind",
     "edge_bytes",
     "main",
     "parse_args",

@@ -1,4 +1,4 @@
-"""HAProxy as the load test sees it: a plaintext bind, its stats page, per-socket bytes."""
+"""HAProxy as the load test sees it: its stats page and per-socket bytes."""
 
 from __future__ import annotations
 
@@ -10,23 +10,6 @@ import urllib.request
 from collections.abc import Collection
 
 from chat.cluster.launcher import LocalCluster
-from chat.cluster.loadtest.options import LoadTestError
-from chat.cluster.processes import free_port
-
-
-def add_plain_bind(cluster: LocalCluster) -> int:
-    """Add ``bind 127.0.0.1:<free port>`` (no TLS) to the ``public`` frontend of the
-    cluster's generated haproxy.cfg, before it starts; returns the port."""
-    config = cluster.haproxy.config
-    lines = config.read_text().splitlines()
-    port = free_port()
-    try:
-        at = next(i for i, ln in enumerate(lines) if ln.strip() == "frontend public")
-    except StopIteration:
-        raise LoadTestError("haproxy.cfg has no public frontend") from None
-    lines.insert(at + 2, f"    bind 127.0.0.1:{port}  # chat loadtest: plaintext, loopback")
-    config.write_text("\n".join(lines) + "\n")
-    return port
 
 
 def haproxy_stats(cluster: LocalCluster) -> dict[tuple[str, str], dict[str, str]]:

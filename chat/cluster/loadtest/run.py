@@ -21,7 +21,6 @@ from chat.cluster.loadtest.counters import (
     pg_work,
 )
 from chat.cluster.loadtest.edge import (
-    add_plain_bind,
     edge_bytes,
     edge_sockets,
     haproxy_stats,
@@ -71,8 +70,10 @@ class Run:
                 global_maxconn=max(haproxy.Limits.global_maxconn, opts.clients + 1000),
             ),
             node_env={"CHAT_LOG_LEVEL": "warning", "CHAT_RATE_LIMIT_PER_10S": "100000"},
+            plain=True,  # wsblast speaks no TLS
         )
-        self.plain_port = add_plain_bind(self.cluster)
+        assert self.cluster.plain_port is not None
+        self.plain_port = self.cluster.plain_port
         self.blasts: list[Blast] = []
         self.samples = Samples()
         self.timeline = Timeline()
