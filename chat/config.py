@@ -39,8 +39,13 @@ class FrontSettings(BaseSettings):
     ping_interval_s: float = Field(default=20.0, gt=0)
     heartbeat_interval_ms: int = 30_000
 
-    # Browsers must send an allowed Origin; clients that send none (apps, scripts) are accepted.
+    # Browsers must send an allowed Origin, or the origin of the server itself (a page this
+    # server gave out: Origin's host is the request's Host); clients that send none (apps,
+    # scripts) are accepted. "*": any.
     allowed_origins: list[str] = []
+    # The browser client's static files, served on plain GETs of the client port (chat/web.py).
+    # Empty: web/ beside the chat package, else web/ in the working directory.
+    web_root: str = ""
     # Slow consumers: past the soft mark, typing/presence are dropped; past the hard mark,
     # the connection is closed (4001: reconnect and resume) instead of growing its buffer.
     send_buffer_soft_bytes: int = 256 * 1024
@@ -111,6 +116,9 @@ class Settings(FrontSettings):
     login_window_s: float = Field(default=60.0, gt=0)
     login_hash_concurrency: int = Field(default=2, ge=1)
     login_hash_queue: int = Field(default=8, ge=0)
+    # Open setup: while the database has no workspace at all, the first client may create
+    # one and its owner (`setup`; `hello` says `setup_required`). Off: only `chat admin`.
+    open_setup: bool = True
     # Service connections from edge nodes (Flannel, docs/flannel.md) at /service: the keys
     # their credentials may be signed with, "kid=secret[,kid=secret...]" (32+ byte secrets;
     # several at once while a key is rotated). Empty: /service refuses everyone.

@@ -50,7 +50,7 @@ REPLAY_CACHE_BYTES = 1 << 20
 class Identify:
     """Prove who the client is (token or password): feed :meth:`Connect.identified`."""
 
-    request: wire.Auth | wire.Login
+    request: wire.FirstFrame
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,7 +175,7 @@ class Connect:
         self._hub = hub
         self._recipient = recipient
         self.step = Step.START
-        self.request: wire.Auth | wire.Login | None = None
+        self.request: wire.FirstFrame | None = None
         self.identity: Identity | None = None
         self.attached = False
         self.live = False
@@ -189,7 +189,7 @@ class Connect:
 
     # ------------------------------------------------------------------ steps
 
-    def start(self, request: wire.Auth | wire.Login) -> list[Effect]:
+    def start(self, request: wire.FirstFrame) -> list[Effect]:
         self._expect(Step.START)
         self.request = request
         self._resume = request.resume if isinstance(request, wire.Auth) else None

@@ -111,12 +111,15 @@ strictly (see [Input rules](#input-rules)).
 1. The server speaks first: `hello` carries the server version, the heartbeat interval and the
    connection `limits`.
 2. The client's first frame must be `auth` (a token; tokens never go in the URL) or `login`
-   (workspace, handle and password; the reply carries a fresh token). If neither arrives
+   (workspace, handle and password; the reply carries a fresh token); or, to create an
+   account, `signup` (an invite code, a handle and a password) or, on a server whose `hello`
+   says `setup_required`, `setup` (the first workspace and its owner). If none arrives
    within the auth timeout (`limits.auth_timeout_ms`), the server closes the connection with
-   close code 1008, reason `auth_timeout`. A failed authentication also closes with 1008, the
-   reason naming the error code (see [Close codes](#close-codes)).
-3. The reply to `auth`/`login` (`SessionInfo`) says who you are and carries `seq`, the
-   workspace's current event position.
+   close code 1008, reason `auth_timeout`. A failed authentication (or sign-up) also closes
+   with 1008, the reason naming the error code (see [Close codes](#close-codes)): to try
+   again, open a new connection.
+3. The reply to `auth`/`login`/`signup`/`setup` (`SessionInfo`) says who you are and carries
+   `seq`, the workspace's current event position.
 
 ### Requests, replies and errors
 
@@ -638,7 +641,8 @@ CLOSE_REASONS: list[tuple[CloseCode, str, str, str]] = [
     (
         CloseCode.POLICY_VIOLATION,
         "not_authenticated",
-        "The first frame was a request other than `auth` or `login`; an `error` came first.",
+        "The first frame was a request other than `auth`, `login`, `signup` or `setup`; an "
+        "`error` came first.",
         "Reconnect and authenticate before anything else.",
     ),
     (
@@ -688,6 +692,31 @@ CLOSE_REASONS: list[tuple[CloseCode, str, str, str]] = [
     ),
     (
         CloseCode.POLICY_VIOLATION,
+        "invalid_invite",
+        "`signup` with an unknown, expired, revoked or used-up invite code.",
+        "Ask for a new invite link.",
+    ),
+    (
+        CloseCode.POLICY_VIOLATION,
+        "name_taken",
+        "`signup` or `setup` with a handle that is in use in the workspace.",
+        "Reconnect and sign up with another handle.",
+    ),
+    (
+        CloseCode.POLICY_VIOLATION,
+        "invalid_argument",
+        "`signup` or `setup` with a handle, password, display name or workspace name that is "
+        "not acceptable (the `error` message says which).",
+        "Reconnect and try again with what the message asks for.",
+    ),
+    (
+        CloseCode.POLICY_VIOLATION,
+        "forbidden",
+        "`setup` on a server that has a workspace already (or where setup is disabled).",
+        "Reconnect and sign in (`login`), or sign up with an invite.",
+    ),
+    (
+        CloseCode.POLICY_VIOLATION,
         "rate_limited",
         "Too many refused requests: more than `rate_limit_disconnect_after` (default "
         f"{_FLOOD}) within 10 seconds.",
@@ -702,7 +731,8 @@ CLOSE_REASONS: list[tuple[CloseCode, str, str, str]] = [
     (
         CloseCode.TRY_AGAIN_LATER,
         "rate_limited",
-        "`login` refused for too many attempts (from this address or for this account); the "
+        "`login` (or `signup`, `setup`) refused for too many attempts (from this address or "
+        "for this account); the "
         "`error` came first with `retry_after_ms`.",
         "Wait `retry_after_ms`, then reconnect.",
     ),

@@ -38,6 +38,7 @@ class ErrorCode(StrEnum):
     ALREADY_IN_CHANNEL = "already_in_channel"
     CHANNEL_ARCHIVED = "channel_archived"
     NAME_TAKEN = "name_taken"
+    INVALID_INVITE = "invalid_invite"
     INVALID_NAME = "invalid_name"
     TOO_MANY_MEMBERS = "too_many_members"
     NOT_ALLOWED_FOR_DM = "not_allowed_for_dm"
@@ -69,7 +70,14 @@ ERROR_DESCRIPTIONS: dict[ErrorCode, str] = {
     ErrorCode.NOT_IN_CHANNEL: "The operation needs channel membership.",
     ErrorCode.ALREADY_IN_CHANNEL: "The user is already a member.",
     ErrorCode.CHANNEL_ARCHIVED: "The channel is archived: read-only.",
-    ErrorCode.NAME_TAKEN: "Another channel in the workspace has this name.",
+    ErrorCode.NAME_TAKEN: (
+        "Another channel in the workspace has this name (or, at `signup`/`setup`, another "
+        "user this handle)."
+    ),
+    ErrorCode.INVALID_INVITE: (
+        "`signup`: the invite code is unknown, expired, revoked or used up (one code for all "
+        "four: ask for a new link)."
+    ),
     ErrorCode.INVALID_NAME: "Channel names: 1-80 of a-z, 0-9, '-', '_'.",
     ErrorCode.TOO_MANY_MEMBERS: "Group DMs hold at most 8 people.",
     ErrorCode.NOT_ALLOWED_FOR_DM: "DMs cannot be renamed, archived, joined, left or invited to.",

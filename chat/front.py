@@ -20,14 +20,14 @@ import random
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from pathlib import Path
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
-from websockets.typing import Origin
 
-from chat import __version__, metrics, wire
+from chat import __version__, metrics, web, wire
 from chat.admission import Admission
 from chat.bus import Envelope
 from chat.config import FrontSettings
@@ -72,6 +72,8 @@ class Front:
         self._hello_frame = text_frame(wire.dump(self._hello()))  # the same for every client
         self.port = 0
         self.metrics_port: int | None = None
+        root = settings.web_root
+        self.web = web.WebRoot(Path(root) if root else web.default_root())
 
     # ------------------------------------------------------------------ what a tier decides
 
@@ -147,7 +149,8 @@ class Front:
             # Pings are sent by _watch_heartbeats, not by a task per connection.
             ping_interval=None,
             close_timeout=_CLOSE_TIMEOUT_S,
-            origins=self._origins(),
+            # Origins are checked in _process_request (the server's own origin included).
+            origins=None,
             backlog=s.listen_backlog,
             server_header=f"chat/{__version__}",
         )
@@ -203,6 +206,10 @@ class Front:
             return ws.respond(http.HTTPStatus.OK, "ready\n")
         if path == "/metrics":
             return ws.respond(http.HTTPStatus.NOT_FOUND, "served on the metrics listener\n")
+        if not web.is_upgrade(request.headers):
+            return self.web.respond(request.path, request.headers)
+        if self._origin_refused(request.headers):
+            return ws.respond(http.HTTPStatus.FORBIDDEN, "invalid Origin header\n")
         if self._draining:
             # Still listening so that probes see the drain; new sessions go elsewhere.
             response = ws.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, "draining\n")
@@ -297,10 +304,17 @@ class Front:
                 metrics.SESSIONS.dec()
             await self._ended(peer, was_live)
 
-    def _origins(self) -> list[Origin | None] | None:
-        if "*" in self.front_settings.allowed_origins:
-            return None
-        return [None, *(Origin(o) for o in self.front_settings.allowed_origins)]
+    def _origin_refused(self, headers: Headers) -> bool:
+        """A browser's websocket from a page of another origin than this server's and the
+        allowed ones (``allowed_origins``). Clients that send no Origin are not browsers."""
+        allowed = self.front_settings.allowed_origins
+        origins = headers.get_all("Origin")
+        if not origins or "*" in allowed:
+            return False
+        if len(origins) > 1:
+            return True
+        origin = origins[0]
+        return origin not in allowed and not web.same_origin(origin, headers.get("Host"))
 
     async def _drain(self, connections: list[ServerConnection]) -> None:
         """Close every connection with 1012, spread evenly over ``drain_period_s`` in random
@@ -525,7 +539,7 @@ class Front:
                 time.perf_counter() - started
             )
 
-    def _hello(self) -> wire.Hello:
+    def _hello(self, *, setup_required: bool = False) -> wire.Hello:
         s = self.front_settings
         return wire.Hello(
             server_version=__version__,
@@ -536,7 +550,12 @@ class Front:
                 requests_per_10s=s.rate_limit_per_10s,
                 auth_timeout_ms=int(s.auth_timeout_s * 1000),
             ),
+            setup_required=setup_required,
         )
+
+    def announce_setup(self, required: bool) -> None:
+        """Whether ``hello`` tells new clients that ``setup`` may create the first workspace."""
+        self._hello_frame = text_frame(wire.dump(self._hello(setup_required=required)))
 
     def _send_away(self, peer: Peer) -> None:
         """A connect past its deadline: come back later (the client has likely given up)."""

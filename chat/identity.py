@@ -1,4 +1,6 @@
-"""Who a connecting client is: a token (``auth``) or a handle and password (``login``).
+"""Who a connecting client is: a token (``auth``) or a handle and password (``login``); or
+who it becomes: a new account with an invite (``signup``), or the first workspace's owner
+(``setup``, :mod:`chat.handlers.invites` creates both).
 
 The connect sequence (:mod:`chat.connect`) asks an :class:`Identifier` for an
 :class:`Identity` and nothing else; token checks, password hashing and their limits live here.
@@ -13,6 +15,10 @@ Password login is the one request that costs real resources before authenticatio
 - hashing runs on its own executor of ``login_hash_concurrency`` threads (never the default
   executor that DNS lookups need), with at most ``login_hash_queue`` attempts waiting;
 - past any limit the answer is at once ``rate_limited`` with ``retry_after_ms``.
+
+``signup`` and ``setup`` hash a new password: they take the same tokens (the account key is
+the invite, or the one setup) and the same hashing threads; a refused one (a bad invite, a
+taken handle) counts as a failure, so invite codes cannot be tried fast.
 """
 
 from __future__ import annotations
@@ -23,15 +29,18 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 from chat import wire
-from chat.auth import issue_token, new_session_id, verify_password, verify_token
+from chat.auth import hash_password, issue_token, new_session_id, verify_password, verify_token
 from chat.config import Settings
 from chat.errors import ChatError, ErrorCode
-from chat.journal import now_ms
+from chat.handlers import invites
+from chat.journal import Journal, now_ms
 from chat.storage import Database, queries
 
 Clock = Callable[[], float]
+T = TypeVar("T")
 
 # Buckets that have refilled are forgotten once this many keys are tracked.
 MAX_TRACKED_KEYS = 100_000
@@ -158,6 +167,12 @@ class HashPool:
         self._retry_after_ms = retry_after_ms
 
     async def verify(self, password_hash: str | None, password: str) -> bool:
+        return await self._run(verify_password, password_hash, password)
+
+    async def hash(self, password: str) -> str:
+        return await self._run(hash_password, password)
+
+    async def _run(self, fn: Callable[..., T], *args: object) -> T:
         if self._pending >= self._limit:
             raise ChatError(
                 ErrorCode.RATE_LIMITED,
@@ -167,9 +182,7 @@ class HashPool:
         self._pending += 1
         try:
             loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(
-                self._executor, verify_password, password_hash, password
-            )
+            return await loop.run_in_executor(self._executor, fn, *args)
         finally:
             self._pending -= 1
 
@@ -178,12 +191,25 @@ class HashPool:
 
 
 class Identifier:
-    """One per node: identifies ``auth`` and ``login`` requests, with the login limits.
-    ``close()`` shuts the hashing threads down."""
+    """One per node: identifies ``auth`` and ``login`` requests, with the login limits, and
+    creates the accounts of ``signup`` and ``setup`` (through ``journal``; without one they
+    are refused ``unavailable``). ``close()`` shuts the hashing threads down.
+    ``on_setup`` is called once a setup succeeded, or was refused because a workspace
+    exists: the node stops announcing ``setup_required``."""
 
-    def __init__(self, settings: Settings, db: Database, *, clock: Clock = time.monotonic) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        db: Database,
+        *,
+        journal: Journal | None = None,
+        clock: Clock = time.monotonic,
+        on_setup: Callable[[], None] | None = None,
+    ) -> None:
         self._settings = settings
         self._db = db
+        self._journal = journal
+        self._on_setup = on_setup
         self.guard = LoginGuard(
             per_ip=settings.login_attempts_per_ip,
             per_account=settings.login_attempts_per_account,
@@ -195,11 +221,15 @@ class Identifier:
     def close(self) -> None:
         self._hashing.close()
 
-    async def identify(self, request: wire.Auth | wire.Login, *, peer_ip: str | None) -> Identity:
-        """The identity the request proves, or a ChatError saying why not."""
+    async def identify(self, request: wire.FirstFrame, *, peer_ip: str | None) -> Identity:
+        """The identity the request proves (or creates), or a ChatError saying why not."""
         if isinstance(request, wire.Auth):
             return await self._token(request)
-        return await self._password(request, peer_ip)
+        if isinstance(request, wire.Login):
+            return await self._password(request, peer_ip)
+        if isinstance(request, wire.Signup):
+            return await self._signup(request, peer_ip)
+        return await self._setup(request, peer_ip)
 
     async def _token(self, request: wire.Auth) -> Identity:
         """The signature and expiry only, no query: connects must be cheap in a storm. The
@@ -236,3 +266,55 @@ class Identifier:
                 conn, session_id, login["id"], now_ms(), claims.expires_at * 1000
             )
         return Identity(login["id"], ws["id"], session_id, token)
+
+    def _journal_or_refuse(self) -> Journal:
+        if self._journal is None:
+            raise ChatError(ErrorCode.UNAVAILABLE, "sign-up is not served here")
+        return self._journal
+
+    async def _signup(self, request: wire.Signup, peer_ip: str | None) -> Identity:
+        invites.check_new_account(request.handle, request.password, request.display_name)
+        journal = self._journal_or_refuse()
+        account = LoginGuard.account_key("\x00signup", invites.code_hash(request.invite))
+        self.guard.begin(peer_ip, account)
+        # An unknown code is refused before hashing, but counts as a failed attempt.
+        workspace_id = await invites.invite_workspace(self._db, request.invite)
+        pw_hash = await self._hash_new(request.password, peer_ip, account)
+        created = await invites.sign_up(journal, self._settings, workspace_id, request, pw_hash)
+        self.guard.succeeded(peer_ip, account)
+        return Identity(created.user.id, workspace_id, created.session_id, created.token)
+
+    async def _setup(self, request: wire.Setup, peer_ip: str | None) -> Identity:
+        invites.check_workspace_name(request.workspace)
+        invites.check_new_account(request.handle, request.password, request.display_name)
+        journal = self._journal_or_refuse()
+        if not self._settings.open_setup:
+            raise ChatError(ErrorCode.FORBIDDEN, "setup is disabled on this server")
+        account = LoginGuard.account_key("\x00setup", "")
+        self.guard.begin(peer_ip, account)
+        try:
+            async with self._db.connection() as conn:
+                if await queries.any_workspace(conn):  # cheap, before hashing
+                    raise ChatError(ErrorCode.FORBIDDEN, invites.SET_UP_ALREADY)
+            pw_hash = await self._hash_new(request.password, peer_ip, account)
+            # The claim in the transaction decides between concurrent setups.
+            created = await invites.set_up(journal, self._settings, request, pw_hash)
+        except ChatError as exc:
+            if exc.code is ErrorCode.FORBIDDEN:
+                self.guard.cancel(peer_ip, account)  # not a guess at anything
+                if self._on_setup is not None:
+                    self._on_setup()
+            raise
+        self.guard.succeeded(peer_ip, account)
+        if self._on_setup is not None:
+            self._on_setup()
+        user = created.user
+        return Identity(user.id, user.workspace_id, created.session_id, created.token)
+
+    async def _hash_new(self, password: str, peer_ip: str | None, account: str) -> str:
+        """Hash a new password; a refusal before hashing (the pool is full) is no attempt."""
+        try:
+            return await self._hashing.hash(password)
+        except ChatError:
+            self.guard.cancel(peer_ip, account)
+            raise

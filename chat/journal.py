@@ -285,29 +285,52 @@ class Journal:
                     continue
                 outcomes.append((True, result))
                 drafts.extend(tx.drafts)
-            if drafts:
-                last = await queries.allocate_event_seqs(conn, workspace_id, len(drafts))
-                envelopes = [
-                    _seal(d, workspace_id, seq, now)
-                    for seq, d in enumerate(drafts, start=last - len(drafts) + 1)
-                ]
-                await queries.insert_events(
-                    conn,
-                    [
-                        (
-                            workspace_id,
-                            e.seq or 0,
-                            e.type,
-                            e.audience.header(),
-                            e.payload.decode(),
-                            now,
-                        )
-                        for e in envelopes
-                    ],
-                )
-                if self._db.dialect == "postgres":  # other processes' nodes listen
-                    await queries.notify_events(conn, workspace_id, last)
+            envelopes = await self._record(conn, workspace_id, drafts, now)
         return outcomes, envelopes
+
+    async def _record(
+        self, conn: Connection, workspace_id: int, drafts: list[Draft], now: int
+    ) -> list[Envelope]:
+        """Number the drafts, write them to the event log; the sealed envelopes."""
+        if not drafts:
+            return []
+        last = await queries.allocate_event_seqs(conn, workspace_id, len(drafts))
+        envelopes = [
+            _seal(d, workspace_id, seq, now)
+            for seq, d in enumerate(drafts, start=last - len(drafts) + 1)
+        ]
+        await queries.insert_events(
+            conn,
+            [
+                (workspace_id, e.seq or 0, e.type, e.audience.header(), e.payload.decode(), now)
+                for e in envelopes
+            ],
+        )
+        if self._db.dialect == "postgres":  # other processes' nodes listen
+            await queries.notify_events(conn, workspace_id, last)
+        return envelopes
+
+    async def found(self, create: Callable[[Connection, int], Awaitable[int]], op: Op[T]) -> T:
+        """Create a workspace (``create`` returns its id) and run its first operation, in one
+        transaction: either both commit, with the operation's events as the workspace's
+        first, or neither does. Nothing else can be queued for a workspace that does not
+        exist yet, so this runs outside the queues."""
+        if self._closed:
+            raise ChatError(
+                ErrorCode.UNAVAILABLE, "this node is shutting down", retry_after_ms=1000
+            )
+        async with self._db.transaction() as conn:
+            now = now_ms()
+            workspace_id = await create(conn, now)
+            tx = Tx(conn, workspace_id, now)
+            result = await op(tx)
+            envelopes = await self._record(conn, workspace_id, tx.drafts, now)
+        if envelopes:
+            try:
+                await self._bus.publish(envelopes)
+            except Exception:
+                log.exception("publish failed", extra={"workspace_id": workspace_id})
+        return result
 
     def _forget_publisher(self, workspace_id: int) -> None:
         self._publishers.pop(workspace_id, None)

@@ -49,7 +49,7 @@ class Close:
 
 @dataclass(frozen=True, slots=True)
 class Authenticate:
-    request: wire.Auth | wire.Login
+    request: wire.FirstFrame
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,13 +122,13 @@ class ClientProtocol:
         except pydantic.ValidationError as exc:
             return self._refuse(_request_id(data), _validation_error(exc))
         if self.state is State.AWAITING_AUTH:
-            if isinstance(request, wire.Auth | wire.Login):
+            if isinstance(request, wire.FIRST_FRAMES):
                 return Authenticate(request)
             return self.fail(
                 request.id,
                 ProtocolViolation(ErrorCode.NOT_AUTHENTICATED, CloseCode.POLICY_VIOLATION),
             )
-        if isinstance(request, wire.Auth | wire.Login):
+        if isinstance(request, wire.FIRST_FRAMES):
             return self._refuse(request.id, ChatError(ErrorCode.ALREADY_AUTHENTICATED))
         if request.id in self.inflight:
             return self._refuse(request.id, ChatError(ErrorCode.DUPLICATE_REQUEST_ID))

@@ -49,7 +49,7 @@ from chat.retention import Pruner
 from chat.service import PATH as SERVICE_PATH
 from chat.service import ServiceLink
 from chat.snapshots import REFUSALS, SnapshotReader
-from chat.storage import Database, open_database, secret_key_path, token_secret
+from chat.storage import Database, open_database, queries, secret_key_path, token_secret
 from chat.transport import (
     Connection,
     set_max_message_size,
@@ -78,6 +78,7 @@ class Node(Front):
         self._subscribe_locks: dict[int, asyncio.Lock] = {}
         self._links: set[ServiceLink] = set()
         self._service_keys = credentials.parse_keys(settings.service_keys)
+        self.setup_required = False  # at start: the database had no workspace (open setup)
         self.services: Services
         self._identifier: Identifier
         self.snapshots: SnapshotReader
@@ -138,7 +139,13 @@ class Node(Front):
         self.services = Services(
             settings=s, db=db, journal=journal, hub=hub, presence=presence, caches=caches
         )
-        self._identifier = Identifier(s, db)
+        self._identifier = Identifier(
+            s, db, journal=journal, on_setup=lambda: self.announce_setup(False)
+        )
+        if s.open_setup:
+            async with db.connection() as conn:
+                self.setup_required = not await queries.any_workspace(conn)
+            self.announce_setup(self.setup_required)
         metrics.CONNECTING.set_function(lambda: self.admission.pending)
         self.snapshots = SnapshotReader(db)
         self.replay = ReplayCache(replay)
@@ -218,7 +225,7 @@ class Node(Front):
         set_max_message_size(ws, self.settings.max_frame_bytes + 1024)
         return None
 
-    async def identify(self, request: wire.Auth | wire.Login, *, peer_ip: str | None) -> Identity:
+    async def identify(self, request: wire.FirstFrame, *, peer_ip: str | None) -> Identity:
         """Who a request to attach a session is from (a client's auth, or one relayed)."""
         return await self._identifier.identify(request, peer_ip=peer_ip)
 

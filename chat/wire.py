@@ -232,6 +232,76 @@ class Login(Request):
     ]
 
 
+MIN_PASSWORD_CHARS = 8
+HANDLE_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,79}$"
+
+NewPassword = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=1024,
+        description=f"At least {MIN_PASSWORD_CHARS} characters, else ``invalid_argument``.",
+    ),
+    Clean,
+]
+NewHandle = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=80,
+        description="1-80 of a-z, 0-9, '.', '_', '-', starting with a letter or digit, "
+        "else ``invalid_argument``; one in use in the workspace: ``name_taken``.",
+    ),
+    Clean,
+]
+
+
+class Setup(Request):
+    """Alternative first frame, on a chat node whose database has no workspace yet (``hello``
+    says ``setup_required``): create the workspace, its ``#general`` channel and its owner,
+    and sign in as the owner; the reply carries a fresh token. Once any workspace exists
+    (another setup won, or an operator made one): ``forbidden``. Limited like ``login``."""
+
+    type: Literal["setup"]
+    workspace: Name
+    handle: NewHandle
+    password: NewPassword
+    display_name: Name | None = None
+    examples = [
+        {
+            "type": "setup",
+            "id": "1",
+            "workspace": "acme",
+            "handle": "ada",
+            "password": "correct horse battery",
+            "display_name": "Ada",
+        }
+    ]
+
+
+class Signup(Request):
+    """Alternative first frame: create an account with an invite code (from an invite link,
+    ``<origin>/#invite=<code>``) and sign in; the reply carries a fresh token. The user gets
+    the invite's role and joins ``#general`` if it exists. An unknown, expired, revoked or
+    used-up code: ``invalid_invite`` (one code for all four). Limited like ``login``."""
+
+    type: Literal["signup"]
+    invite: Annotated[str, Field(min_length=1, max_length=128), Clean]
+    handle: NewHandle
+    password: NewPassword
+    display_name: Name | None = None
+    examples = [
+        {
+            "type": "signup",
+            "id": "1",
+            "invite": "q3Zp0Jc8mX2vT9kR4wY7bN1hL6sD5fGa",
+            "handle": "bob",
+            "password": "correct horse battery",
+            "display_name": "Bob",
+        }
+    ]
+
+
 class Ping(Request):
     type: Literal["ping"]
     examples = [{"type": "ping", "id": "7"}]
@@ -509,6 +579,34 @@ class Bootstrap(Request):
     ]
 
 
+class InvitesCreate(Request):
+    """Owners and admins: a new invite code (random, 192 bits; only its hash is stored, so
+    the reply is the one place it is ever shown). ``max_uses`` sign-ups before it is used
+    up; it expires ``expires_in_s`` seconds from now."""
+
+    type: Literal["invites.create"]
+    role: Literal["member", "guest"] = "member"
+    max_uses: Annotated[int, Field(ge=1, le=1000)] = 1
+    expires_in_s: Annotated[int, Field(ge=60, le=30 * 24 * 3600)] = 7 * 24 * 3600
+    examples = [{"type": "invites.create", "id": "44", "role": "member", "max_uses": 5}]
+
+
+class InvitesList(Request):
+    """Owners and admins: the workspace's active invites (not expired, revoked or used up),
+    newest first, without their codes."""
+
+    type: Literal["invites.list"]
+    examples = [{"type": "invites.list", "id": "45"}]
+
+
+class InvitesRevoke(Request):
+    """Owners and admins: revoke an invite of the workspace; sign-ups with it then fail."""
+
+    type: Literal["invites.revoke"]
+    invite_id: Id
+    examples = [{"type": "invites.revoke", "id": "46", "invite_id": 3}]
+
+
 AutocompleteQuery = Annotated[str, Field(max_length=80), Clean]
 
 
@@ -540,6 +638,8 @@ class ChannelsAutocomplete(Request):
 ClientFrame = Annotated[
     Auth
     | Login
+    | Setup
+    | Signup
     | Ping
     | UsersList
     | UsersInfo
@@ -573,9 +673,16 @@ ClientFrame = Annotated[
     | PresenceSet
     | Bootstrap
     | UsersAutocomplete
-    | ChannelsAutocomplete,
+    | ChannelsAutocomplete
+    | InvitesCreate
+    | InvitesList
+    | InvitesRevoke,
     Field(discriminator="type"),
 ]
+
+# The first frames: each proves (or creates) an identity and starts a session.
+FirstFrame = Auth | Login | Setup | Signup
+FIRST_FRAMES = (Auth, Login, Setup, Signup)
 
 CLIENT_FRAME_ADAPTER: TypeAdapter[ClientFrame] = TypeAdapter(ClientFrame)
 
@@ -838,9 +945,50 @@ class ChannelList(Data):
     channels: list[Channel]
 
 
+class Invite(Obj):
+    """An invite to the workspace. ``code`` is shown once, in the reply to
+    ``invites.create`` (null in lists); ``prefix`` is its first characters, to tell invites
+    apart. Times are milliseconds since the epoch."""
+
+    id: int
+    code: str | None = None
+    prefix: str
+    role: Literal["member", "guest"]
+    max_uses: int
+    uses: int = 0
+    expires_at: int
+    created_by: int
+    created_at: int
+
+
+_INVITE = {
+    "id": 3,
+    "code": "q3Zp0Jc8mX2vT9kR4wY7bN1hL6sD5fGa",
+    "prefix": "q3Zp0J",
+    "role": "member",
+    "max_uses": 5,
+    "uses": 0,
+    "expires_at": 1764952800000,
+    "created_by": 2,
+    "created_at": 1764348000000,
+}
+
+
+class InviteData(Data):
+    invite: Invite
+    examples = [{"invite": _INVITE}]
+
+
+class InviteList(Data):
+    invites: list[Invite]
+    examples = [{"invites": [{**_INVITE, "code": None, "uses": 2}]}]
+
+
 REPLIES: dict[str, type[Data]] = {
     "auth": SessionInfo,
     "login": SessionInfo,
+    "setup": SessionInfo,
+    "signup": SessionInfo,
     "ping": Pong,
     "users.list": UserPage,
     "users.info": Users,
@@ -875,6 +1023,9 @@ REPLIES: dict[str, type[Data]] = {
     "bootstrap": BootstrapData,
     "users.autocomplete": Users,
     "channels.autocomplete": ChannelList,
+    "invites.create": InviteData,
+    "invites.list": InviteList,
+    "invites.revoke": Empty,
 }
 
 
@@ -882,12 +1033,15 @@ REPLIES: dict[str, type[Data]] = {
 
 
 class Hello(Frame):
-    """First server frame on every connection, before ``auth``."""
+    """First server frame on every connection, before ``auth``. ``setup_required``: this
+    chat node's database has no workspace yet, and the first person to connect may create
+    one with ``setup`` (never true through an edge node)."""
 
     type: Literal["hello"] = "hello"
     server_version: str
     heartbeat_interval_ms: int
     limits: Limits
+    setup_required: bool = False
     examples = [
         {
             "type": "hello",
@@ -899,6 +1053,7 @@ class Hello(Frame):
                 "requests_per_10s": 50,
                 "auth_timeout_ms": 5000,
             },
+            "setup_required": False,
         }
     ]
 
@@ -1282,7 +1437,7 @@ def dump(frame: Frame) -> bytes:
 Sid = Annotated[int, Field(ge=1, le=2**32 - 1)]  # a session or request number on one connection
 
 
-def _no_resume(request: Auth | Login) -> Auth | Login:
+def _no_resume(request: FirstFrame) -> FirstFrame:
     if isinstance(request, Auth) and request.resume is not None:
         raise ValueError("an attach carries no resume: the edge replays to its client itself")
     return request
@@ -1294,11 +1449,14 @@ class ServiceFrame(Frame):
 
 class Attach(ServiceFrame):
     """Attach a user's session: the chat node verifies the user's own ``auth`` token (or
-    ``login`` password) as for a client; ``resume`` is the edge's business and is refused."""
+    ``login`` password) as for a client, or creates the account of a ``signup`` or
+    ``setup``; ``resume`` is the edge's business and is refused."""
 
     type: Literal["attach"]
     sid: Sid
-    request: Annotated[Auth | Login, Field(discriminator="type"), AfterValidator(_no_resume)]
+    request: Annotated[
+        Auth | Login | Setup | Signup, Field(discriminator="type"), AfterValidator(_no_resume)
+    ]
     client_ip: (
         Annotated[
             str,
@@ -1398,9 +1556,9 @@ EDGE_FRAME_ADAPTER: TypeAdapter[EdgeFrame] = TypeAdapter(EdgeFrame)
 
 
 class Attached(ServiceFrame):
-    """``token``: after a ``login``, the session's fresh token (the edge's client gets it in
-    its reply, and the edge attaches the session with it on another connection); null after
-    an ``auth``, whose token the edge has."""
+    """``token``: after a ``login`` (or a ``signup`` or ``setup``), the session's fresh
+    token (the edge's client gets it in its reply, and the edge attaches the session with it
+    on another connection); null after an ``auth``, whose token the edge has."""
 
     type: Literal["attached"] = "attached"
     sid: int

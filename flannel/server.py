@@ -149,7 +149,7 @@ class Edge(Front):
         return await self._perform_replay(peer, sequence, action)
 
     async def _identify(
-        self, peer: Peer, sequence: Connect, request: wire.Auth | wire.Login
+        self, peer: Peer, sequence: Connect, request: wire.FirstFrame
     ) -> list[Effect]:
         address = peer.ws.remote_address
         try:

@@ -6,8 +6,9 @@ many users' sessions (docs/flannel.md).
 load all travel on that link, so the chat node that serves the subscription has the
 workspace's sessions attached (what authorizes it), and losing a link concerns a known set
 of workspaces. A session's workspace is known before its ``attach`` from the token's claims,
-read without verification for routing only (the chat node verifies it); a ``login`` is
-attached where its workspace name hashes to, and moved if its workspace belongs elsewhere.
+read without verification for routing only (the chat node verifies it); a ``login`` (or a
+``signup``, ``setup``) is attached where its workspace name (or invite code) hashes to, and
+moved if its workspace belongs elsewhere.
 
 A lost link is opened again (to the next URL, with backoff); its sessions are attached again
 with their tokens, their snapshots taken so relayed requests are authorized again, and its
@@ -425,7 +426,7 @@ class Upstream:
 
     async def attach(
         self,
-        request: wire.Auth | wire.Login,
+        request: wire.FirstFrame,
         *,
         client_ip: str | None,
         on_frame: FrameSink,
@@ -437,7 +438,9 @@ class Upstream:
             routing = token_claim(request.token, "ws") or 1
             token = request.token
         else:
-            routing = zlib.crc32(request.workspace.encode()) or 1
+            # A login or setup names its workspace; a signup's is its invite's.
+            name = request.invite if isinstance(request, wire.Signup) else request.workspace
+            routing = zlib.crc32(name.encode()) or 1
             token = ""
         session = Session(self.next_rid(), routing, token, on_frame, on_closed)
         attached = await self._attach(session, request.model_dump(mode="json"), client_ip)

@@ -558,6 +558,14 @@ WRONG_TYPES: list[tuple[str, dict[str, Any], str]] = [
     ("users.autocomplete", {"query": 5}, "query"),
     ("users.autocomplete", {"limit": 5.0}, "limit"),
     ("channels.autocomplete", {"query": None}, "query"),
+    ("setup", {"workspace": 1}, "workspace"),
+    ("setup", {"display_name": ["Ada"]}, "display_name"),
+    ("signup", {"invite": 5}, "invite"),
+    ("signup", {"password": None}, "password"),
+    ("invites.create", {"max_uses": 1.0}, "max_uses"),
+    ("invites.create", {"role": 1}, "role"),
+    ("invites.list", {"id": 45}, "id"),
+    ("invites.revoke", {"invite_id": "3"}, "invite_id"),
 ]
 
 OUT_OF_RANGE: list[tuple[str, dict[str, Any], str]] = [
@@ -611,6 +619,18 @@ OUT_OF_RANGE: list[tuple[str, dict[str, Any], str]] = [
     ("users.autocomplete", {"limit": 51}, "limit"),
     ("users.autocomplete", {"channel_id": 0}, "channel_id"),
     ("channels.autocomplete", {"limit": 0}, "limit"),
+    ("setup", {"workspace": ""}, "workspace"),
+    ("setup", {"password": "p" * 1025}, "password"),
+    ("signup", {"invite": ""}, "invite"),
+    ("signup", {"invite": "i" * 129}, "invite"),
+    ("signup", {"handle": "h" * 81}, "handle"),
+    ("invites.create", {"role": "admin"}, "role"),
+    ("invites.create", {"max_uses": 0}, "max_uses"),
+    ("invites.create", {"max_uses": 1001}, "max_uses"),
+    ("invites.create", {"expires_in_s": 59}, "expires_in_s"),
+    ("invites.create", {"expires_in_s": 30 * 24 * 3600 + 1}, "expires_in_s"),
+    ("invites.list", {"id": ""}, "id"),
+    ("invites.revoke", {"invite_id": 0}, "invite_id"),
 ]
 
 

@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from chat import wire
-from chat.handlers import cached, channels, live, messages, users
+from chat.handlers import cached, channels, invites, live, messages, users
 from chat.handlers.context import Caller, Services
 
 Handler = Callable[[Services, Caller, Any], Awaitable[wire.Data]]
@@ -51,6 +51,9 @@ HANDLERS: dict[type[wire.Request], Handler] = {
     wire.Bootstrap: cached.bootstrap,
     wire.UsersAutocomplete: cached.users_autocomplete,
     wire.ChannelsAutocomplete: cached.channels_autocomplete,
+    wire.InvitesCreate: invites.invites_create,
+    wire.InvitesList: invites.invites_list,
+    wire.InvitesRevoke: invites.invites_revoke,
 }
 
 

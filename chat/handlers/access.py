@@ -16,6 +16,8 @@ Rules (tested as a table in ``tests/test_authorization.py``):
   owner > admin > member > guest; an owner may act on anyone, an admin on admins, members
   and guests but not owners (``TARGETS``). Nobody changes their own role. Roles an actor
   may give: an owner any, an admin member or guest (``GRANTS``).
+- Invites (create, list, revoke): owners and admins. An invite gives ``member`` or
+  ``guest``, never more.
 - Requests act as a session: a revoked or expired session can do nothing (``actor``).
 
 Who *receives* an event is authorization too, and follows the same rules as reads
@@ -56,6 +58,7 @@ class Action(StrEnum):
     SET_ROLE = "set_role"
     DEACTIVATE = "deactivate"
     REVOKE_OTHERS = "revoke_others"
+    MANAGE_INVITES = "manage_invites"  # invites.create / list / revoke
 
 
 _ALL_STAFF = frozenset({"owner", "admin"})
@@ -71,6 +74,7 @@ POLICY: dict[Action, frozenset[str]] = {
     Action.SET_ROLE: _ALL_STAFF,
     Action.DEACTIVATE: _ALL_STAFF,
     Action.REVOKE_OTHERS: _ALL_STAFF,
+    Action.MANAGE_INVITES: _ALL_STAFF,
 }
 
 # Acting on another user (SET_ROLE, DEACTIVATE, REVOKE_OTHERS): the roles of the targets each

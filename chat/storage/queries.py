@@ -98,6 +98,30 @@ async def prune_events(
     return len(rows)
 
 
+SETUP_META_KEY = "setup_claimed_at"
+
+
+async def any_workspace(conn: Connection) -> bool:
+    found = await conn.fetchval("SELECT EXISTS (SELECT 1 FROM workspaces)")
+    return bool(found)
+
+
+async def claim_setup(conn: Connection, now: int) -> bool:
+    """Claim the one-time first setup within the caller's transaction: False when a
+    workspace exists, or another setup holds the claim (the ``meta`` row's key decides
+    between concurrent ones: the second insert waits for the first to commit, then fails)."""
+    if await any_workspace(conn):
+        return False
+    try:
+        async with conn.savepoint():
+            await conn.execute(
+                "INSERT INTO meta (key, value) VALUES ($1, $2)", SETUP_META_KEY, str(now)
+            )
+    except UniqueViolation:
+        return False
+    return True
+
+
 # --------------------------------------------------------------------------- users
 
 _USER_COLS = "id, workspace_id, handle, display_name, real_name, avatar_url, tz, role, deactivated"
@@ -512,6 +536,97 @@ async def workspace_model(conn: Connection, workspace_id: int) -> WorkspaceModel
         },
         last_ts={r["id"]: r["last_ts"] for r in channels if r["last_ts"] is not None},
     )
+
+
+async def public_channel_id(conn: Connection, workspace_id: int, name: str) -> int | None:
+    cid: int | None = await conn.fetchval(
+        "SELECT id FROM channels WHERE workspace_id = $1 AND name = $2 AND kind = 'public'"
+        " AND dm_key IS NULL",
+        workspace_id,
+        name,
+    )
+    return cid
+
+
+# --------------------------------------------------------------------------- invites
+
+_INVITE_COLS = "id, prefix, role, max_uses, uses, expires_at, created_by, created_at"
+
+
+def _invite(row: Record) -> wire.Invite:
+    return wire.Invite.model_validate(dict(row))
+
+
+async def create_invite(
+    conn: Connection,
+    workspace_id: int,
+    code_hash: str,
+    prefix: str,
+    role: str,
+    max_uses: int,
+    expires_at: int,
+    created_by: int,
+    now: int,
+) -> wire.Invite:
+    row = await conn.fetchrow(
+        "INSERT INTO invites (workspace_id, code_hash, prefix, role, max_uses, expires_at,"
+        " created_by, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+        f" RETURNING {_INVITE_COLS}",
+        workspace_id,
+        code_hash,
+        prefix,
+        role,
+        max_uses,
+        expires_at,
+        created_by,
+        now,
+    )
+    assert row is not None
+    return _invite(row)
+
+
+async def active_invites(conn: Connection, workspace_id: int, now: int) -> list[wire.Invite]:
+    """Not revoked, not expired, not used up; newest first."""
+    rows = await conn.fetch(
+        f"SELECT {_INVITE_COLS} FROM invites WHERE workspace_id = $1 AND revoked_at IS NULL"
+        " AND expires_at > $2 AND uses < max_uses ORDER BY id DESC LIMIT 1000",
+        workspace_id,
+        now,
+    )
+    return [_invite(r) for r in rows]
+
+
+async def revoke_invite(conn: Connection, workspace_id: int, invite_id: int, now: int) -> bool:
+    """False when the workspace has no such invite (a revoked one is revoked again)."""
+    rows = await conn.fetch(
+        "UPDATE invites SET revoked_at = COALESCE(revoked_at, $3)"
+        " WHERE id = $1 AND workspace_id = $2 RETURNING id",
+        invite_id,
+        workspace_id,
+        now,
+    )
+    return bool(rows)
+
+
+async def invite_workspace(conn: Connection, code_hash: str) -> int | None:
+    """The workspace of the invite with this code hash, valid or not."""
+    wid: int | None = await conn.fetchval(
+        "SELECT workspace_id FROM invites WHERE code_hash = $1", code_hash
+    )
+    return wid
+
+
+async def use_invite(conn: Connection, workspace_id: int, code_hash: str, now: int) -> str | None:
+    """Take one of the invite's sign-ups, in one statement (concurrent sign-ups never
+    exceed ``max_uses``): its role, or None when it is unknown, revoked, expired or used up."""
+    role: str | None = await conn.fetchval(
+        "UPDATE invites SET uses = uses + 1 WHERE code_hash = $1 AND workspace_id = $2"
+        " AND revoked_at IS NULL AND expires_at > $3 AND uses < max_uses RETURNING role",
+        code_hash,
+        workspace_id,
+        now,
+    )
+    return role
 
 
 # --------------------------------------------------------------------------- messages
