@@ -29,6 +29,12 @@ def _parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run a chat node")
     serve.add_argument("--host", help="listen address (overrides CHAT_HOST)")
     serve.add_argument("--port", type=int, help="listen port (overrides CHAT_PORT)")
+    serve.add_argument(
+        "--demo",
+        action="store_true",
+        help='seed a workspace "demo" (unless it exists) with people, channels and messages, '
+        "and print how to sign in",
+    )
 
     admin = sub.add_parser(
         "admin",
@@ -181,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         from chat.server import run
 
         with contextlib.suppress(KeyboardInterrupt):
-            loop.run(run(settings))
+            loop.run(run(settings, demo=args.demo))
         return 0
     try:
         result = asyncio.run(_admin(settings, args))

@@ -597,9 +597,18 @@ async def bounded(awaitable: Awaitable[object], timeout: float, what: str) -> No
         log.warning("gave up waiting", extra={"for": what, "timeout_s": timeout})
 
 
-async def serve_until_signalled(server: Front) -> None:
-    """Start ``server``, serve until SIGINT or SIGTERM, then shut it down gracefully."""
+async def serve_until_signalled(
+    server: Front, on_started: Callable[[], Awaitable[None]] | None = None
+) -> None:
+    """Start ``server`` (then ``on_started``), serve until SIGINT or SIGTERM, then shut it
+    down gracefully."""
     await server.start()
+    if on_started is not None:
+        try:
+            await on_started()
+        except BaseException:
+            await server.stop()
+            raise
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -325,6 +325,23 @@ class Node(Front):
         await self._respond(peer, protocol, request, handle(self.services, caller, request))
 
 
-async def run(settings: Settings) -> None:
-    """Serve until SIGINT/SIGTERM, then shut down gracefully."""
-    await serve_until_signalled(Node(settings))
+async def run(settings: Settings, *, demo: bool = False) -> None:
+    """Serve until SIGINT/SIGTERM, then shut down gracefully. Once listening, print where
+    to open the web client (on stdout); with ``demo``, seed the demo workspace first and
+    print how to sign in (chat/demo.py)."""
+    from chat import demo as demo_workspace
+
+    tokens = await demo_workspace.prepare(settings) if demo else None
+    node = Node(settings)
+
+    async def started() -> None:
+        host = settings.host if settings.host not in ("", "0.0.0.0", "::") else "127.0.0.1"
+        host = f"[{host}]" if ":" in host else host
+        if tokens is not None:
+            await demo_workspace.converse(f"ws://{host}:{node.port}/", tokens)
+        text = demo_workspace.banner(
+            f"http://{host}:{node.port}/", setup_required=node.setup_required, demo=demo
+        )
+        print(text, flush=True)
+
+    await serve_until_signalled(node, started)
