@@ -41,6 +41,10 @@ class FlannelSettings(FrontSettings):
     # Reconnecting a lost upstream connection: exponential backoff with full jitter.
     upstream_backoff_s: float = Field(default=0.2, gt=0)
     upstream_backoff_cap_s: float = Field(default=5.0, gt=0)
+    # /readyz fails once no upstream connection has been up for this long (at once before
+    # the first). Shorter blips keep the node in rotation: its workspaces stay where their
+    # caches are, and its clients' connects wait for the link.
+    upstream_grace_s: float = Field(default=5.0, ge=0)
     # Workspace caches are evicted, least recently used first, once no client of theirs is
     # connected here and the cached users of all workspaces pass this many.
     cache_max_users: int = Field(default=1_000_000, ge=0)

@@ -121,7 +121,11 @@ class Edge(Front):
             log.info("stopped")
 
     async def _problem(self) -> str | None:
-        if self.upstream.connected == 0:
+        # A blip (a chat node or the load balancer in front of the chat tier restarting)
+        # cuts every Flannel node's links at once: reporting it would move workspaces
+        # between Flannel nodes for nothing (each a cold cache, one load each), while the
+        # links come back within a second. Clients wait for the link meanwhile.
+        if self.upstream.down_for() > self.settings.upstream_grace_s:
             return "upstream unavailable"
         return None
 

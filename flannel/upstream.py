@@ -24,7 +24,9 @@ import contextlib
 import itertools
 import json
 import logging
+import math
 import random
+import time
 import zlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -145,6 +147,7 @@ class _Link:
                     try:
                         await self._restore()
                         self.up.set()
+                        self.upstream.last_down_at = None
                         await reader
                     finally:
                         reader.cancel()
@@ -162,6 +165,8 @@ class _Link:
         """The connection is gone: whatever waits on it fails, sessions and subscriptions
         are to be restored on the next one."""
         self.up.clear()
+        if self.upstream.connected == 0 and self.upstream.last_down_at is None:
+            self.upstream.last_down_at = time.monotonic()
         self.ws = None
         self._outbox.clear()
         lost = UpstreamUnavailable("the upstream connection was lost")
@@ -380,6 +385,8 @@ class Upstream:
         self._in_flight: dict[int, dict[str, _Link]] = {}
         self._internal: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._sessions: dict[int, Session] = {}
+        # When the last link went down, while none is up (monotonic); 0: never up yet.
+        self.last_down_at: float | None = 0.0
 
     # ------------------------------------------------------------------ lifetime
 
@@ -400,6 +407,14 @@ class Upstream:
     @property
     def connected(self) -> int:
         return sum(link.up.is_set() for link in self.links)
+
+    def down_for(self) -> float:
+        """Seconds since no link has been up: 0 while one is; infinite before the first."""
+        if self.last_down_at is None:
+            return 0.0
+        if self.last_down_at == 0.0:
+            return math.inf
+        return time.monotonic() - self.last_down_at
 
     async def ready(self, timeout: float) -> None:
         """Wait until every link is up (start-up)."""
@@ -452,6 +467,8 @@ class Upstream:
             session.workspace_id = attached.workspace_id
             auth = {"type": "auth", "id": "moved", "token": session.token}
             attached = await self._attach(session, auth, client_ip)
+            # The client's reply still carries the token its login (or sign-up) got.
+            attached = attached.model_copy(update={"token": session.token})
         session.workspace_id = attached.workspace_id
         session.user_id, session.session_id = attached.user_id, attached.session_id
         session.expires_at = token_claim(session.token, "exp") or 0

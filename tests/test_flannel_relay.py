@@ -24,19 +24,19 @@ pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 @contextlib.asynccontextmanager
 async def flannel(node: RunningNode, **overrides: Any) -> AsyncIterator[Edge]:
-    settings = FlannelSettings(
-        host="127.0.0.1",
-        port=0,
-        upstream=[f"ws://127.0.0.1:{node.node.port}/service"],
-        service_key=f"{SERVICE_KID}={SERVICE_SECRET}",
-        log_format="text",
-        log_level="warning",
-        shutdown_grace_s=2.0,
-        drain_period_s=0.2,
-        upstream_backoff_s=0.05,
-        upstream_backoff_cap_s=0.2,
-        **overrides,
-    )
+    defaults: dict[str, Any] = {
+        "host": "127.0.0.1",
+        "port": 0,
+        "upstream": [f"ws://127.0.0.1:{node.node.port}/service"],
+        "service_key": f"{SERVICE_KID}={SERVICE_SECRET}",
+        "log_format": "text",
+        "log_level": "warning",
+        "shutdown_grace_s": 2.0,
+        "drain_period_s": 0.2,
+        "upstream_backoff_s": 0.05,
+        "upstream_backoff_cap_s": 0.2,
+    }
+    settings = FlannelSettings(**(defaults | overrides))
     edge = Edge(settings)
     await edge.start()
     try:
@@ -202,6 +202,74 @@ async def test_readyz_follows_the_upstream(node: RunningNode) -> None:
         assert await readyz(lonely) == 503
     finally:
         await lonely.stop()
+
+
+class Gate:
+    """A TCP forwarder to the chat node that the test can shut: while shut, connections
+    are cut and new ones refused (the chat tier, or the balancer before it, restarting)."""
+
+    def __init__(self, target: int) -> None:
+        self.target = target
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._pipes: set[asyncio.StreamWriter] = set()
+
+    async def open(self) -> None:
+        self._server = await asyncio.start_server(self._forward, "127.0.0.1", self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def shut(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for writer in list(self._pipes):
+            writer.transport.abort()
+        await self._server.wait_closed()
+
+    async def _forward(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
+        except OSError:
+            writer.transport.abort()
+            return
+        self._pipes |= {writer, up_writer}
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                dst.transport.abort()
+                self._pipes.discard(dst)
+
+        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
+
+
+async def test_readyz_rides_out_an_upstream_blip(node: RunningNode) -> None:
+    gate = Gate(node.node.port)
+    await gate.open()
+    upstream = {"upstream": [f"ws://127.0.0.1:{gate.port}/service"]}
+    async with (
+        flannel(node, upstream_grace_s=3600, **upstream) as patient,
+        flannel(node, upstream_grace_s=0, **upstream) as strict,
+    ):
+        assert await readyz(patient) == 200 and await readyz(strict) == 200
+        await gate.shut()
+        await wait_until(
+            lambda: patient.upstream.connected == strict.upstream.connected == 0,
+            scaled(10),
+            "both nodes to lose their links",
+        )
+        # Within the grace the node stays in rotation: its workspaces keep their node.
+        assert await readyz(patient) == 200
+        assert await readyz(strict) == 503
+        await gate.open()  # same port
+        await patient.upstream.ready(scaled(10))
+        await strict.upstream.ready(scaled(10))
+        assert await readyz(strict) == 200
+    await gate.shut()
 
 
 async def next_of(client: Client, kind: str, timeout: float = 10.0) -> dict[str, Any]:
