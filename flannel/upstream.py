@@ -50,6 +50,10 @@ log = logging.getLogger(__name__)
 INTERNAL_ID_PREFIX = "flannel:"
 
 
+# Refusals that mean "later", not "no".
+_BUSY = frozenset({"overloaded", "unavailable"})
+
+
 class UpstreamRefused(Exception):
     """The chat tier refused an attach or a snapshot: ``code`` as in an ``error`` frame."""
 
@@ -195,6 +199,12 @@ class _Link:
                 self.sessions.pop(session.sid, None)
                 session.gone = True
                 session.on_closed(1008, result.code)
+            elif isinstance(result, UpstreamUnavailable) and self.ws is not None:
+                # This session alone could not get back in time: its client comes back
+                # later (1013), the link and its other sessions carry on.
+                self.sessions.pop(session.sid, None)
+                session.gone = True
+                session.on_closed(1013, "overloaded")
             elif isinstance(result, BaseException):
                 raise result
         for workspace_id, sub in list(self.subscriptions.items()):
@@ -204,9 +214,32 @@ class _Link:
             await self._subscribe(workspace_id, sub, after=sub.last_seq)
 
     async def _reattach(self, session: Session) -> None:
+        """Attach ``session`` again on this (new) connection. The chat node's admission
+        control may turn some of a big link's sessions away (``overloaded``): those wait
+        for the hint and try again, up to the upstream timeout, so that a chat node's loss
+        drops no client. Any other refusal ends the session (raises UpstreamRefused)."""
         auth = {"type": "auth", "id": "reattach", "token": session.token}
-        await self.call("sid", session.sid, {"type": "attach", "sid": session.sid, "request": auth})
-        await self.call("sid", session.sid, {"type": "snapshot", "sid": session.sid})
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + self.upstream.timeout_s
+        while True:
+            answer = await self.call(
+                "sid", session.sid, {"type": "attach", "sid": session.sid, "request": auth}
+            )
+            if isinstance(answer, wire.Detached) and answer.code in _BUSY:
+                wait = (answer.retry_after_ms or 100) / 1000
+                if loop.time() + wait > give_up:
+                    raise UpstreamUnavailable("the chat tier stayed overloaded")
+                await asyncio.sleep(wait * random.uniform(1, 1.5))
+                continue
+            break
+        if isinstance(answer, wire.Detached):
+            raise UpstreamRefused(answer.code, answer.message, answer.retry_after_ms)
+        taken = await self.call("sid", session.sid, {"type": "snapshot", "sid": session.sid})
+        if isinstance(taken, wire.Detached):
+            raise UpstreamRefused(taken.code, taken.message, taken.retry_after_ms)
+        assert isinstance(taken, wire.SnapshotTaken)
+        if taken.refusal is not None:
+            raise UpstreamRefused(taken.refusal, "refused on reattach")
         session.attached = True
         if session.live:
             await self.send({"type": "live", "sid": session.sid})

@@ -204,6 +204,39 @@ async def test_readyz_follows_the_upstream(node: RunningNode) -> None:
         await lonely.stop()
 
 
+async def test_sessions_turned_away_on_reattach_wait_and_come_back(node: RunningNode) -> None:
+    """A chat node's loss moves a whole link's sessions to another node at once; that
+    node's admission control turns most of them away (overloaded). They wait for the hint
+    and attach again: no client is dropped, and each is a working session upstream."""
+    handles = ["adam", "mia", "max", "gus"]
+    async with contextlib.AsyncExitStack() as stack:
+        edge = await stack.enter_async_context(flannel(node, upstream_connections=1))
+        clients = [
+            await stack.enter_async_context(Client.connect(url(edge), node.tokens[h]))
+            for h in handles
+        ]
+        admission = node.node.admission
+        saved, refused = (admission._max, admission._min_limit), admission.refused
+        admission._max = admission._min_limit = 1  # one connect in progress at a time
+        try:
+            for link in list(node.node._links):
+                link.abort()
+            await wait_until(lambda: edge.upstream.connected == 0, scaled(10), "the loss")
+            await edge.upstream.ready(scaled(30))
+        finally:
+            admission._max, admission._min_limit = saved
+        assert admission.refused > refused  # the path under test was taken
+        assert not any(c.closed.is_set() for c in clients)
+        async with node.client("olivia") as olivia:
+            await olivia.post(node.general, "after the move")
+        for client in clients:
+            got = await messages(client, 1)
+            assert got[0]["message"]["text"] == "after the move"
+            # Relayed, as this user: the session is attached upstream again.
+            history = await client.request("messages.history", channel_id=node.general)
+            assert history["messages"][0]["text"] == "after the move"
+
+
 class Gate:
     """A TCP forwarder to the chat node that the test can shut: while shut, connections
     are cut and new ones refused (the chat tier, or the balancer before it, restarting)."""
