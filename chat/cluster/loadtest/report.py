@@ -29,7 +29,12 @@ def summary_rows(r: dict[str, Any]) -> list[tuple[str, str]]:
         ("path", "Flannel" if r["flannel"] else "chat tier (no Flannel)"),
         ("clients dropped", str(r.get("dropped", "-"))),
         ("clients live again", f"{r.get('live_again')} / {r['clients']}"),
-        ("time until all live", f"{r.get('time_to_live_s')} s"),
+        (
+            "time until all live",
+            f"{r.get('time_to_live_s')} s"
+            if r.get("dropped") != 0
+            else f"none dropped (links back in {r.get('back_at_edge_s')} s)",
+        ),
         ("live p50 / p99", f"{r.get('live_p50_s')} / {r.get('live_p99_s')} s"),
         ("peak connect rate", f"{r.get('peak_connects_per_s', 0):.0f} /s"),
         (

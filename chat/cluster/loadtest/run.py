@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,9 @@ from chat.cluster.loadtest.wsblast import (
     merge_rounds,
     pct,
 )
+from chat.cluster.processes import parse_metric
 from chat.cluster.topology import CHAT_PATH, Topology
+from flannel.config import FlannelSettings
 
 
 @dataclass
@@ -81,6 +84,10 @@ class Run:
         self.phase_deadline: float | None = None
         self.result: dict[str, Any] = {}
         self._stop_sampling = asyncio.Event()
+        # One thread per wsblast process for its blocking report waits.
+        self._waits = ThreadPoolExecutor(
+            max(1, opts.procs, opts.workspaces), thread_name_prefix="wsblast"
+        )
 
     # -- where the clients go ---------------------------------------------------------------
 
@@ -138,10 +145,18 @@ class Run:
         for b in self.blasts:
             b.expect("WAITING", 60)
 
-    async def collect_round(self, timeout: float) -> dict[str, Any]:
-        reports = await asyncio.gather(
-            *(asyncio.to_thread(b.expect_json, "STORM", timeout) for b in self.blasts)
+    async def _expect(self, blast: Blast, tag: str, timeout: float) -> dict[str, Any]:
+        """Wait for a report line of one wsblast process, on a thread of its own: these
+        waits block for the whole storm, and in the loop's default executor (a few threads)
+        they starved the sampler and the storm's end detection."""
+        loop = asyncio.get_running_loop()
+        result: dict[str, Any] = await loop.run_in_executor(
+            self._waits, blast.expect_json, tag, timeout
         )
+        return result
+
+    async def collect_round(self, timeout: float) -> dict[str, Any]:
+        reports = await asyncio.gather(*(self._expect(b, "STORM", timeout) for b in self.blasts))
         return merge_rounds(list(reports))
 
     async def sample(self) -> None:
@@ -170,10 +185,15 @@ class Run:
         """Seconds from the cut until the servers left hold ``live0`` connections again
         (or the round ended, or --storm-max), plus 1 s for the resumes to finish."""
         deadline = t_cut + self.o.storm_max_s
+        # Through Flannel, a chat node's kill drops no client: Flannel reattaches its
+        # sessions to the other chat node. What ends the storm there is every Flannel
+        # node's upstream links being up again.
+        behind_flannel = self.o.cut == "chat" and self.o.flannel
         while not round_end.done() and time.monotonic() < deadline:
-            if (
-                time.monotonic() > t_cut + 0.2
-                and await asyncio.to_thread(self.on_servers, killed) >= live0
+            if time.monotonic() > t_cut + 0.2 and (
+                await asyncio.to_thread(self.flannel_links_up)
+                if behind_flannel
+                else await asyncio.to_thread(self.on_servers, killed) >= live0
             ):
                 break
             await asyncio.sleep(0.1)
@@ -182,6 +202,13 @@ class Run:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(round_end), 1.0)
         return round(back, 3)
+
+    def flannel_links_up(self) -> bool:
+        want = FlannelSettings.model_fields["upstream_connections"].default
+        return all(
+            parse_metric(node.metrics(), "flannel_upstream_connections") >= want
+            for node in self.cluster.flannels.values()
+        )
 
     def busiest(self, backend: str) -> str:
         stats = haproxy_stats(self.cluster)
@@ -218,6 +245,7 @@ class Run:
             return await self._run()
         finally:
             await self.cluster.close()  # idempotent
+            self._waits.shutdown(wait=False, cancel_futures=True)
 
     async def _run(self) -> dict[str, Any]:
         o = self.o
@@ -314,7 +342,12 @@ class Run:
                 storm = await round_end
                 self.timeline.mark("all live" if storm["live"] >= o.clients else "gave up")
                 r["storm"] = _strip(storm)
-                r["storm_window_s"] = [t_cut, t_cut + (storm["last_ready_ms"] or 0) / 1000]
+                end = (
+                    storm["last_ready_ms"] / 1000
+                    if storm["last_ready_ms"] is not None
+                    else r["back_at_edge_s"]  # none dropped: until the links were back
+                )
+                r["storm_window_s"] = [t_cut, t_cut + end]
                 measured = storm
             # 4. more posting, then the check
             self.phase = "posting"
@@ -337,9 +370,7 @@ class Run:
                 mine = [b for b in self.blasts if b.workspace == ws.workspace_id]
                 for b in mine:
                     b.send(f"COUNTS {expected}")
-                got = await asyncio.gather(
-                    *(asyncio.to_thread(b.expect_json, "COUNTS", 30) for b in mine)
-                )
+                got = await asyncio.gather(*(self._expect(b, "COUNTS", 30) for b in mine))
                 counts.append(merge_counts(list(got)) | {"expected": expected})
             r["delivery"] = {
                 "per_workspace": counts,
