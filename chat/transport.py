@@ -14,8 +14,9 @@ one of them moves:
   handshake that never reached the handler (admission control counts those);
 - ``serve(create_connection=...)``: the server builds our subclass;
 - ``Protocol.max_message_size``: read per frame, so one connection's limit can differ;
-- ``Connection.protocol.send_binary`` and ``.data_to_send``: several frames framed (and, by a
-  client, masked) by websockets, then written in one system call (:func:`write_binary_frames`).
+- ``Connection.protocol.send_binary``/``send_text`` and ``.data_to_send``: several frames
+  framed (and, by a client, masked) by websockets, then written in one system call
+  (:func:`write_frames`).
 
 It also reads one kernel fact, Linux's ``TCP_INFO.tcpi_last_data_recv`` (:func:`waited_s`).
 """
@@ -81,14 +82,18 @@ def set_max_message_size(ws: ServerConnection, size: int) -> None:
     ws.protocol.max_message_size = size
 
 
-def write_binary_frames(ws: Connection_, payloads: list[bytes]) -> None:
-    """Send several binary messages in one write, framed (and masked, by a client) by
-    websockets: a peer reads a burst as one burst (a chat node then commits it as one
-    batch), where one write each lets it wake and read them one or two at a time. Raises
-    websockets' ``InvalidState`` when the connection is not open."""
+def write_frames(ws: Connection_, payloads: list[bytes | str]) -> None:
+    """Send several messages in one write (bytes: binary, str: text), framed (and masked,
+    by a client) by websockets: a peer reads a burst as one burst (a chat node then commits
+    it as one batch), where one write each lets it wake and read them one or two at a time,
+    and costs a system call each. Raises websockets' ``InvalidState`` when the connection
+    is not open."""
     protocol = ws.protocol
     for payload in payloads:
-        protocol.send_binary(payload)
+        if isinstance(payload, str):
+            protocol.send_text(payload.encode())
+        else:
+            protocol.send_binary(payload)
     ws.transport.write(b"".join(protocol.data_to_send()))
 
 

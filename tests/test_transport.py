@@ -12,7 +12,7 @@ from websockets.asyncio.client import connect
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.protocol import State
 
-from chat.transport import Connection, FrameWriter, text_frame, waited_s, write_binary_frames
+from chat.transport import Connection, FrameWriter, text_frame, waited_s, write_frames
 from tests.timing import scaled
 
 
@@ -82,16 +82,15 @@ def test_waited_is_zero_without_a_socket() -> None:
 
 
 async def test_several_client_frames_in_one_write_arrive_as_separate_messages() -> None:
-    """write_binary_frames: websockets frames (and masks) each payload, the bytes leave in
-    one write, and the server reads each as its own binary message, in order."""
-    received: list[bytes] = []
+    """write_frames: websockets frames (and masks) each payload, the bytes leave in
+    one write, and the server reads each as its own message (binary or text), in order."""
+    received: list[bytes | str] = []
     done = asyncio.Event()
 
     async def handler(ws: ServerConnection) -> None:
         async for message in ws:
-            assert isinstance(message, bytes)
             received.append(message)
-            if len(received) == 3:
+            if len(received) == 4:
                 done.set()
 
     async with serve(handler, "127.0.0.1", 0) as server:
@@ -100,8 +99,8 @@ async def test_several_client_frames_in_one_write_arrive_as_separate_messages() 
             writes: list[bytes] = []
             write = ws.transport.write
             ws.transport.write = lambda data: (writes.append(data), write(data))[1]  # type: ignore[method-assign]
-            payloads = [b"R\x00\x00\x00\x01{}", b"", b"x" * 70_000]
-            write_binary_frames(ws, payloads)
+            payloads: list[bytes | str] = [b"R\x00\x00\x00\x01{}", b"", "{}", b"x" * 70_000]
+            write_frames(ws, payloads)
             await asyncio.wait_for(done.wait(), scaled(5))
-            assert len(writes) == 1  # one system call for the three
+            assert len(writes) == 1  # one system call for the four
     assert received == payloads
