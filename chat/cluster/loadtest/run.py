@@ -53,8 +53,10 @@ class Timeline:
     rows: list[tuple[float, int]] = field(default_factory=list)  # (s, live)
     events: list[tuple[float, str]] = field(default_factory=list)
 
-    def mark(self, what: str) -> None:
-        self.events.append((time.monotonic() - self.t0, what))
+    def mark(self, what: str, at: float | None = None) -> None:
+        """Note ``what`` now, or at monotonic time ``at``."""
+        self.events.append(((time.monotonic() if at is None else at) - self.t0, what))
+        self.events.sort()
 
 
 class Run:
@@ -180,10 +182,16 @@ class Run:
         )
 
     async def back_at_edge(
-        self, live0: int, killed: str | None, t_cut: float, round_end: asyncio.Task[Any]
+        self,
+        live0: int,
+        sessions0: int,
+        killed: str | None,
+        t_cut: float,
+        round_end: asyncio.Task[Any],
     ) -> float:
         """Seconds from the cut until the servers left hold ``live0`` connections again
-        (or the round ended, or --storm-max), plus 1 s for the resumes to finish."""
+        (or the round ended, or --storm-max); returns once they serve ``sessions0`` live
+        sessions again."""
         deadline = t_cut + self.o.storm_max_s
         # Through Flannel, a chat node's kill drops no client: Flannel reattaches its
         # sessions to the other chat node. What ends the storm there is every Flannel
@@ -199,9 +207,24 @@ class Run:
             await asyncio.sleep(0.1)
         back = time.monotonic() - t_cut
         self.timeline.mark("back at the edge")
+        # Connected is not resumed: wait until the nodes serve as many sessions as before
+        # the cut (a wsblast process none of whose clients dropped reports only at the end).
+        while not round_end.done() and time.monotonic() < deadline:
+            if await asyncio.to_thread(self.serving_sessions) >= sessions0:
+                break
+            await asyncio.sleep(0.1)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(round_end), 1.0)
+            await asyncio.wait_for(asyncio.shield(round_end), 0.5)
         return round(back, 3)
+
+    def serving_sessions(self) -> int:
+        """Live sessions on the running nodes of the tier the clients connect to."""
+        nodes = self.cluster.flannels if self.o.flannel else self.cluster.chats
+        return sum(
+            int(parse_metric(node.metrics(), "chat_sessions"))
+            for node in nodes.values()
+            if node.running
+        )
 
     def flannel_links_up(self) -> bool:
         want = FlannelSettings.model_fields["upstream_connections"].default
@@ -325,6 +348,7 @@ class Run:
                 loads0, pg0 = flannel_loads(self.cluster), await pg_work(self.cluster)
                 await pg_reset(self.cluster)
                 live0 = await asyncio.to_thread(self.on_servers, None)
+                sessions0 = await asyncio.to_thread(self.serving_sessions)
                 old = set(await asyncio.to_thread(edge_sockets, self.plain_port))
                 t_cut = time.monotonic()
                 self.timeline.mark(f"cut {o.cut}")
@@ -337,10 +361,16 @@ class Run:
                 # --storm-max: the costs are read once HAProxy holds as many connections
                 # as before the cut (and 1 s more for the resumes), not then.
                 killed = r["cut_detail"].get("killed") if o.cut != "chat" or not o.flannel else None
-                r["back_at_edge_s"] = await self.back_at_edge(live0, killed, t_cut, round_end)
+                r["back_at_edge_s"] = await self.back_at_edge(
+                    live0, sessions0, killed, t_cut, round_end
+                )
                 await self.measure_cost(r, "storm", loads0, pg0, statements, t_cut, old)
                 storm = await round_end
-                self.timeline.mark("all live" if storm["live"] >= o.clients else "gave up")
+                if storm["live"] < o.clients:
+                    self.timeline.mark("gave up")
+                elif storm["last_ready_ms"] is not None:
+                    # Processes none of whose clients dropped report only at --storm-max.
+                    self.timeline.mark("all live", at=t_cut + storm["last_ready_ms"] / 1000)
                 r["storm"] = _strip(storm)
                 end = (
                     storm["last_ready_ms"] / 1000
