@@ -72,7 +72,10 @@ def content_type(path: str) -> str:
 def resolve(root: Path, url_path: str) -> Path | None:
     """The file under ``root`` that ``url_path`` (a request target: path and query) names,
     or None: not a file, or not allowed (traversal, hidden, outside the root)."""
-    path = unquote(url_path.split("?", 1)[0].split("#", 1)[0], errors="strict")
+    try:
+        path = unquote(url_path.split("?", 1)[0].split("#", 1)[0], errors="strict")
+    except UnicodeDecodeError:  # not UTF-8 once decoded: no file of ours has such a name
+        return None
     if not path.startswith("/") or "\\" in path or "\x00" in path:
         return None
     parts = [p for p in path.split("/") if p]

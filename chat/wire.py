@@ -1034,8 +1034,9 @@ REPLIES: dict[str, type[Data]] = {
 
 class Hello(Frame):
     """First server frame on every connection, before ``auth``. ``setup_required``: this
-    chat node's database has no workspace yet, and the first person to connect may create
-    one with ``setup`` (never true through an edge node)."""
+    chat node's database had no workspace when it started (or when it last looked), and the
+    first person to connect may create one with ``setup``, which answers ``forbidden`` if
+    someone was faster. Never true through an edge node."""
 
     type: Literal["hello"] = "hello"
     server_version: str
@@ -1580,10 +1581,12 @@ class Attached(ServiceFrame):
 
 class Detached(ServiceFrame):
     """An ``attach`` or ``snapshot`` refused. ``code`` is an ``error`` frame's code
-    (``invalid_auth``, ``token_expired``, ``rate_limited``, ``unavailable``; for a ``snapshot``
-    of a session that is not attached, ``not_authenticated``), which the edge answers its
-    client's ``auth`` with; or ``overloaded``: the chat node's admission control refused the
-    attach, and the edge sends its client a ``goodbye`` with ``retry_after_ms`` and 1013."""
+    (``invalid_auth``, ``token_expired``, ``rate_limited``, ``unavailable``; for a ``signup``
+    or ``setup``, also ``invalid_invite``, ``name_taken``, ``invalid_argument``,
+    ``forbidden``; for a ``snapshot`` of a session that is not attached,
+    ``not_authenticated``), which the edge answers its client's first frame with; or
+    ``overloaded``: the chat node's admission control refused the attach, and the edge sends
+    its client a ``goodbye`` with ``retry_after_ms`` and 1013."""
 
     type: Literal["detached"] = "detached"
     sid: int
