@@ -66,7 +66,7 @@ function toast(text) {
 function showScreen(which) {
   document.getElementById("auth-screen").hidden = which === "app";
   document.getElementById("app").hidden = which !== "app";
-  document.body.dataset.screen = which;
+  document.body.dataset.screen = which === "app" ? "app" : "auth";
   for (const id of ["login-form", "setup-form", "signup-form"]) document.getElementById(id).hidden = id !== `${which}-form`;
   const form = document.getElementById(`${which}-form`);
   if (form) {
