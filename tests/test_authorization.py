@@ -170,6 +170,20 @@ async def revoke_owner(node: RunningNode, c: Client, actor: str) -> str:
     return await attempt(c, "sessions.revoke", user_id=node.users[OWNER], all=True)
 
 
+async def create_invite(node: RunningNode, c: Client, actor: str) -> str:
+    return await attempt(c, "invites.create", role="guest")
+
+
+async def list_invites(node: RunningNode, c: Client, actor: str) -> str:
+    return await attempt(c, "invites.list")
+
+
+async def revoke_invite(node: RunningNode, c: Client, actor: str) -> str:
+    async with node.client(OWNER) as owner:
+        invite = (await owner.request("invites.create"))["invite"]
+    return await attempt(c, "invites.revoke", invite_id=invite["id"])
+
+
 F, CNF, NIC, MNF = "forbidden", "channel_not_found", "not_in_channel", "message_not_found"
 
 # operation -> outcome per actor, in the order of ACTORS: owner, admin, member, guest, outsider.
@@ -197,6 +211,9 @@ TABLE: dict[Op, tuple[str, ...]] = {
     demote_owner: (F, F, F, F, F),  # the owner herself included: nobody sets their own role
     deactivate_member: ("ok", "ok", F, F, F),
     revoke_others: ("ok", "ok", F, F, F),
+    create_invite: ("ok", "ok", F, F, F),
+    list_invites: ("ok", "ok", F, F, F),
+    revoke_invite: ("ok", "ok", F, F, F),
 }
 
 ROWS = [

@@ -172,23 +172,13 @@ async def test_setup_on_a_server_with_a_workspace(node: RunningNode) -> None:
 # --------------------------------------------------------------------------- invites
 
 
-@pytest.mark.parametrize(
-    ("who", "allowed"),
-    [("olivia", True), ("adam", True), ("mia", False), ("gus", False)],
-)
-async def test_invite_permissions(node: RunningNode, who: str, allowed: bool) -> None:
+# Who may create, list and revoke invites: tests/test_authorization.py's table.
+
+
+@pytest.mark.parametrize("who", ["olivia", "adam"])
+async def test_invites_create_list_revoke(node: RunningNode, who: str) -> None:
     async with node.client(who) as client, node.client("olivia") as owner:
         theirs = (await owner.request("invites.create"))["invite"]
-        if not allowed:
-            for type_, fields in [
-                ("invites.create", {}),
-                ("invites.list", {}),
-                ("invites.revoke", {"invite_id": theirs["id"]}),
-            ]:
-                with pytest.raises(RequestError) as info:
-                    await client.request(type_, **fields)
-                assert info.value.code == "forbidden", (type_, info.value)
-            return
         created = (await client.request("invites.create", role="guest", max_uses=3))["invite"]
         assert len(created["code"]) >= 32 and created["prefix"] == created["code"][:6]
         assert created["role"] == "guest" and created["max_uses"] == 3 and created["uses"] == 0
