@@ -22,7 +22,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -207,6 +207,11 @@ class Presence:
     def status(self, workspace_id: int, user_id: int) -> Status:
         key = (workspace_id, user_id)
         return "active" if self._connections[key] > 0 and key not in self._away else "away"
+
+    def snapshot(self, workspace_id: int, user_ids: Iterable[int]) -> wire.PresenceSnapshot:
+        """Which of ``user_ids`` are active now (``presence.subscribe``'s reply)."""
+        active = self.active_users(workspace_id)
+        return wire.PresenceSnapshot(active=sorted({u for u in user_ids if u in active}))
 
     def active_users(self, workspace_id: int) -> set[int]:
         """Active users of the workspace: on any node when clustered."""

@@ -326,8 +326,11 @@ class ServiceLink(FrameWriter):
         verdict = protocol.receive(frame, asyncio.get_running_loop().time())
         if isinstance(verdict, Dispatch):
             if isinstance(verdict.request, wire.PresenceSubscribe):
-                # The edge holds its clients' presence watches (see _NoDelivery).
-                self._reply(sid, protocol.reply(verdict.request.id, wire.Empty()))
+                # The edge holds its clients' presence watches (see _NoDelivery); this
+                # node answers who is active now.
+                presence = self._node.services.presence
+                snapshot = presence.snapshot(session.caller.workspace_id, verdict.request.user_ids)
+                self._reply(sid, protocol.reply(verdict.request.id, snapshot))
                 return
             await self._slots.acquire()
             self._spawn(self._request(session, verdict.request))

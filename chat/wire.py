@@ -546,7 +546,9 @@ class Typing(Request):
 
 
 class PresenceSubscribe(Request):
-    """Replace the set of users whose presence changes this connection receives."""
+    """Replace the set of users whose presence changes this connection receives. The reply
+    names those of them active now (the others are away); changes follow as ``presence``
+    events."""
 
     type: Literal["presence.subscribe"]
     user_ids: Annotated[list[Id], Field(max_length=500)]
@@ -945,6 +947,13 @@ class ChannelList(Data):
     channels: list[Channel]
 
 
+class PresenceSnapshot(Data):
+    """The watched users that are active now, by id; every other one is away."""
+
+    active: list[int]
+    examples = [{"active": [2]}]
+
+
 class Invite(Obj):
     """An invite to the workspace. ``code`` is shown once, in the reply to
     ``invites.create`` (null in lists); ``prefix`` is its first characters, to tell invites
@@ -1018,7 +1027,7 @@ REPLIES: dict[str, type[Data]] = {
     "reads.mark": ReadMarker,
     "reads.counts": Counts,
     "typing": Empty,
-    "presence.subscribe": Empty,
+    "presence.subscribe": PresenceSnapshot,
     "presence.set": Empty,
     "bootstrap": BootstrapData,
     "users.autocomplete": Users,

@@ -293,10 +293,9 @@ class Edge(Front):
             return
         if isinstance(request, wire.PresenceSubscribe):
             # Presence events reach this node for the whole workspace: who watches whom is
-            # kept here, by the hub.
+            # kept here, by the hub; who is active now, the chat tier says.
             self.hub.watch_presence(peer.workspace_id, peer, request.user_ids)
-            peer.requests.release()
-            self._reply(peer, protocol.reply(request.id, wire.Empty()))
+            self.spawn(self._respond(peer, protocol, request, self._presence(peer, request)))
             return
         answer = _LOCAL.get(type(request))
         if answer is not None:
@@ -325,6 +324,22 @@ class Edge(Front):
         cache = await self.cache(peer.workspace_id)
         data: wire.Data = await answer(self, peer, cache, request)
         return data
+
+    async def _presence(self, peer: Peer, request: wire.PresenceSubscribe) -> wire.PresenceSnapshot:
+        """Who of the watched users is active now; with the chat tier out of reach, nobody
+        (the watch is in place: changes still arrive as events)."""
+        session = self._sessions.get(peer)
+        if session is None:
+            return wire.PresenceSnapshot(active=[])
+        try:
+            frame = await self.upstream.request(
+                session, {"type": "presence.subscribe", "user_ids": request.user_ids}
+            )
+        except UpstreamUnavailable:
+            return wire.PresenceSnapshot(active=[])
+        if frame.get("type") != "reply":
+            return wire.PresenceSnapshot(active=[])
+        return wire.PresenceSnapshot.model_validate(frame["data"])
 
     def _relayed(self, peer: Peer, frame: bytes) -> None:
         """A reply or error from the chat tier to one of this client's requests."""

@@ -319,10 +319,14 @@ async def test_presence_watches_are_kept_at_the_edge(node: RunningNode) -> None:
     mia_id = node.users["mia"]
     async with flannel(node) as edge:
         async with Client.connect(url(edge), node.tokens["olivia"]) as olivia:
-            assert await olivia.request("presence.subscribe", user_ids=[mia_id]) == {}
+            assert await olivia.request("presence.subscribe", user_ids=[mia_id]) == {"active": []}
             async with Client.connect(url(edge), node.tokens["mia"]) as mia:
                 event = await next_of(olivia, "presence")
                 assert (event["user_id"], event["status"]) == (mia_id, "active")
+                # Who is active now comes from the chat tier.
+                watched = [mia_id, node.users["max"]]
+                snapshot = await olivia.request("presence.subscribe", user_ids=watched)
+                assert snapshot == {"active": [mia_id]}
                 await mia.request("presence.set", status="away")
                 assert (await next_of(olivia, "presence"))["status"] == "away"
                 await mia.request("presence.set", status="auto")

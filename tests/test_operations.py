@@ -1254,7 +1254,7 @@ async def test_typing_is_relayed_to_other_members_once_per_interval(node: Runnin
 async def test_presence_subscriber_sees_connect_away_and_disconnect(node: RunningNode) -> None:
     mia_id = node.users["mia"]
     async with node.clients("olivia", "max") as (olivia, max_):
-        assert await olivia.request("presence.subscribe", user_ids=[mia_id]) == {}
+        assert await olivia.request("presence.subscribe", user_ids=[mia_id]) == {"active": []}
 
         async def presence() -> Event:
             event = await olivia.next_event("presence", timeout=WAIT)
@@ -1267,6 +1267,11 @@ async def test_presence_subscriber_sees_connect_away_and_disconnect(node: Runnin
 
         async with node.client("mia") as mia:
             assert (await presence())["status"] == "active"
+            # The reply says who is active now (olivia is; max is not watched).
+            watched = [mia_id, node.users["olivia"], 10**9]
+            snapshot = await olivia.request("presence.subscribe", user_ids=watched)
+            assert snapshot == {"active": sorted([mia_id, node.users["olivia"]])}
+            await olivia.request("presence.subscribe", user_ids=[mia_id])
             await mia.request("presence.set", status="away")
             assert (await presence())["status"] == "away"
             await mia.request("presence.set", status="auto")

@@ -20,11 +20,14 @@ async def typing(s: Services, c: Caller, req: wire.Typing) -> wire.Empty:
     return wire.Empty()
 
 
-async def presence_subscribe(s: Services, c: Caller, req: wire.PresenceSubscribe) -> wire.Empty:
+async def presence_subscribe(
+    s: Services, c: Caller, req: wire.PresenceSubscribe
+) -> wire.PresenceSnapshot:
     # Presence of anyone in the workspace is visible to its members (as in Slack); the hub
-    # only delivers presence of this workspace's users, so foreign ids see nothing.
+    # only delivers presence of this workspace's users, so foreign ids see nothing (and
+    # are never active in the snapshot, which is per workspace).
     s.hub.watch_presence(c.workspace_id, c.peer, req.user_ids)
-    return wire.Empty()
+    return s.presence.snapshot(c.workspace_id, req.user_ids)
 
 
 async def presence_set(s: Services, c: Caller, req: wire.PresenceSet) -> wire.Empty:
