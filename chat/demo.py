@@ -96,7 +96,7 @@ async def converse(url: str, tokens: dict[str, str]) -> None:
         }
         general, random, eng = channels["general"], channels["random"], channels["engineering"]
         design = channels["design-review"]
-        await c["ada"].post(general, "Welcome to the demo workspace, everyone! :wave:")
+        await c["ada"].post(general, "Welcome to the demo workspace, everyone!")
         await c["grace"].post(general, "Morning! Coffee is on me today.")
         hello = await c["alan"].post(general, "Has anyone seen the new build? @linus")
         await c["linus"].post(general, "It compiles. Ship it.")
@@ -122,6 +122,9 @@ async def converse(url: str, tokens: dict[str, str]) -> None:
         dm_id = dm["channel"]["id"]
         await c["ada"].post(dm_id, "Grace, can you take the 3pm review if I run late?")
         await c["grace"].post(dm_id, "Sure thing.")
+        await c["grace"].post(dm_id, "Also: the release notes look good, two small comments.")
+        await c["alan"].post(general, "Lunch at noon? The usual place.")
+        await c["grace"].post(general, "Count me in.")
 
 
 def _user_id(client: Client) -> int:
