@@ -826,7 +826,7 @@ export class ChatApp {
 
   failIfPending(cmid) {
     const p = this.pending.get(cmid);
-    if (p && p.status === "pending") this.setPendingStatus(p, "failed", p.error || "no answer from the server");
+    if (p && p.status === "pending") this.setPendingStatus(p, "failed", p.error || (this.conn && this.conn.live ? "no answer from the server" : "not connected to the server"));
   }
 
   setPendingStatus(p, status, error = null) {
@@ -892,8 +892,10 @@ export class ChatApp {
 
   sendTyping(threadRootId) {
     const now = Date.now();
-    if (now - this.lastTypingSent < TYPING_SEND_MS || !this.current || !this.channels.has(this.current)) return;
+    const key = `${this.current}:${threadRootId || 0}`;
+    if ((key === this.lastTypingKey && now - this.lastTypingSent < TYPING_SEND_MS) || !this.current || !this.channels.has(this.current)) return;
     this.lastTypingSent = now;
+    this.lastTypingKey = key;
     const fields = { channel_id: this.current };
     if (threadRootId) fields.thread_root_id = threadRootId;
     this.request("typing", fields).catch(() => {});
