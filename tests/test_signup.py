@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,7 +15,7 @@ import pytest_asyncio
 from chat.client import Client, RequestError
 from chat.errors import CloseCode
 from chat.server import Node
-from tests.harness import RunningNode, settings_for
+from tests.harness import RunningNode, running_node, settings_for
 from tests.pg import unique_database_name
 from tests.test_flannel_relay import flannel
 from tests.test_flannel_relay import url as edge_url
@@ -277,6 +278,20 @@ async def test_concurrent_signups_never_exceed_max_uses(node: RunningNode) -> No
     won = [r for r in results if isinstance(r, dict)]
     assert len(won) == 2, results
     assert {r.code for r in results if isinstance(r, RequestError)} == {"invalid_invite"}
+
+
+async def test_signup_is_limited_like_login(tmp_path: Path) -> None:
+    """Failed sign-ups count against the address's login attempts: invite codes cannot be
+    tried fast (and each costs no hashing while unknown)."""
+    async with running_node(sqlite_path=str(tmp_path / "l.db"), login_attempts_per_ip=3) as node:
+        for i in range(3):
+            await refused("invalid_invite", node.url, "signup", **signup_fields(f"guess-{i}"))
+        async with opened(node.url) as client:
+            frame = await client.request_frame("signup", **signup_fields("guess-3"))
+            assert frame["code"] == "rate_limited" and frame["retry_after_ms"] > 0
+            async with asyncio.timeout(scaled(5)):
+                await client.closed.wait()
+            assert client.ws.close_code == CloseCode.TRY_AGAIN_LATER
 
 
 async def test_wrong_password_keeps_invalid_auth(node: RunningNode) -> None:

@@ -240,3 +240,9 @@ async def test_flannel_serves_the_files_too(site: RunningNode, root: Path) -> No
         own = f"http://127.0.0.1:{edge.port}"
         async with Client.connect(f"ws://127.0.0.1:{edge.port}/", site.tokens["max"], origin=own):
             pass
+
+
+def test_the_image_carries_the_web_client() -> None:
+    dockerfile = (Path(__file__).resolve().parents[1] / "Dockerfile").read_text()
+    assert "COPY web ./web" in dockerfile
+    assert "CHAT_WEB_ROOT=/app/web" in dockerfile and "FLANNEL_WEB_ROOT=/app/web" in dockerfile
