@@ -542,10 +542,13 @@ export class ChatApp {
     for (const node of [el, el.nextElementSibling]) {
       if (!node || !node.classList.contains("message")) continue;
       const prev = node.previousElementSibling;
-      const same = prev && prev.classList.contains("message") && prev.dataset.userId === node.dataset.userId
-        && Number(node.dataset.time) - Number(prev.dataset.time) < GROUP_GAP_MS
-        && formatDay(Number(node.dataset.time)) === formatDay(Number(prev.dataset.time));
+      const day = formatDay(Number(node.dataset.time));
+      const newDay = !prev || !prev.classList.contains("message") || formatDay(Number(prev.dataset.time)) !== day;
+      const same = !newDay && prev.dataset.userId === node.dataset.userId
+        && Number(node.dataset.time) - Number(prev.dataset.time) < GROUP_GAP_MS;
       node.classList.toggle("cont", !!same);
+      node.classList.toggle("day-start", newDay && !node.classList.contains("root"));
+      node.dataset.day = day;
     }
   }
 
