@@ -328,7 +328,15 @@ export class ChatApp {
     const ids = new Set();
     for (const c of this.channels.values()) if (isDm(c)) for (const id of c.dm_user_ids) ids.add(id);
     if (this.me) ids.delete(this.me.id);
-    this.request("presence.subscribe", { user_ids: Array.from(ids).slice(0, 500) }).catch(() => {});
+    const watched = Array.from(ids).slice(0, 500);
+    this.request("presence.subscribe", { user_ids: watched })
+      .then((data) => {
+        // The reply names the watched users active right now (the others are away).
+        if (!data || !Array.isArray(data.active)) return;
+        const active = new Set(data.active);
+        for (const id of watched) this.onPresence({ user_id: id, status: active.has(id) ? "active" : "away" });
+      })
+      .catch(() => {});
   }
 
   // ------------------------------------------------------------------ channel view
