@@ -1,5 +1,5 @@
 // The chat screen: state (channels, users, messages), events, rendering.
-import { h, byTestId, clear, richText, formatTime, formatDay, uuid, emojiGlyph, PICKER } from "./dom.js";
+import { h, byTestId, clear, richText, formatTime, formatDay, uuid, emojiGlyph, icon, PICKER } from "./dom.js";
 import { Composer } from "./composer.js";
 import { RequestError } from "./conn.js";
 import * as dialogs from "./dialogs.js";
@@ -282,15 +282,15 @@ export class ChatApp {
         this.openChannel(ch.id);
       },
     };
-    let icon;
+    let mark;
     if (dm) {
       const other = ch.dm_user_ids.find((id) => !this.me || id !== this.me.id) || (this.me && this.me.id);
       const status = ch.kind === "dm" ? this.presence.get(other) || (other === this.me.id ? "active" : "away") : null;
-      icon = status
+      mark = status
         ? h("span", { class: "presence-dot", testid: "presence-dot", dataset: { presence: status, presenceUser: other } })
         : h("span", { class: "ch-icon", text: String(ch.dm_user_ids.length) });
     } else {
-      icon = h("span", { class: "ch-icon", text: ch.kind === "private" ? "🔒" : "#" });
+      mark = ch.kind === "private" ? h("span", { class: "ch-icon" }, icon("lock")) : h("span", { class: "ch-icon", text: "#" });
     }
     return h(
       "li",
@@ -298,7 +298,7 @@ export class ChatApp {
       h(
         "button",
         { type: "button", class: "channel-link" },
-        icon,
+        mark,
         h("span", { class: "ch-name", text: label }),
         ch.mentions > 0 ? h("span", { class: "badge mention", testid: "mention-badge", text: String(ch.mentions) }) : null,
         ch.unread > 0 && ch.mentions === 0 ? h("span", { class: "badge unread", testid: "unread-badge", text: String(ch.unread) }) : null,
@@ -403,7 +403,8 @@ export class ChatApp {
     const title = byTestId("channel-title");
     const topic = document.getElementById("channel-topic");
     const member = ch && this.channels.has(ch.id);
-    title.textContent = ch ? (isDm(ch) ? this.channelLabel(ch) : `${ch.kind === "private" ? "🔒 " : "#"}${ch.name}`) : "";
+    title.textContent = ch ? (isDm(ch) ? this.channelLabel(ch) : `${ch.kind === "private" ? "" : "#"}${ch.name}`) : "";
+    if (ch && ch.kind === "private") title.prepend(icon("lock", "svg-icon title-icon"));
     topic.textContent = ch ? (ch.archived ? "Archived: read only. " : "") + (ch.topic || "") : "";
     byTestId("message-pane").dataset.channelId = ch ? ch.id : "";
     const channelish = ch && !isDm(ch);

@@ -1,5 +1,5 @@
 // Dialogs: create a channel, browse channels, start a DM, add people, invite links.
-import { h, clear } from "./dom.js";
+import { h, clear, icon } from "./dom.js";
 
 let closeCurrent = null;
 
@@ -124,7 +124,7 @@ export async function browseChannels(app) {
                 app.openChannel(c.id);
               },
             },
-            h("span", { class: "browse-name", text: `${c.kind === "private" ? "🔒 " : "#"}${c.name}` }),
+            h("span", { class: "browse-name" }, c.kind === "private" ? icon("lock") : "#", c.name),
             h("span", { class: "muted", text: `${c.member_count} member${c.member_count === 1 ? "" : "s"}${c.archived ? " · archived" : ""}${c.topic ? " · " + c.topic : ""}` }),
           ),
           member
