@@ -62,6 +62,7 @@ export class ChatApp {
     this.threadComposer = new Composer(document.getElementById("thread-composer"), {
       onSend: (text) => (this.thread ? this.send(text, this.thread.root.id) : false),
       onTyping: () => this.thread && this.sendTyping(this.thread.root.id),
+      testid: "thread-autocomplete",
       channelId: () => this.current,
       request: (t, f) => this.request(t, f),
     });
@@ -381,7 +382,14 @@ export class ChatApp {
     }
     this.renderTyping();
     this.scheduleMark();
-    if (changed && window.matchMedia("(min-width: 701px)").matches) document.getElementById("composer").focus();
+    if (changed && this.mayFocus()) document.getElementById("composer").focus();
+  }
+
+  /** Move the focus to a composer only on a wide screen, and not out of a dialog or a field. */
+  mayFocus() {
+    const active = document.activeElement;
+    const busy = active && active !== document.body && active.matches("input, textarea, select");
+    return window.matchMedia("(min-width: 701px)").matches && document.getElementById("dialog-layer").hidden && !busy;
   }
 
   async fetchViewInfo(cid) {
@@ -986,7 +994,7 @@ export class ChatApp {
       if (err.code === "message_not_found") this.toast("That thread is gone.");
     }
     this.threadScrollBottom();
-    if (window.matchMedia("(min-width: 701px)").matches) document.getElementById("thread-composer").focus();
+    if (this.mayFocus()) document.getElementById("thread-composer").focus();
   }
 
   renderThreadRoot() {

@@ -17,11 +17,15 @@ export class Composer {
     this.trigger = null; // {sigil, query, start}
     this.seq = 0;
     this.timer = null;
-    this.list = h("ul", { class: "autocomplete", testid: "autocomplete", role: "listbox", hidden: true });
+    this.list = h("ul", { class: "autocomplete", testid: opts.testid || "autocomplete", role: "listbox", hidden: true });
     textarea.parentElement.insertBefore(this.list, textarea);
     textarea.addEventListener("keydown", (e) => this.keydown(e));
     textarea.addEventListener("input", () => this.input());
-    textarea.addEventListener("blur", () => setTimeout(() => this.close(), 150));
+    textarea.addEventListener("blur", () =>
+      setTimeout(() => {
+        if (document.activeElement !== this.ta) this.close();
+      }, 150),
+    );
     textarea.addEventListener("click", () => this.lookup());
   }
 
