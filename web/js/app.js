@@ -301,9 +301,8 @@ export class ChatApp {
         { type: "button", class: "channel-link" },
         mark,
         h("span", { class: "ch-name", text: label }),
-        ch.mentions > 0 ? h("span", { class: "badge mention", testid: "mention-badge", text: String(ch.mentions) }) : null,
-        ch.unread > 0 && ch.mentions === 0 ? h("span", { class: "badge unread", testid: "unread-badge", text: String(ch.unread) }) : null,
-        ch.unread > 0 && ch.mentions > 0 ? h("span", { class: "badge unread hidden-count", testid: "unread-badge", text: String(ch.unread) }) : null,
+        ch.unread > 0 ? h("span", { class: "badge unread", testid: "unread-badge", title: `${ch.unread} unread`, text: String(ch.unread) }) : null,
+        ch.mentions > 0 ? h("span", { class: "badge mention", testid: "mention-badge", title: `${ch.mentions} mention${ch.mentions === 1 ? "" : "s"}`, text: String(ch.mentions) }) : null,
       ),
     );
   }
