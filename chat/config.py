@@ -43,6 +43,10 @@ class FrontSettings(BaseSettings):
     # server gave out: Origin's host is the request's Host); clients that send none (apps,
     # scripts) are accepted. "*": any.
     allowed_origins: list[str] = []
+    # The names this node answers to, for its own pages' websockets (chat/web.py
+    # trusted_host, against DNS rebinding). Empty: loopback names when listening on
+    # loopback, else any. "*": any.
+    allowed_hosts: list[str] = []
     # The browser client's static files, served on plain GETs of the client port (chat/web.py).
     # Empty: web/ beside the chat package, else web/ in the working directory.
     web_root: str = ""

@@ -82,7 +82,10 @@ The server has one websocket endpoint, `ws://host:port/`: any path is accepted e
 HTTP endpoints `/healthz` and `/readyz` (`/metrics` is not served on this port but on the
 operator's metrics listener) and `/service`, which is for edge nodes only (see
 [Service connections](#service-connections-internal)). Browsers send an `Origin` header, which
-must be in the server's configured allow-list; otherwise the handshake is refused with HTTP 403.
+must be the server's own origin (a page it served: the `Origin` names the `Host` asked for,
+and that is a name the server answers to; a server on loopback answers to loopback names
+only, against DNS rebinding) or in its configured allow-list; otherwise the handshake is
+refused with HTTP 403. Clients that send no `Origin` (apps, scripts) are not checked.
 
 `/healthz` answers 200 `ok` while the process runs, draining included. `/readyz` answers 200
 `ready` when the node takes new clients, and 503 with the reason otherwise: `draining` (the

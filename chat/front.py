@@ -313,8 +313,12 @@ class Front:
             return False
         if len(origins) > 1:
             return True
-        origin = origins[0]
-        return origin not in allowed and not web.same_origin(origin, headers.get("Host"))
+        origin, host, s = origins[0], headers.get("Host"), self.front_settings
+        if origin in allowed:
+            return False
+        return not (
+            web.same_origin(origin, host) and web.trusted_host(host, s.host, s.allowed_hosts)
+        )
 
     async def _drain(self, connections: list[ServerConnection]) -> None:
         """Close every connection with 1012, spread evenly over ``drain_period_s`` in random

@@ -20,6 +20,7 @@ followed) must stay under the root.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import logging
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -104,6 +105,44 @@ def same_origin(origin: str, host: str | None) -> bool:
     except ValueError:
         return False
     return bool(netloc) and netloc.lower() == host.strip().lower()
+
+
+def host_name(host: str | None) -> str | None:
+    """The name in a ``Host`` header (``[::1]:8765`` -> ``::1``), lowercased; None if
+    unreadable."""
+    if not host:
+        return None
+    try:
+        name = urlsplit("//" + host.strip()).hostname
+    except ValueError:
+        return None
+    return name or None
+
+
+def is_loopback(name: str) -> bool:
+    """``localhost`` or a loopback address (``127.0.0.0/8``, ``::1``)."""
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def trusted_host(host: str | None, listen_host: str, allowed: list[str]) -> bool:
+    """Whether a request's ``Host`` may be the origin of a page talking to us. Against DNS
+    rebinding (a page of evil.example whose name now resolves to 127.0.0.1 is "same
+    origin" with itself): ``allowed`` (``allowed_hosts``) lists the names a node answers
+    to; left empty, a node that listens on loopback only trusts loopback names, and one
+    listening elsewhere (behind a proxy, under its public name) trusts the name asked for."""
+    name = host_name(host)
+    if name is None:
+        return False
+    if allowed:
+        return "*" in allowed or name in (a.lower() for a in allowed)
+    if is_loopback(listen_host):
+        return is_loopback(name)
+    return True
 
 
 def is_upgrade(headers: Headers) -> bool:

@@ -117,6 +117,53 @@ def test_same_origin(origin: str, host: str | None, same: bool) -> None:
     assert web.same_origin(origin, host) is same
 
 
+@pytest.mark.parametrize(
+    ("host", "listen", "allowed", "trusted"),
+    [
+        ("127.0.0.1:8765", "127.0.0.1", [], True),
+        ("localhost:8765", "127.0.0.1", [], True),
+        ("[::1]:8765", "::1", [], True),
+        ("127.9.9.9", "127.0.0.1", [], True),
+        ("evil.example:8765", "127.0.0.1", [], False),  # DNS rebinding to loopback
+        ("chat.example", "0.0.0.0", [], True),  # behind a proxy, under its public name
+        ("chat.example", "0.0.0.0", ["chat.example"], True),
+        ("evil.example", "0.0.0.0", ["chat.example"], False),
+        ("Chat.Example:443", "0.0.0.0", ["chat.example"], True),
+        ("evil.example", "127.0.0.1", ["*"], True),
+        (None, "127.0.0.1", [], False),
+        ("[bad", "127.0.0.1", [], False),
+    ],
+)
+def test_trusted_host(host: str | None, listen: str, allowed: list[str], trusted: bool) -> None:
+    assert web.trusted_host(host, listen, allowed) is trusted
+
+
+async def upgrade_status(port: int, host: str, origin: str) -> int:
+    """The status of a websocket upgrade sent with these Host and Origin headers."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(
+            f"GET / HTTP/1.1\r\nHost: {host}\r\nOrigin: {origin}\r\nUpgrade: websocket\r\n"
+            "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            "Sec-WebSocket-Version: 13\r\n\r\n".encode()
+        )
+        async with asyncio.timeout(scaled(5)):
+            status = await reader.readline()
+        return int(status.split()[1])
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+
+async def test_a_rebound_name_does_not_make_a_page_same_origin(site: RunningNode) -> None:
+    """A page of evil.example whose name the attacker points at 127.0.0.1 sends Origin and
+    Host both evil.example: same origin by the headers, refused by the name."""
+    port = site.node.port
+    assert await upgrade_status(port, f"evil.example:{port}", f"http://evil.example:{port}") == 403
+    assert await upgrade_status(port, f"localhost:{port}", f"http://localhost:{port}") == 101
+
+
 def test_responses_carry_the_safety_headers(root: Path) -> None:
     site = web.WebRoot(root)
     ok = site.respond("/", Headers())
