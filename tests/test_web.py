@@ -1,0 +1,566 @@
+"""The web client (web/) end to end: headless Chromium (Debian's ``chromium``) driven by
+Playwright against a real ``chat serve`` process, and once through the launcher's cluster
+(HAProxy over TLS, Flannel serving the page).
+
+The page is driven the way a person would: by the ``data-testid``s of the contract between the
+web client and these tests (web/README.md). Each test also asserts the page threw nothing,
+opened no dialog and logged no console error (a CSP violation is one). The tests write the
+screenshots the README shows into docs/screenshots/ (see tests/web_fixtures.py).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest_asyncio
+from playwright.async_api import Browser, async_playwright, expect
+
+from chat.admin import Admin
+from chat.config import Settings
+from tests.web_fixtures import (
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    LIVE_STATES,
+    MOBILE,
+    PASSWORD,
+    PEOPLE,
+    UserPage,
+    WebServer,
+    fill_login,
+    message_texts,
+    open_channel,
+    open_page,
+    pane_messages,
+    send,
+    shot,
+    sign_in,
+    wait_live,
+    wait_ms,
+)
+
+# =========================================================================== fixtures
+
+
+@pytest_asyncio.fixture(loop_scope="session", scope="session")
+async def browser() -> AsyncIterator[Browser]:
+    """One headless Chromium for the whole run; each user gets a fresh context."""
+    async with async_playwright() as p:
+        chromium = await p.chromium.launch(
+            executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True
+        )
+        try:
+            yield chromium
+        finally:
+            await chromium.close()
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def empty_server(tmp_path: Path) -> AsyncIterator[WebServer]:
+    """``chat serve`` on an empty data directory: no workspace yet."""
+    server = WebServer(tmp_path / "data")
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.close()
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def server(tmp_path: Path) -> AsyncIterator[WebServer]:
+    """``chat serve`` over a seeded workspace (tests/web_fixtures.py PEOPLE)."""
+    web = WebServer(tmp_path / "data")
+    await web.seed()
+    await web.start()
+    try:
+        yield web
+    finally:
+        await web.close()
+
+
+OpenPage = Callable[..., Awaitable[UserPage]]
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def pages(browser: Browser) -> AsyncIterator[OpenPage]:
+    """``await pages("ada")``: a new browser context and page for one person; all closed
+    at the end of the test."""
+    opened: list[UserPage] = []
+
+    async def make(handle: str = "", **options: Any) -> UserPage:
+        user = await open_page(browser, handle, **options)
+        opened.append(user)
+        return user
+
+    try:
+        yield make
+    finally:
+        for user in opened:
+            await user.context.close()
+
+
+def message_with(user: UserPage, text: str, scope: str = "message-pane") -> Any:
+    return user.by_id(scope).get_by_test_id("message").filter(has_text=text)
+
+
+# =========================================================================== chatting
+
+
+async def test_two_users_see_each_others_messages_live(server: WebServer, pages: OpenPage) -> None:
+    ada, bob = await pages("ada"), await pages("bob")
+    await ada.page.goto(server.http_url)
+    await expect(ada.by_id("login-form")).to_be_visible()
+    await shot(ada, "sign-in")
+    await fill_login(ada, "ada", PASSWORD)
+    await wait_live(ada)
+    await sign_in(bob, server)
+    for user in (ada, bob):
+        await open_channel(user, "general")
+
+    await send(ada, "Morning, Bob! The deploy is green.")
+    mine = message_with(ada, "The deploy is green")
+    await expect(mine).to_have_count(1)
+    await expect(mine).to_have_attribute("data-ts", re.compile(r"^\d+$"))  # acknowledged
+    theirs = message_with(bob, "The deploy is green")
+    await expect(theirs).to_have_count(1)
+    await expect(theirs.get_by_test_id("message-author")).to_contain_text("Ada")
+    assert await theirs.get_attribute("data-ts") == await mine.get_attribute("data-ts")
+
+    await send(bob, "Great, I'll tell the team.")
+    await expect(message_with(ada, "tell the team")).to_have_count(1)
+    await expect(message_with(bob, "tell the team")).to_have_count(1)
+    await send(ada, "Thanks!")
+    await expect(message_with(bob, "Thanks!")).to_have_count(1)
+
+    # Elsewhere: a mention in #random and a DM from cy show up in ada's sidebar as badges.
+    seeded = server.seeded
+    assert seeded is not None
+    async with server.client("cy") as cy:
+        await cy.post(seeded.channels["random"], "@ada lunch at noon?")
+        await cy.post(seeded.channels["random"], "the usual place")
+        dm = (await cy.request("dms.open", user_ids=[seeded.users["ada"]]))["channel"]
+        await cy.post(dm["id"], "Got a minute for the budget?")
+    random = ada.by_id("channel-item").and_(ada.page.locator('[data-name="random"]'))
+    await expect(random.get_by_test_id("mention-badge")).to_have_text("1")
+    await expect(random.get_by_test_id("unread-badge")).to_have_text("2")
+    dm_item = ada.by_id("dm-list").get_by_test_id("dm-item")
+    await expect(dm_item).to_have_count(1)
+    await expect(dm_item).to_have_attribute("data-channel-id", str(dm["id"]))
+    await expect(dm_item).to_contain_text("Cy")
+    await expect(dm_item.get_by_test_id("unread-badge")).to_have_text("1")
+    await ada.by_id("composer").click()
+    await shot(ada, "channel")
+
+    for user in (ada, bob):
+        assert await message_texts(user) == [
+            "Morning, Bob! The deploy is green.",
+            "Great, I'll tell the team.",
+            "Thanks!",
+        ]
+        user.watch.assert_clean()
+
+
+async def test_mention_autocompletes_from_the_keyboard(server: WebServer, pages: OpenPage) -> None:
+    ada, bob = await pages("ada"), await pages("bob")
+    await sign_in(ada, server)
+    await open_channel(ada, "random")  # away from #general: the mention shows as a badge
+    await sign_in(bob, server)
+    await open_channel(bob, "general")
+
+    composer = bob.by_id("composer")
+    await composer.click()
+    await composer.press_sequentially("@ad")
+    # "@ad" matches ada and adam; the server's ranking orders them, the first is selected.
+    items = bob.by_id("autocomplete").get_by_test_id("autocomplete-item")
+    await expect(items).to_have_count(2)
+    selected = items.and_(bob.page.locator('[aria-selected="true"]'))
+    await expect(selected).to_have_count(1)
+    values = [await item.get_attribute("data-value") for item in await items.all()]
+    assert sorted(values) == ["@ada", "@adam"], values
+    await expect(selected).to_have_attribute("data-value", values[0])
+    await shot(bob, "autocomplete")
+
+    await composer.press("ArrowDown")
+    await expect(selected).to_have_attribute("data-value", values[1])
+    await composer.press("ArrowUp")
+    await expect(selected).to_have_attribute("data-value", values[0])
+    for _ in range(values.index("@ada")):
+        await composer.press("ArrowDown")
+    await expect(selected).to_have_attribute("data-value", "@ada")
+    await composer.press("Enter")
+    await expect(composer).to_have_value("@ada ")
+    await expect(bob.by_id("autocomplete")).to_be_hidden()
+
+    await composer.press_sequentially("can you review the release notes?")
+    await composer.press("Enter")
+    await expect(message_with(bob, "@ada can you review")).to_have_count(1)
+    general = ada.by_id("channel-item").and_(ada.page.locator('[data-name="general"]'))
+    await expect(general.get_by_test_id("mention-badge")).to_have_text("1")
+    # One unread message (the page shows the mention badge in its place).
+    await expect(general.get_by_test_id("unread-badge")).to_have_text("1")
+    for user in (ada, bob):
+        user.watch.assert_clean()
+
+
+async def test_thread_reply_in_side_pane_and_reaction_on_both_screens(
+    server: WebServer, pages: OpenPage
+) -> None:
+    ada, bob = await pages("ada"), await pages("bob")
+    for user in (ada, bob):
+        await sign_in(user, server)
+        await open_channel(user, "general")
+    await send(ada, "Release notes for 2.0: ready for review")
+    root_for_bob = message_with(bob, "Release notes for 2.0")
+    await expect(root_for_bob).to_have_attribute("data-ts", re.compile(r"^\d+$"))
+
+    await root_for_bob.hover()
+    await root_for_bob.get_by_test_id("reply-button").click()
+    await expect(bob.by_id("thread-pane")).to_be_visible()
+    await send(bob, "Looks good, one typo in the intro.", composer="thread-composer")
+    await expect(message_with(bob, "one typo", scope="thread-pane")).to_have_count(1)
+
+    root_for_ada = message_with(ada, "Release notes for 2.0")
+    await expect(root_for_ada.get_by_test_id("reply-count")).to_contain_text("1")
+    await root_for_ada.get_by_test_id("reply-count").click()
+    await expect(ada.by_id("thread-pane")).to_be_visible()
+    await expect(message_with(ada, "one typo", scope="thread-pane")).to_have_count(1)
+    # The reply lives in the thread, not in the channel's pane.
+    assert "Looks good, one typo in the intro." not in await message_texts(ada)
+
+    await root_for_ada.hover()
+    await root_for_ada.get_by_test_id("react-button").first.click()
+    option = ada.page.get_by_test_id("emoji-option").first
+    emoji = await option.get_attribute("data-emoji")
+    assert emoji
+    await option.click()
+    for user in (ada, bob):
+        root = message_with(user, "Release notes for 2.0")
+        reaction = root.get_by_test_id("reaction").and_(
+            user.page.locator(f'[data-emoji="{emoji}"]')
+        )
+        await expect(reaction).to_have_count(1)
+        await expect(reaction).to_contain_text("1")
+    await shot(ada, "thread")
+    for user in (ada, bob):
+        user.watch.assert_clean()
+
+
+# =========================================================================== reconnects
+
+
+async def test_page_resumes_after_a_server_restart_nothing_lost_or_doubled(
+    server: WebServer, pages: OpenPage
+) -> None:
+    ada = await pages("ada")
+    await sign_in(ada, server)
+    await open_channel(ada, "general")
+    await send(ada, "before the restart")
+    await expect(message_with(ada, "before the restart")).to_have_attribute(
+        "data-ts", re.compile(r"^\d+$")
+    )
+
+    # The server stops; the page notices and goes offline (it cannot reconnect) while the
+    # server starts again and bob posts: it must catch up on what it missed when it is back.
+    await server.stop()
+    await expect(ada.by_id("conn-state")).to_have_attribute("data-state", "reconnecting")
+    await ada.context.set_offline(True)
+    await server.start()
+    missed = [f"posted while ada was away #{i}" for i in range(1, 4)]
+    async with server.client("bob") as bob:
+        for text in missed:
+            await bob.post(server.seeded.channels["general"], text)  # type: ignore[union-attr]
+        await ada.context.set_offline(False)
+        await expect(ada.by_id("conn-state")).to_have_attribute(
+            "data-state", LIVE_STATES, timeout=wait_ms(45)
+        )
+        for text in missed:
+            await expect(message_with(ada, text)).to_have_count(1)
+
+        # The connection works both ways again.
+        await send(ada, "after the restart")
+        seen: list[str] = []
+        while "after the restart" not in seen:  # bob's own posts come first
+            event = await bob.next_event("message.posted", timeout=wait_ms(15) / 1000)
+            seen.append(event["message"]["text"])
+        assert seen == [*missed, "after the restart"]
+
+    await expect(message_with(ada, "after the restart")).to_have_attribute(
+        "data-ts", re.compile(r"^\d+$")
+    )
+    texts = await message_texts(ada)
+    assert texts == ["before the restart", *missed, "after the restart"]
+    stamps = [await m.get_attribute("data-ts") for m in await pane_messages(ada).all()]
+    doubled = [ts for ts, n in Counter(stamps).items() if n > 1]
+    assert not doubled, f"messages shown twice: {doubled}"
+    ada.watch.assert_clean()
+
+
+async def test_a_message_written_while_disconnected_is_pending_then_sent_once(
+    server: WebServer, pages: OpenPage
+) -> None:
+    ada, bob = await pages("ada"), await pages("bob")
+    for user in (ada, bob):
+        await sign_in(user, server)
+        await open_channel(user, "general")
+
+    await server.stop()
+    await expect(ada.by_id("conn-state")).to_have_attribute("data-state", "reconnecting")
+    await send(ada, "written while the server was down")
+    mine = message_with(ada, "written while the server was down")
+    await expect(mine).to_have_count(1)  # shown at once, before any server saw it
+    await expect(mine).to_have_attribute("data-status", re.compile(r"^(pending|failed)$"))
+    assert await mine.get_attribute("data-client-msg-id")
+    assert await mine.get_attribute("data-ts") is None
+
+    await server.start()
+    await expect(ada.by_id("conn-state")).to_have_attribute(
+        "data-state", LIVE_STATES, timeout=wait_ms(45)
+    )
+    if await mine.get_attribute("data-status") == "failed":
+        await mine.get_by_test_id("retry-button").click()
+    await expect(mine).to_have_attribute("data-status", "sent", timeout=wait_ms(30))
+    await expect(mine).to_have_attribute("data-ts", re.compile(r"^\d+$"))
+    await expect(bob.by_id("conn-state")).to_have_attribute(
+        "data-state", LIVE_STATES, timeout=wait_ms(45)
+    )
+    theirs = message_with(bob, "written while the server was down")
+    await expect(theirs).to_have_count(1)
+    assert await theirs.get_attribute("data-ts") == await mine.get_attribute("data-ts")
+    async with server.client("cy") as cy:
+        history = await cy.request(
+            "messages.history",
+            channel_id=server.seeded.channels["general"],  # type: ignore[union-attr]
+        )
+    stored = [m["text"] for m in history["messages"]]
+    assert stored.count("written while the server was down") == 1, stored
+    for user in (ada, bob):
+        await expect(message_with(user, "written while the server was down")).to_have_count(1)
+        user.watch.assert_clean()
+
+
+# =========================================================================== safety
+
+
+XSS = '<img src=x onerror="window.__xss=1;alert(1)">'
+
+
+async def test_xss_payloads_in_messages_and_display_names_stay_text(
+    server: WebServer, pages: OpenPage
+) -> None:
+    ada, bob = await pages("ada"), await pages("bob")
+    for user in (ada, bob):
+        await sign_in(user, server)
+        await open_channel(user, "general")
+    async with server.client("cy") as cy:
+        await cy.request("users.update_profile", display_name=f"Cy {XSS}")
+        await cy.post(server.seeded.channels["general"], f"hi {XSS} <script>alert(2)</script>")  # type: ignore[union-attr]
+    await send(ada, f"mine: {XSS}")
+
+    for user in (ada, bob):
+        theirs = message_with(user, "hi <img")
+        await expect(theirs.get_by_test_id("message-text")).to_have_text(
+            f"hi {XSS} <script>alert(2)</script>"
+        )
+        await expect(theirs.get_by_test_id("message-author")).to_contain_text(f"Cy {XSS}")
+        await expect(message_with(user, "mine: <img")).to_have_count(1)
+        made = user.page.locator('img[src="x"], [onerror], #message-pane script')
+        assert await made.count() == 0
+        fired = await user.page.evaluate("() => typeof window.__xss")
+        assert fired == "undefined"
+        user.watch.assert_clean()
+
+
+async def test_csp_header_forbids_inline_script(server: WebServer, pages: OpenPage) -> None:
+    ada = await pages("ada")
+    response = await ada.page.goto(server.http_url)
+    assert response is not None and response.status == 200
+    csp = response.headers.get("content-security-policy", "")
+    directives = {d.split()[0]: d.split()[1:] for d in csp.split(";") if d.strip()}
+    assert directives.get("script-src") == ["'self'"], csp
+    assert "'unsafe-inline'" not in csp and "'unsafe-eval'" not in csp
+    assert response.headers.get("x-content-type-options") == "nosniff"
+
+    # An inline script injected into the page does not run; the browser reports the refusal.
+    ran = await ada.page.evaluate(
+        """() => new Promise(resolve => {
+            document.addEventListener('securitypolicyviolation',
+                e => resolve('blocked:' + e.violatedDirective), {once: true});
+            const s = document.createElement('script');
+            s.textContent = 'window.__inline = 1';
+            document.body.appendChild(s);
+            setTimeout(() => resolve(window.__inline ? 'ran' : 'silent'), 2000);
+        })"""
+    )
+    assert ran.startswith("blocked:script-src"), ran
+    await fill_login(ada, "ada", PASSWORD)
+    await wait_live(ada)  # and the app itself runs under that policy
+    assert not ada.watch.errors
+
+
+# =========================================================================== getting in
+
+
+async def test_first_run_setup_on_an_empty_data_dir(
+    empty_server: WebServer, pages: OpenPage
+) -> None:
+    owner = await pages("grace")
+    await owner.page.goto(empty_server.http_url)
+    await expect(owner.by_id("setup-form")).to_be_visible()
+    await owner.by_id("setup-workspace").fill("initech")
+    await owner.by_id("setup-handle").fill("grace")
+    await owner.by_id("setup-display-name").fill("Grace Hopper")
+    await owner.by_id("setup-password").fill("short")
+    await owner.by_id("setup-submit").click()
+    await expect(owner.by_id("setup-error")).to_be_visible()  # 8 characters at least
+
+    await owner.by_id("setup-password").fill(PASSWORD)
+    await shot(owner, "setup")
+    await owner.by_id("setup-submit").click()
+    await wait_live(owner)
+    general = owner.by_id("channel-item").and_(owner.page.locator('[data-name="general"]'))
+    await expect(general).to_have_count(1)
+    await open_channel(owner, "general")
+    await send(owner, "Hello, initech!")
+    await expect(message_with(owner, "Hello, initech!")).to_have_attribute(
+        "data-ts", re.compile(r"^\d+$")
+    )
+
+    # A second visitor is not offered setup any more: the workspace exists.
+    visitor = await pages()
+    await visitor.page.goto(empty_server.http_url)
+    await expect(visitor.by_id("login-form")).to_be_visible()
+    await expect(visitor.by_id("setup-form")).to_be_hidden()
+    await fill_login(visitor, "grace", PASSWORD, workspace="initech")
+    await wait_live(visitor)
+    for user in (owner, visitor):
+        user.watch.assert_clean()
+
+
+async def test_signup_through_an_invite_link_and_wrong_password(
+    server: WebServer, pages: OpenPage
+) -> None:
+    ada = await pages("ada")
+    await sign_in(ada, server)
+    await ada.by_id("invite-people-button").click()
+    await expect(ada.by_id("dialog")).to_be_visible()
+    await ada.by_id("create-invite").click()
+    link_el = ada.by_id("invite-link")
+    await expect(link_el).to_contain_text("#invite=")
+    link = (await link_el.inner_text()).strip()
+    assert link.startswith(server.http_url), link
+    await ada.by_id("dialog-close").click()
+    await expect(ada.by_id("dialog")).to_have_count(0)
+
+    dan = await pages("dan")
+    await dan.page.goto(link)
+    await expect(dan.by_id("signup-form")).to_be_visible()
+    await dan.by_id("signup-handle").fill("dan")
+    await dan.by_id("signup-display-name").fill("Dan Brown")
+    await dan.by_id("signup-password").fill(PASSWORD)
+    await shot(dan, "signup")
+    await dan.by_id("signup-submit").click()
+    await wait_live(dan)
+    await open_channel(dan, "general")
+    await send(dan, "Hi all, Dan here.")
+    await open_channel(ada, "general")
+    await expect(message_with(ada, "Dan here")).to_have_count(1)
+    await expect(message_with(ada, "Dan here").get_by_test_id("message-author")).to_contain_text(
+        "Dan Brown"
+    )
+
+    # The same handle and password sign in from a fresh browser; a wrong one is refused.
+    again = await pages("dan")
+    await again.page.goto(server.http_url)
+    await fill_login(again, "dan", "not the password")
+    await expect(again.by_id("login-error")).to_have_text("Wrong handle or password.")
+    await expect(again.by_id("conn-state")).not_to_have_attribute("data-state", "live")
+    await fill_login(again, "dan", PASSWORD)
+    await wait_live(again)
+
+    # The invite was for one use: a second sign-up through it is refused.
+    eve = await pages("eve")
+    await eve.page.goto(link)
+    await expect(eve.by_id("signup-form")).to_be_visible()
+    await eve.by_id("signup-handle").fill("eve")
+    await eve.by_id("signup-password").fill(PASSWORD)
+    await eve.by_id("signup-submit").click()
+    await expect(eve.by_id("signup-error")).to_be_visible()
+    for user in (ada, dan, again, eve):
+        user.watch.assert_clean()
+
+
+# =========================================================================== layout
+
+
+async def test_mobile_width_channel_list_reachable_composer_visible(
+    server: WebServer, pages: OpenPage
+) -> None:
+    async with server.client("bob") as bob:
+        for i in range(1, 4):
+            await bob.post(server.seeded.channels["random"], f"random thought #{i}")  # type: ignore[union-attr]
+    ada = await pages("ada", viewport=MOBILE, is_mobile=True, has_touch=True)
+    await sign_in(ada, server)
+    await expect(ada.by_id("composer")).to_be_visible()
+    box = await ada.by_id("composer").bounding_box()
+    assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= MOBILE["width"] + 1
+    width = await ada.page.evaluate("() => document.documentElement.scrollWidth")
+    assert width <= MOBILE["width"], f"page scrolls sideways: {width}px"
+
+    # The channel list is off screen at this width, one tap away.
+    channel_list = ada.by_id("channel-list")
+    await expect(channel_list).not_to_be_in_viewport()
+    await ada.by_id("sidebar-toggle").click()
+    await expect(channel_list).to_be_in_viewport()
+    await shot(ada, "mobile-channels")
+    await (
+        channel_list.get_by_test_id("channel-item")
+        .and_(ada.page.locator('[data-name="random"]'))
+        .click()
+    )
+    await expect(ada.by_id("channel-title")).to_contain_text("random")
+    await expect(ada.by_id("composer")).to_be_visible()
+    await expect(message_with(ada, "random thought #3")).to_be_visible()
+    await shot(ada, "mobile")
+    ada.watch.assert_clean()
+
+
+# =========================================================================== the cluster
+
+
+async def test_cluster_serves_the_page_through_haproxy_and_flannel(
+    make_local_cluster: Any, pages: OpenPage
+) -> None:
+    """The launcher's topology: the browser talks TLS to HAProxy, which sends ``/`` to a
+    Flannel node; Flannel serves the page and relays the session to the chat tier."""
+    cluster = await make_local_cluster(n_chat=1, n_flannel=1, handles=["olivia"])
+    assert cluster.seeded is not None
+    settings = Settings(database_url=cluster.database_url, secret_key=cluster.secrets.token_secret)
+    admin = await Admin.open(settings)
+    try:
+        specs = [
+            {"handle": h, "display_name": PEOPLE[h][0], "role": "member", "password": PASSWORD}
+            for h in ("ada", "bob")
+        ]
+        ids = [u.id for u in await admin.create_users(cluster.seeded.workspace_id, specs)]
+        await admin.create_channel(cluster.seeded.workspace_id, "lobby", ids[0], ids, False)
+    finally:
+        await admin.close()
+    url = f"https://127.0.0.1:{cluster.endpoints.public.port}/"
+
+    ada = await pages("ada", ignore_https_errors=True)
+    response = await ada.page.goto(url)
+    assert response is not None and response.status == 200
+    assert "script-src 'self'" in response.headers.get("content-security-policy", "")
+    bob = await pages("bob", ignore_https_errors=True)
+    for user in (ada, bob):
+        await sign_in(user, url)
+        await open_channel(user, "lobby")
+    await send(ada, "Hello through HAProxy and Flannel")
+    await expect(message_with(bob, "through HAProxy and Flannel")).to_have_count(1)
+    await send(bob, "Loud and clear")
+    await expect(message_with(ada, "Loud and clear")).to_have_count(1)
+    for user in (ada, bob):
+        user.watch.assert_clean()
