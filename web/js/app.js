@@ -953,6 +953,7 @@ export class ChatApp {
         ch.mentions = c.mentions;
       }
       this.renderSidebar();
+      if (this.current && this.channels.has(this.current)) this.scheduleMark();
     } catch {
       /* next time */
     }
@@ -1094,6 +1095,9 @@ export class ChatApp {
       }
       this.addChannel(ch);
       if (isDm(ch)) this.subscribePresence();
+      // Messages may have come before the channel was known here: ask for its true counts.
+      clearTimeout(this.countsTimer);
+      this.countsTimer = setTimeout(() => this.refreshCounts(), 300);
     } catch {
       /* not visible after all */
     }
