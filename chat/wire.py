@@ -584,7 +584,8 @@ class Bootstrap(Request):
 class InvitesCreate(Request):
     """Owners and admins: a new invite code (random, 192 bits; only its hash is stored, so
     the reply is the one place it is ever shown). ``max_uses`` sign-ups before it is used
-    up; it expires ``expires_in_s`` seconds from now."""
+    up; it expires ``expires_in_s`` seconds from now. It speaks for its creator: once they
+    are deactivated or no longer an owner or admin, it stops working, as if revoked."""
 
     type: Literal["invites.create"]
     role: Literal["member", "guest"] = "member"

@@ -266,6 +266,26 @@ async def test_signup_refusals(node: RunningNode) -> None:
     await refused("invalid_invite", url, "signup", **signup_fields(twice["code"], "erin"))
 
 
+async def test_an_invite_lapses_with_its_creators_right_to_invite(node: RunningNode) -> None:
+    """An invite speaks for its creator: demoted or deactivated, their invites stop working
+    (and leave the list), as if revoked."""
+    url = node.url
+    async with node.client("adam") as adam:
+        demoted = (await adam.request("invites.create"))["invite"]
+    async with node.client("olivia") as owner:
+        await owner.request("users.set_role", user_id=node.users["adam"], role="member")
+        listed = (await owner.request("invites.list"))["invites"]
+        assert demoted["id"] not in [i["id"] for i in listed]
+        await refused("invalid_invite", url, "signup", **signup_fields(demoted["code"], "zed"))
+        await owner.request("users.set_role", user_id=node.users["adam"], role="admin")
+        async with node.client("adam") as adam:
+            gone = (await adam.request("invites.create"))["invite"]
+        await owner.request("users.deactivate", user_id=node.users["adam"])
+        await refused("invalid_invite", url, "signup", **signup_fields(gone["code"], "zed"))
+        kept = (await owner.request("invites.create"))["invite"]
+    await first_frame(url, "signup", **signup_fields(kept["code"], "zed"))
+
+
 async def test_concurrent_signups_never_exceed_max_uses(node: RunningNode) -> None:
     invite = await create_invite(node, max_uses=2)
     results = await asyncio.gather(

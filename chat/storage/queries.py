@@ -585,11 +585,21 @@ async def create_invite(
     return _invite(row)
 
 
+# An invite speaks for its creator: it lapses when they are deactivated or no longer an
+# owner or admin (the same rule as creating one).
+_CREATOR_MAY_INVITE = (
+    " AND EXISTS (SELECT 1 FROM users u WHERE u.id = invites.created_by"
+    " AND NOT u.deactivated AND u.role IN ('owner', 'admin'))"
+)
+
+
 async def active_invites(conn: Connection, workspace_id: int, now: int) -> list[wire.Invite]:
-    """Not revoked, not expired, not used up; newest first."""
+    """Not revoked, not expired, not used up, its creator still able to invite; newest
+    first."""
     rows = await conn.fetch(
         f"SELECT {_INVITE_COLS} FROM invites WHERE workspace_id = $1 AND revoked_at IS NULL"
-        " AND expires_at > $2 AND uses < max_uses ORDER BY id DESC LIMIT 1000",
+        f" AND expires_at > $2 AND uses < max_uses{_CREATOR_MAY_INVITE} ORDER BY id DESC"
+        " LIMIT 1000",
         workspace_id,
         now,
     )
@@ -618,10 +628,12 @@ async def invite_workspace(conn: Connection, code_hash: str) -> int | None:
 
 async def use_invite(conn: Connection, workspace_id: int, code_hash: str, now: int) -> str | None:
     """Take one of the invite's sign-ups, in one statement (concurrent sign-ups never
-    exceed ``max_uses``): its role, or None when it is unknown, revoked, expired or used up."""
+    exceed ``max_uses``): its role, or None when it is unknown, revoked, expired, used up,
+    or its creator may no longer invite."""
     role: str | None = await conn.fetchval(
         "UPDATE invites SET uses = uses + 1 WHERE code_hash = $1 AND workspace_id = $2"
-        " AND revoked_at IS NULL AND expires_at > $3 AND uses < max_uses RETURNING role",
+        " AND revoked_at IS NULL AND expires_at > $3 AND uses < max_uses"
+        f"{_CREATOR_MAY_INVITE} RETURNING role",
         code_hash,
         workspace_id,
         now,
