@@ -301,7 +301,7 @@ export class ChatApp {
         { type: "button", class: "channel-link" },
         mark,
         h("span", { class: "ch-name", text: label }),
-        ch.unread > 0 ? h("span", { class: "badge unread", testid: "unread-badge", title: `${ch.unread} unread`, text: String(ch.unread) }) : null,
+        ch.unread > 0 ? h("span", { class: dm ? "badge unread dm" : "badge unread", testid: "unread-badge", title: `${ch.unread} unread`, text: String(ch.unread) }) : null,
         ch.mentions > 0 ? h("span", { class: "badge mention", testid: "mention-badge", title: `${ch.mentions} mention${ch.mentions === 1 ? "" : "s"}`, text: String(ch.mentions) }) : null,
       ),
     );
