@@ -378,6 +378,8 @@ export class ChatApp {
     if (changed || force) {
       this.renderAll();
       this.scrollToBottom();
+      // A first page that does not fill the pane gives nothing to scroll: walk back now.
+      if (this.$pane.scrollTop < 300) this.loadOlder();
     }
     this.renderTyping();
     this.scheduleMark();
