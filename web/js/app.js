@@ -82,7 +82,22 @@ export class ChatApp {
     document.getElementById("sign-out").addEventListener("click", () => this.onSignOut(true));
     this.$pane.addEventListener("scroll", () => {
       if (this.$pane.scrollTop < 300) this.loadOlder();
-      if (this.nearBottom()) this.scheduleMark();
+      if (this.nearBottom()) {
+        document.getElementById("jump").hidden = true;
+        this.scheduleMark();
+      }
+    });
+    document.getElementById("jump").addEventListener("click", () => {
+      this.scrollToBottom();
+      document.getElementById("jump").hidden = true;
+    });
+    // ArrowUp in an empty composer edits your last message.
+    document.getElementById("composer").addEventListener("keydown", (e) => {
+      if (e.key !== "ArrowUp" || e.target.value || this.composer.open) return;
+      const mine = Array.from(this.view(this.current).byId.values()).filter((m) => this.me && m.user_id === this.me.id && !m.deleted);
+      if (!mine.length) return;
+      e.preventDefault();
+      this.startEdit(mine.reduce((a, b) => (a.seq > b.seq ? a : b)));
     });
     document.addEventListener("visibilitychange", () => {
       if (document.visibilityState === "visible") this.scheduleMark();
@@ -247,6 +262,9 @@ export class ChatApp {
     me.appendChild(document.createTextNode(this.me.display_name || this.me.handle));
     const admin = this.me.role === "owner" || this.me.role === "admin";
     byTestId("invite-people-button").hidden = !admin;
+    const guest = this.me.role === "guest";
+    byTestId("browse-channels-button").hidden = guest;
+    byTestId("new-channel-button").hidden = guest;
   }
 
   channelLabel(ch) {
@@ -368,6 +386,7 @@ export class ChatApp {
     this.renderHeader();
     this.renderSidebar();
     if (changed || force) {
+      document.getElementById("jump").hidden = true;
       clear(this.$list);
       this.els.clear();
       this.showEmpty(null);
@@ -1191,6 +1210,7 @@ export class ChatApp {
     }
     if (m.channel_id === this.current) {
       if (mine || atBottom) this.scrollToBottom();
+      else document.getElementById("jump").hidden = false;
       this.scheduleMark();
     }
   }
