@@ -151,6 +151,9 @@ async def test_two_users_see_each_others_messages_live(server: WebServer, pages:
     await expect(dm_item).to_have_attribute("data-channel-id", str(dm["id"]))
     await expect(dm_item).to_contain_text("Cy")
     await expect(dm_item.get_by_test_id("unread-badge")).to_have_text("1")
+    # ... and the channel ada is reading has nothing unread.
+    general = ada.by_id("channel-item").and_(ada.page.locator('[data-name="general"]'))
+    await expect(general.get_by_test_id("unread-badge")).to_have_count(0)
     await ada.by_id("composer").click()
     await shot(ada, "channel")
 
