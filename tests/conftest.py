@@ -122,14 +122,18 @@ async def db(
 
 # =========================================================================== cluster
 #
-# Multi-node tests: real processes, see tests/cluster.py.
+# Multi-node tests: real processes. There is one harness, the launcher's LocalCluster
+# (chat/cluster/launcher.py): `make_cluster`, `make_flannel_cluster` and
+# `make_local_cluster` below all start one; tests/cluster.py's Cluster is a thin layer
+# over it (a fresh database on the session's PostgreSQL, no HAProxy).
 # `redis_server` (function): a fresh, empty redis-server on a free loopback port for one
 #   test (no persistence: `redis_server.restart()` comes back empty on the same port).
 # `make_cluster` (function, async): a factory; `await make_cluster(n_nodes=3,
-#   extra_env={"CHAT_SHUTDOWN_GRACE_S": "1"})` returns a started Cluster over a fresh
-#   PostgreSQL database with its own TempRedis, seeded (`cluster.seeded`) before the nodes
-#   start unless seed=False. Everything it made is stopped by PID and the databases dropped
-#   at the end of the test. Node logs are kept in the test's tmp_path.
+#   extra_env={"CHAT_SHUTDOWN_GRACE_S": "1"})` returns a started Cluster (chat nodes
+#   chat0, chat1...) over a fresh PostgreSQL database with its own Redis (an ACL user, as
+#   in production), seeded (`cluster.seeded`) before the nodes start unless seed=False.
+#   Everything it made is stopped by PID and the databases dropped at the end of the test.
+#   Node logs are kept in the test's tmp_path.
 # `cluster` (function, async): `make_cluster()` with 2 nodes; indirect parametrization
 #   sets the node count: `@pytest.mark.parametrize("cluster", [3], indirect=True)`.
 
@@ -196,10 +200,11 @@ async def cluster(make_cluster: MakeCluster, request: pytest.FixtureRequest) -> 
 # =========================================================================== Flannel clusters
 #
 # `make_flannel_cluster` (function, async): a factory like `make_cluster`, with Flannel
-#   nodes in front of the chat nodes (tests/cluster.py, FlannelNodeProcess):
+#   nodes (flannel0, flannel1...) in front of the chat nodes, each reaching every chat
+#   node's /service URL directly (no HAProxy):
 #   `await make_flannel_cluster(n_nodes=2, n_flannel=2, upstream_connections=2,
 #   extra_env={...}, flannel_env={...})` returns a started Cluster over a fresh PostgreSQL
-#   database with its own TempRedis, seeded before the nodes start unless seed=False
+#   database with its own Redis, seeded before the nodes start unless seed=False
 #   (`seed_users=N`: instead a workspace of N users through Admin.seed, kept in
 #   `cluster.seeded`). Everything it made is stopped by PID and the databases dropped at
 #   the end of the test; logs are kept in the test's tmp_path.
@@ -264,10 +269,11 @@ async def make_flannel_cluster(
 #
 # `make_local_cluster` (function, async): `await make_local_cluster(n_chat=2, n_flannel=2,
 #   node_env={...}, handles=[...], limits=Limits(...))` returns a started
-#   chat.cluster.launcher.LocalCluster (its
-#   own PostgreSQL with SCRAM, Redis with an ACL user, chat and Flannel nodes, HAProxy over
-#   TLS), seeded with `handles` (default alice, bob, carol, dave) in `cluster.seeded`.
-#   Everything is stopped by PID and its directory deleted at the end of the test.
+#   chat.cluster.launcher.LocalCluster with every part of the topology (its own PostgreSQL
+#   with SCRAM, Redis with an ACL user, chat and Flannel nodes, HAProxy over TLS), seeded
+#   with `handles` (default alice, bob, carol, dave) in `cluster.seeded`. The same
+#   harness as `make_cluster`'s, with nothing left out. Everything is stopped by PID and
+#   its directory deleted at the end of the test.
 
 from collections.abc import Sequence  # noqa: E402
 from typing import Protocol  # noqa: E402

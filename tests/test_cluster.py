@@ -36,7 +36,7 @@ import redis.asyncio as aioredis
 from chat.bus.redis import stream_key
 from chat.client import Backoff, Client, ResilientClient
 from chat.config import Settings
-from tests.cluster import ChatNodeProcess, Cluster
+from tests.cluster import ChatNodeProcess, Cluster, NodeProcess
 from tests.conftest import MakeCluster
 from tests.rawws import read_until_closed, stalled_client
 from tests.timing import scaled, wait_until
@@ -133,7 +133,7 @@ async def post(client: Client, channel_id: int, cmid: str, text: str) -> Frame:
     )
 
 
-def metric(node: ChatNodeProcess, name: str, labels: str = "") -> float:
+def metric(node: NodeProcess, name: str, labels: str = "") -> float:
     """A sample of the node's /metrics (0 when absent)."""
     answer = node.http_get("/metrics")
     assert answer is not None and answer[0] == 200, f"{node.name}: /metrics gave {answer!r}"
@@ -142,7 +142,7 @@ def metric(node: ChatNodeProcess, name: str, labels: str = "") -> float:
     return float(found.group(1)) if found else 0.0
 
 
-async def ametric(node: ChatNodeProcess, name: str, labels: str = "") -> float:
+async def ametric(node: NodeProcess, name: str, labels: str = "") -> float:
     return await asyncio.to_thread(metric, node, name, labels)
 
 
@@ -888,6 +888,7 @@ async def test_defect_21_presence_converges_across_nodes_and_a_killed_nodes_user
     seeded = cluster.seeded
     assert seeded is not None
     wid = seeded.workspace_id
+    node0, node1 = (n.name for n in cluster.nodes)  # their CHAT_NODE_IDs
     watched = {seeded.users[h]: h for h in ("bob", "carol", "dave")}
     # A change reaches a watcher on another node within a flush, a TTL and a poll or two.
     bound = scaled(ttl + 2 * poll + 3)
@@ -910,7 +911,7 @@ async def test_defect_21_presence_converges_across_nodes_and_a_killed_nodes_user
                 c = on_node1[user_id] = await Client.open(cluster.urls[1])
                 await c.request("auth", token=seeded.tokens[handle])
             await until(dict.fromkeys(watched, "active"), "all three active on node0")
-            assert await presence_nodes(cluster, wid) == {"node0", "node1"}
+            assert await presence_nodes(cluster, wid) == {node0, node1}
 
             # A clean disconnect: that user alone turns away, the others stay active.
             bob = seeded.users["bob"]
@@ -928,7 +929,7 @@ async def test_defect_21_presence_converges_across_nodes_and_a_killed_nodes_user
             # ... and the dead node is pruned from the workspace's node set.
             await wait_for_value(
                 lambda: presence_nodes(cluster, wid),
-                lambda nodes: nodes == {"node0"},
+                lambda nodes: nodes == {node0},
                 bound,
                 "node1 pruned from the presence node set",
             )
@@ -963,11 +964,11 @@ async def test_defect_21_presence_converges_across_nodes_and_a_killed_nodes_user
             ):
                 nodes = await wait_for_value(
                     lambda: presence_nodes(cluster, wid),
-                    lambda nodes: len(nodes - {"node0"}) == 2,
+                    lambda nodes: len(nodes - {node0}) == 2,
                     bound,
                     "both default-id nodes in the presence node set",
                 )
-                assert not nodes & {"default0", "default1", "node1"}, nodes
+                assert not nodes & {"default0", "default1", node1}, nodes
                 carol, dave = seeded.users["carol"], seeded.users["dave"]
                 await until({carol: "active", dave: "active"}, "carol and dave active again")
     finally:

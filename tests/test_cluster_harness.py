@@ -1,4 +1,5 @@
-"""The multi-node harness itself (tests/cluster.py): starts, restarts, stops, leaks nothing.
+"""The multi-node harness itself (tests/cluster.py over the launcher's LocalCluster): starts,
+restarts, stops, leaks nothing.
 
 Nothing here depends on the Redis bus: the nodes run without Redis, or with a Redis URL
 they may ignore.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import json
 import os
 import signal
 import socket
@@ -23,6 +25,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from chat.client import Client
+from chat.cluster.launcher import LocalCluster
+from chat.cluster.topology import Topology
 from tests.cluster import (
     REPO_ROOT,
     ChatNodeProcess,
@@ -129,6 +133,7 @@ async def test_node_without_redis_serves_kills_and_terminates(
 ) -> None:
     setup = Cluster(fresh_pg_dsn, n_nodes=0, use_redis=False)
     seeded = await setup.seed()
+    await setup.close()  # only its directory: it started nothing
     token = seeded.tokens["alice"]
     node = ChatNodeProcess("solo", database_url=fresh_pg_dsn, log_dir=tmp_path)
     started = time.monotonic()
@@ -193,7 +198,7 @@ async def test_cluster_fixture_starts_two_nodes_and_leaks_nothing(
     assert cluster.redis is not None and cluster.redis.ping()
     assert len({n.port for n in cluster.nodes}) == 2
     for i, node in enumerate(cluster.nodes):
-        assert node.name == f"node{i}"
+        assert node.name == f"chat{i}"
         assert node.env()["CHAT_NODE_ID"] == node.name
         assert node.env()["CHAT_REDIS_URL"] == cluster.redis.url
         assert http_get(node.port, "/readyz") == (200, b"ready\n")
@@ -208,10 +213,10 @@ async def test_cluster_fixture_starts_two_nodes_and_leaks_nothing(
 
 @pytest.mark.parametrize("cluster", [3], indirect=True)
 async def test_cluster_node_count_by_indirect_parametrize(cluster: Cluster) -> None:
-    assert [n.name for n in cluster.nodes] == ["node0", "node1", "node2"]
+    assert [n.name for n in cluster.nodes] == ["chat0", "chat1", "chat2"]
     assert all(n.running for n in cluster.nodes)
     extra = await cluster.add_node(extra_env={"CHAT_HEARTBEAT_INTERVAL_MS": "1000"})
-    assert extra.name == "node3" and extra.env()["CHAT_HEARTBEAT_INTERVAL_MS"] == "1000"
+    assert extra.name == "chat3" and extra.env()["CHAT_HEARTBEAT_INTERVAL_MS"] == "1000"
     assert extra.http_get("/readyz") == (200, b"ready\n")
 
 
@@ -222,6 +227,72 @@ async def test_cluster_without_redis_and_seeding_after_start(make_cluster: MakeC
     assert list(seeded.users) == ["zed", "yan"] and set(seeded.channels) == {"a", "b"}
     async with cluster.client(0, "yan") as yan:
         assert yan.session["user"]["id"] == seeded.users["yan"]
+
+
+# --------------------------------------------------------------------------- the launcher under it
+
+
+async def test_launcher_options_the_harness_uses_change_only_their_settings(
+    tmp_path: Path,
+) -> None:
+    """A test's database, no Redis, no HAProxy: each option changes its own settings of
+    the topology's, nothing else; what is not there says so."""
+    dsn = "postgresql://someone:pw@127.0.0.1:1/theirs"
+    local = LocalCluster(
+        Topology(n_chat=2, n_flannel=1),
+        directory=tmp_path / "c",
+        database_url=dsn,
+        redis=False,
+        haproxy=False,
+        chat_env={"CHAT_LOG_LEVEL": "debug"},
+    )
+    try:
+        chat0, chat1 = local.chats.values()
+        assert chat0.env()["CHAT_DATABASE_URL"] == dsn and local.database_url == dsn
+        assert chat0.env()["CHAT_REDIS_URL"] == "" and local.redis is None
+        assert chat0.env()["CHAT_LOG_LEVEL"] == "debug"
+        assert chat0.env()["CHAT_SERVICE_KEYS"] == local.secrets.service_key
+        edge = local.flannels["flannel0"].env()
+        assert json.loads(edge["FLANNEL_UPSTREAM"]) == [chat0.service_url, chat1.service_url]
+        assert edge["FLANNEL_SERVICE_KEY"] == local.secrets.service_key
+        assert "CHAT_LOG_LEVEL" not in edge
+        for missing in ("postgres", "haproxy", "cert", "chat_url"):
+            with pytest.raises(ClusterError, match=r"no (PostgreSQL|HAProxy)"):
+                getattr(local, missing)
+        assert not (tmp_path / "c" / "haproxy.cfg").exists()
+    finally:
+        await local.close()
+
+
+async def test_launcher_with_a_test_database_grows_through_haproxy(
+    fresh_pg_dsn: str, tmp_path: Path
+) -> None:
+    """The whole topology but PostgreSQL (a test's database instead); a chat node and a
+    Flannel node added while it runs are in HAProxy's config, reloaded, and serve."""
+    async with LocalCluster(
+        Topology(n_chat=1, n_flannel=1), directory=tmp_path / "c", database_url=fresh_pg_dsn
+    ) as local:
+        seeded = await local.seed()
+        token = seeded.tokens["alice"]
+        chat1 = await local.add_chat(extra_env={"CHAT_HEARTBEAT_INTERVAL_MS": "1000"})
+        flannel1 = await local.add_flannel()
+        assert (chat1.name, flannel1.name) == ("chat1", "flannel1")
+        assert chat1.env()["CHAT_HEARTBEAT_INTERVAL_MS"] == "1000"
+        assert chat1.env()["CHAT_DATABASE_URL"] == fresh_pg_dsn
+        states = await asyncio.to_thread(local.haproxy.servers)
+        assert {k: states.get(k) for k in [("chat", "chat1"), ("flannel", "flannel1")]} == {
+            ("chat", "chat1"): "UP",
+            ("flannel", "flannel1"): "UP",
+        }
+        async with Client.connect(local.chat_url, token, ssl=local.ssl_context()) as client:
+            await client.request("ping")
+        async with Client.connect(flannel1.url, token) as client:  # upstream: HAProxy
+            assert client.session["user"]["id"] == seeded.users["alice"]
+            await client.request("ping")
+        pids = [n.pid for n in [*local.chats.values(), *local.flannels.values()]]
+        pids += [local.haproxy.pid, local.redis.pid if local.redis is not None else None]
+    assert all(pid is not None and gone(pid) for pid in pids)
+    assert (tmp_path / "c" / "logs" / "chat1.log").exists()  # a directory given is kept
 
 
 # --------------------------------------------------------------------------- no leaks

@@ -1,11 +1,20 @@
-"""``chat cluster up``: the whole topology as local processes, from the installed binaries.
+"""``chat cluster up``: the whole topology as local processes, from the installed binaries;
+and THE harness: the integration tests, ``tests/cluster.py`` and ``chat loadtest`` all run
+through :class:`LocalCluster` (one orchestration, not three).
 
 PostgreSQL (``initdb --auth=scram-sha-256``, a password), Redis (an ACL user with a
 password, the ``default`` user off), N chat nodes and M Flannel nodes (``python -m chat
 serve`` / ``python -m flannel serve`` with :func:`chat.cluster.topology.environment`) and
 HAProxy (the rendered config, a self-signed certificate), each on a free loopback port, in
 one directory. Started in dependency order, each waited for (bounded); stopped in reverse,
-each by its PID. Tests use :class:`LocalCluster` directly (tests/test_deploy.py).
+each by its PID.
+
+What tests need besides, as options of the same cluster: ``database_url=`` (a database
+of theirs: no PostgreSQL started), ``redis=False`` (no Redis), ``haproxy=False`` (no HAProxy:
+Flannel nodes reach the chat nodes' ``/service`` URLs directly), per-kind and per-node
+extra environment, and nodes added at run time (:meth:`LocalCluster.add_chat`,
+:meth:`LocalCluster.add_flannel`). Every node's settings are still
+:func:`~chat.cluster.topology.environment`'s, with only what those options change.
 """
 
 from __future__ import annotations
@@ -29,13 +38,15 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Self
 
-from chat.cluster import haproxy, tls
+from chat.cluster import tls
+from chat.cluster.haproxy import Limits
+from chat.cluster.haproxy import render as render_haproxy
 from chat.cluster.processes import (
     ClusterError,
     ServerProcess,
@@ -54,6 +65,7 @@ from chat.cluster.topology import (
     POSTGRES,
     REDIS,
     REDIS_USER,
+    Endpoint,
     Endpoints,
     Secrets,
     Topology,
@@ -71,27 +83,46 @@ PG_BINDIR_ENV = "CHAT_PG_BINDIR"  # where initdb/postgres are, if not found
 
 
 class NodeProcess(ServerProcess):
-    """A chat or Flannel node whose settings are the topology's ``environment()``."""
+    """A chat or Flannel node (``python -m <module> serve``) whose settings are
+    ``settings``: a mapping, or a function called at each start (a cluster's nodes get
+    :meth:`LocalCluster.settings_for`, so a Flannel node started again sees the chat nodes
+    added since). See :class:`~chat.cluster.processes.ServerProcess` for the rest."""
 
     def __init__(
         self,
         name: str,
         module: str,
-        env: Mapping[str, str],
+        settings: Mapping[str, str] | Callable[[], Mapping[str, str]],
         *,
-        port: int,
-        metrics_port: int,
-        log_dir: Path,
+        port: int | None = None,
+        metrics_port: int | None = None,
+        log_dir: str | os.PathLike[str] | None = None,
         extra_env: Mapping[str, str] | None = None,
+        startup_timeout: float | None = None,
+        stop_timeout: float | None = None,
     ) -> None:
-        super().__init__(name, port=port, log_dir=log_dir, extra_env=extra_env)
+        super().__init__(
+            name,
+            port=port,
+            log_dir=log_dir,
+            extra_env=extra_env,
+            startup_timeout=startup_timeout,
+            stop_timeout=stop_timeout,
+        )
         self.module = module
         self.kind = module
-        self.metrics_port = metrics_port
-        self._settings = dict(env)
+        if metrics_port is not None:
+            self.metrics_port = metrics_port
+        self._settings = settings
+
+    @property
+    def service_url(self) -> str:
+        """A chat node's service endpoint, where Flannel opens its connections."""
+        return f"ws://127.0.0.1:{self.port}/service"
 
     def settings_env(self) -> dict[str, str]:
-        return dict(self._settings)
+        settings = self._settings
+        return dict(settings() if callable(settings) else settings)
 
 
 # --------------------------------------------------------------------------- PostgreSQL
@@ -182,7 +213,7 @@ class PostgresProcess:
         )  # fmt: skip
         _reaper.register(self._proc.pid)
         deadline = time.monotonic() + self.timeout
-        while not _accepts(self.port):
+        while not _pg_ready(bindir, self.port):
             if self._proc.poll() is not None or time.monotonic() > deadline:
                 raise ClusterError(f"postgres did not start\n{self.log_tail()}")
             time.sleep(0.05)
@@ -230,6 +261,19 @@ def _preload(bindir: Path) -> list[str]:
     if (libdir / "pg_stat_statements.so").is_file():
         return ["-c", "shared_preload_libraries=pg_stat_statements"]
     return []
+
+
+def _pg_ready(bindir: Path, port: int) -> bool:
+    """Whether PostgreSQL accepts connections: ``pg_isready`` (a port that accepts TCP may
+    still answer "the database system is starting up"), else a TCP connect."""
+    pg_isready = bindir / "pg_isready"
+    if not pg_isready.is_file():
+        return _accepts(port)
+    ready = subprocess.run(
+        [str(pg_isready), "-q", "-h", "127.0.0.1", "-p", str(port), "-t", "2"],
+        stdin=subprocess.DEVNULL, capture_output=True, timeout=scaled(10), check=False,
+    )  # fmt: skip
+    return ready.returncode == 0
 
 
 def _accepts(port: int) -> bool:
@@ -404,6 +448,7 @@ class SpreadClose(threading.Thread):
 
 
 DEFAULT_HANDLES = ("alice", "bob", "carol", "dave")  # the first one is the owner
+NO_HAPROXY = "this cluster runs no HAProxy (haproxy=False): no public URL, certificate or stats"
 
 
 @dataclass(frozen=True)
@@ -451,9 +496,23 @@ async def seed_workspace(
 
 class LocalCluster:
     """The topology on 127.0.0.1, in ``directory`` (default: a temp dir, deleted at
-    close()). ``async with LocalCluster() as c:`` starts and stops it. ``node_env``: extra
-    environment for every chat and Flannel node (a test's knobs). ``plain``: HAProxy also
-    takes clients without TLS on 127.0.0.1:``plain_port`` (load generators)."""
+    close()). ``async with LocalCluster() as c:`` starts and stops it.
+
+    :param node_env: extra environment for every chat and Flannel node (a test's knobs);
+        ``chat_env``/``flannel_env`` for one kind (after ``node_env``).
+    :param plain: HAProxy also takes clients without TLS on 127.0.0.1:``plain_port``
+        (load generators).
+    :param database_url: use this database (it is migrated at start()); no PostgreSQL is
+        started (``postgres`` raises). The tests' per-test databases.
+    :param redis: False: no Redis; chat nodes get an empty ``CHAT_REDIS_URL``.
+    :param haproxy: False: no HAProxy (``haproxy``, ``cert``, ``url()`` ... raise); each
+        Flannel node's ``FLANNEL_UPSTREAM`` lists every chat node's ``/service`` URL, as
+        the chat nodes are when it starts.
+
+    ``chats`` and ``flannels`` map names (``chat0``..., ``flannel0``...) to
+    :class:`NodeProcess`; :meth:`add_chat` and :meth:`add_flannel` grow the topology
+    while it runs.
+    """
 
     def __init__(
         self,
@@ -461,12 +520,19 @@ class LocalCluster:
         *,
         directory: str | os.PathLike[str] | None = None,
         secrets: Secrets | None = None,
-        limits: haproxy.Limits | None = None,
+        limits: Limits | None = None,
         node_env: Mapping[str, str] | None = None,
+        chat_env: Mapping[str, str] | None = None,
+        flannel_env: Mapping[str, str] | None = None,
         plain: bool = False,
+        database_url: str | None = None,
+        redis: bool = True,
+        haproxy: bool = True,
     ) -> None:
+        if plain and not haproxy:
+            raise ValueError("plain= is a listener of HAProxy's: it needs haproxy=True")
         self.topology = topology or Topology()
-        self.limits = limits or haproxy.Limits()
+        self.limits = limits or Limits()
         self.endpoints = Endpoints.local(self.topology, free_port)
         self._own_dir = directory is None
         self.directory = Path(directory or tempfile.mkdtemp(prefix="chat-cluster-"))
@@ -474,78 +540,109 @@ class LocalCluster:
         self.secrets = secrets or _kept_secrets(self.directory / "secrets.json")
         if self._own_dir:
             _reaper.register_dir(self.directory)
-        if os.geteuid() == 0:
-            self.directory.chmod(0o755)  # PostgreSQL runs as another user
-        logs = self.directory / "logs"
-        logs.mkdir(exist_ok=True)
-        ends = self.endpoints
+        self.logs = self.directory / "logs"
+        self.logs.mkdir(exist_ok=True)
+        self.node_env = dict(node_env or {})
+        self.kind_env = {"chat": dict(chat_env or {}), "flannel": dict(flannel_env or {})}
         self._side_dirs: list[Path] = []
-        self.postgres = PostgresProcess(
-            self._postgres_directory(), ends.at[POSTGRES].port, self.secrets.postgres_password
-        )
-        self.redis = TempRedis(
-            port=ends.at[REDIS].port,
-            base_dir=self.directory,
-            extra_args=redis_args(ends, self.secrets),
-            auth=(REDIS_USER, self.secrets.redis_password),
-        )
-
-        def nodes(kind: str, names: Sequence[str]) -> dict[str, NodeProcess]:
-            return {
-                name: NodeProcess(
-                    name,
-                    kind,
-                    environment(self.topology, ends, self.secrets, name),
-                    port=ends.at[name].port,
-                    metrics_port=ends.metrics[name],
-                    log_dir=logs,
-                    extra_env=node_env,
-                )
-                for name in names
-            }
-
-        self.chats = nodes("chat", self.topology.chat_nodes)
-        self.flannels = nodes("flannel", self.topology.flannel_nodes)
-        self.cert, bundle = tls.self_signed(self.directory)
-        self.plain_port = free_port() if plain else None
-        config = self.directory / "haproxy.cfg"
-        config.write_text(
-            haproxy.render(
-                self.topology,
-                ends,
-                cert=str(bundle),
-                stats_socket=str(self.directory / "haproxy.sock"),
-                state_file=str(self.directory / "haproxy.state"),
-                limits=self.limits,
-                plain_port=self.plain_port,
+        self._database_url = database_url
+        self._postgres: PostgresProcess | None = None
+        if database_url is None:
+            if os.geteuid() == 0:
+                self.directory.chmod(0o755)  # PostgreSQL runs as another user
+            self._postgres = PostgresProcess(
+                self._postgres_directory(),
+                self.endpoints.at[POSTGRES].port,
+                self.secrets.postgres_password,
             )
-        )
-        self.haproxy = HAProxyProcess(config, ends.stats.port, self.directory / "haproxy.sock")
+        self.redis: TempRedis | None = None
+        if redis:
+            self.redis = TempRedis(
+                port=self.endpoints.at[REDIS].port,
+                base_dir=self.directory,
+                extra_args=redis_args(self.endpoints, self.secrets),
+                auth=(REDIS_USER, self.secrets.redis_password),
+            )
+        self.chats = {n: self._node(n, "chat") for n in self.topology.chat_nodes}
+        self.flannels = {n: self._node(n, "flannel") for n in self.topology.flannel_nodes}
+        self.plain_port = free_port() if plain else None
+        self._cert: Path | None = None
+        self._bundle: Path | None = None  # certificate + key, for HAProxy
+        self._haproxy: HAProxyProcess | None = None
+        if haproxy:
+            self._cert, self._bundle = tls.self_signed(self.directory)
+            self._write_haproxy_config()
+            self._haproxy = HAProxyProcess(
+                self.directory / "haproxy.cfg",
+                self.endpoints.stats.port,
+                self.directory / "haproxy.sock",
+            )
         self.seeded: SeededWorkspace | None = None
+
+    # -- the parts ------------------------------------------------------------------------
+
+    @property
+    def postgres(self) -> PostgresProcess:
+        """Our PostgreSQL; ClusterError with ``database_url=`` (none of ours)."""
+        if self._postgres is None:
+            raise ClusterError("this cluster runs no PostgreSQL (database_url= was given)")
+        return self._postgres
+
+    @property
+    def haproxy(self) -> HAProxyProcess:
+        """Our HAProxy; ClusterError with ``haproxy=False``."""
+        if self._haproxy is None:
+            raise ClusterError(NO_HAPROXY)
+        return self._haproxy
+
+    @property
+    def cert(self) -> Path:
+        """HAProxy's self-signed certificate (clients trust it)."""
+        if self._cert is None:
+            raise ClusterError(NO_HAPROXY)
+        return self._cert
+
+    def settings_for(self, name: str) -> dict[str, str]:
+        """Node ``name``'s ``CHAT_*``/``FLANNEL_*`` settings: :func:`environment` in this
+        topology, with what the options change: ``database_url=`` (``CHAT_DATABASE_URL``),
+        ``redis=False`` (``CHAT_REDIS_URL`` empty), ``haproxy=False`` (``FLANNEL_UPSTREAM``:
+        every chat node's ``/service`` URL)."""
+        env = environment(self.topology, self.endpoints, self.secrets, name)
+        if name in self.topology.chat_nodes:
+            if self._database_url is not None:
+                env["CHAT_DATABASE_URL"] = self._database_url
+            if self.redis is None:
+                env["CHAT_REDIS_URL"] = ""
+        elif self._haproxy is None:
+            env["FLANNEL_UPSTREAM"] = json.dumps([n.service_url for n in self.chats.values()])
+        return env
 
     # -- where to connect ----------------------------------------------------------------
 
     def url(self, workspace: int | None = None) -> str:
         """The public ``wss://`` URL through Flannel (``?workspace=`` for affinity)."""
         query = f"?workspace={workspace}" if workspace is not None else ""
-        return f"wss://127.0.0.1:{self.endpoints.public.port}/{query}"
+        return f"wss://127.0.0.1:{self._public_port()}/{query}"
 
     @property
     def chat_url(self) -> str:
         """The public ``wss://`` URL straight to the chat tier (no Flannel)."""
-        return f"wss://127.0.0.1:{self.endpoints.public.port}{CHAT_PATH}"
+        return f"wss://127.0.0.1:{self._public_port()}{CHAT_PATH}"
 
     @property
     def stats_url(self) -> str:
-        return f"http://127.0.0.1:{self.endpoints.stats.port}/"
+        return f"http://127.0.0.1:{self.haproxy.stats_port}/"
 
     @property
     def database_url(self) -> str:
+        if self._database_url is not None:
+            return self._database_url
         return database_url(self.endpoints, self.secrets)
 
     @property
     def redis_url(self) -> str:
-        return redis_url(self.endpoints, self.secrets)
+        """Redis as the chat nodes reach it (ACL user and password); empty without Redis."""
+        return redis_url(self.endpoints, self.secrets) if self.redis is not None else ""
 
     def ssl_context(self) -> ssl.SSLContext:
         """A client context that trusts the cluster's certificate (and nothing else)."""
@@ -555,21 +652,56 @@ class LocalCluster:
 
     async def start(self) -> Self:
         """PostgreSQL (role + database), Redis, migrations, chat nodes, HAProxy, Flannel
-        nodes; then wait until HAProxy sees every server UP."""
-        await asyncio.to_thread(self.postgres.start)
-        if self.postgres.created:
-            await self._bootstrap_database()
-        await asyncio.to_thread(self.redis.start)
+        nodes; then wait until HAProxy sees every server UP. Whatever runs already (or is
+        not ours) is left as it is."""
+        if self._postgres is not None:
+            await asyncio.to_thread(self._postgres.start)
+            if self._postgres.created:
+                await self._bootstrap_database()
+        if self.redis is not None and not self.redis.running:
+            await asyncio.to_thread(self.redis.start)
+        await self.migrate()
+        await asyncio.to_thread(start_all, [n for n in self.chats.values() if not n.running])
+        if self._haproxy is not None and self._haproxy.pid is None:
+            await asyncio.to_thread(self._haproxy.start)
+        await asyncio.to_thread(start_all, [n for n in self.flannels.values() if not n.running])
+        if self._haproxy is not None:
+            every = {("chat", n) for n in self.chats} | {("flannel", n) for n in self.flannels}
+            await self.wait_servers(lambda s: all(s.get(k) == "UP" for k in every), scaled(30))
+        return self
+
+    async def migrate(self) -> None:
+        """Apply the schema migrations (opening the store does it), once, before any node:
+        concurrent first starts would race on them."""
         from chat.storage import open_database
 
-        db = await open_database(self.database_url, "")  # migrates, once, before any node
+        db = await open_database(self.database_url, "")
         await db.close()
-        await asyncio.to_thread(start_all, list(self.chats.values()))
-        await asyncio.to_thread(self.haproxy.start)
-        await asyncio.to_thread(start_all, list(self.flannels.values()))
-        every = {("chat", n) for n in self.chats} | {("flannel", n) for n in self.flannels}
-        await self.wait_servers(lambda s: all(s.get(k) == "UP" for k in every), scaled(30))
-        return self
+
+    async def add_chat(self, *, extra_env: Mapping[str, str] | None = None) -> NodeProcess:
+        """One more chat node (``chat<N>``, ``extra_env`` after the cluster's), started;
+        with HAProxy, its config is rendered again and reloaded, and this returns once the
+        node is UP there. Flannel nodes without HAProxy learn of it when they start again."""
+        name = self._grow("chat")
+        node = self.chats[name] = self._node(name, "chat", extra_env)
+        await node.astart()
+        await self._reload_haproxy(("chat", name))
+        return node
+
+    async def add_flannel(
+        self, *, extra_env: Mapping[str, str] | None = None, ready: bool = True
+    ) -> NodeProcess:
+        """One more Flannel node (``flannel<N>``, ``extra_env`` after the cluster's),
+        started. ``ready``: wait for its /readyz (and, with HAProxy, until it is UP there);
+        False: only spawned (a node the chat tier refuses never becomes ready)."""
+        name = self._grow("flannel")
+        node = self.flannels[name] = self._node(name, "flannel", extra_env)
+        if ready:
+            await node.astart()
+        else:
+            await asyncio.to_thread(node.spawn)
+        await self._reload_haproxy(("flannel", name) if ready else None)
+        return node
 
     async def wait_servers(self, done: Any, timeout: float) -> dict[tuple[str, str], str]:
         """Poll HAProxy's server states until ``done(states)``; ClusterError after
@@ -589,7 +721,8 @@ class LocalCluster:
         handles: Sequence[str] = DEFAULT_HANDLES,
         channels: Sequence[str] = ("general",),
     ) -> SeededWorkspace:
-        """:func:`seed_workspace` in the cluster's database; kept in ``self.seeded``."""
+        """:func:`seed_workspace` in the cluster's database; kept in ``self.seeded``. With
+        ``database_url=`` it works before start() too."""
         from chat.config import Settings
 
         settings = Settings(database_url=self.database_url, secret_key=self.secrets.token_secret)
@@ -600,24 +733,92 @@ class LocalCluster:
         """Flannel nodes, HAProxy, chat nodes, Redis, PostgreSQL: each by PID, bounded."""
         try:
             await asyncio.gather(*(f.astop() for f in self.flannels.values()))
-            await asyncio.to_thread(self.haproxy.stop)
+            if self._haproxy is not None:
+                await asyncio.to_thread(self._haproxy.stop)
             await asyncio.gather(*(n.astop() for n in self.chats.values()))
         finally:
-            await asyncio.to_thread(self.redis.stop)
-            await asyncio.to_thread(self.postgres.stop)
+            if self.redis is not None:
+                await asyncio.to_thread(self.redis.stop)
+            if self._postgres is not None:
+                await asyncio.to_thread(self._postgres.stop)
 
     async def close(self) -> None:
         """stop(), then delete the directory if it is ours. Idempotent."""
         try:
             await self.stop()
         finally:
-            self.redis.close()
+            for node in [*self.flannels.values(), *self.chats.values()]:
+                node.close()  # stopped already: forgets its atexit hook
+            if self.redis is not None:
+                self.redis.close()
             for side in self._side_dirs:
                 shutil.rmtree(side, ignore_errors=True)
                 _reaper.unregister_dir(side)
             if self._own_dir and self.directory.exists():
                 shutil.rmtree(self.directory, ignore_errors=True)
                 _reaper.unregister_dir(self.directory)
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _node(
+        self, name: str, kind: str, extra_env: Mapping[str, str] | None = None
+    ) -> NodeProcess:
+        return NodeProcess(
+            name,
+            kind,
+            lambda: self.settings_for(name),
+            port=self.endpoints.at[name].port,
+            metrics_port=self.endpoints.metrics[name],
+            log_dir=self.logs,
+            extra_env={**self.node_env, **self.kind_env[kind], **(extra_env or {})},
+        )
+
+    def _grow(self, kind: str) -> str:
+        """One more node of ``kind`` in the topology, with endpoints of its own; its name."""
+        chat, flannel = self.topology.n_chat, self.topology.n_flannel
+        if kind == "chat":
+            self.topology = Topology(n_chat=chat + 1, n_flannel=flannel)
+            name = self.topology.chat_nodes[-1]
+        else:
+            self.topology = Topology(n_chat=chat, n_flannel=flannel + 1)
+            name = self.topology.flannel_nodes[-1]
+        ends = self.endpoints
+        self.endpoints = dataclasses.replace(
+            ends,
+            at={**ends.at, name: Endpoint(ends.listen_host, free_port())},
+            metrics={**ends.metrics, name: free_port()},
+        )
+        return name
+
+    def _write_haproxy_config(self) -> None:
+        (self.directory / "haproxy.cfg").write_text(
+            render_haproxy(
+                self.topology,
+                self.endpoints,
+                cert=str(self._bundle),
+                stats_socket=str(self.directory / "haproxy.sock"),
+                state_file=str(self.directory / "haproxy.state"),
+                limits=self.limits,
+                plain_port=self.plain_port,
+            )
+        )
+
+    async def _reload_haproxy(self, server: tuple[str, str] | None) -> None:
+        """After the topology grew: render HAProxy's config again; if HAProxy runs, reload
+        it and wait until ``server`` (backend, name) is UP."""
+        if self._haproxy is None:
+            return
+        self._write_haproxy_config()
+        if self._haproxy.pid is None:
+            return
+        await asyncio.to_thread(self._haproxy.reload)
+        if server is not None:
+            await self.wait_servers(lambda s: s.get(server) == "UP", scaled(30))
+
+    def _public_port(self) -> int:
+        if self._haproxy is None:
+            raise ClusterError(NO_HAPROXY)
+        return self.endpoints.public.port
 
     def _postgres_directory(self) -> Path:
         """``<directory>/postgres``; but when PostgreSQL runs as another user (we are root)

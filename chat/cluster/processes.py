@@ -1,8 +1,9 @@
 """Processes we start and stop by PID: servers of ours (``python -m <module> serve``), a
 private ``redis-server``, and the reaper that kills them if the process that started them dies.
 
-Used by the launcher (:mod:`chat.cluster.launcher`) and by the tests' harness
-(``tests/cluster.py``, which adds the chat and Flannel node classes it configures itself).
+Used by the launcher (:mod:`chat.cluster.launcher`, whose :class:`LocalCluster` is the one
+harness: ``chat cluster up``, ``chat loadtest`` and the tests' ``tests/cluster.py`` all run
+through it) and by whatever starts a single node or Redis of its own (tests, benchmarks).
 
 Every process is started in its own session (a terminal's ^C meant for the parent does not
 hit it), stopped by PID only, and every wait is bounded (bounds scale with
@@ -119,7 +120,9 @@ class TempRedis:
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        """``redis://127.0.0.1:<port>/0``, with ``user:password@`` when ``auth`` is set."""
+        creds = f"{self.auth[0]}:{self.auth[1]}@" if self.auth is not None else ""
+        return f"redis://{creds}127.0.0.1:{self.port}/0"
 
     @property
     def pid(self) -> int | None:
@@ -342,8 +345,8 @@ def _recv_line(sock: socket.socket) -> bytes:
 
 class ServerProcess:
     """A server of ours (``python -m <module> serve``) in a subprocess on 127.0.0.1, stopped
-    by PID. Subclasses say which module and environment: :class:`ChatNodeProcess`,
-    :class:`FlannelNodeProcess`.
+    by PID. Subclasses say which module and environment: the launcher's
+    :class:`~chat.cluster.launcher.NodeProcess` (and the tests' ``ChatNodeProcess``).
 
     The port is chosen at the first start and kept: ``restart()`` and ``start()`` after
     ``kill()``/``terminate()`` listen on the same one; so is ``metrics_port`` (``/metrics``
@@ -352,7 +355,7 @@ class ServerProcess:
     environment is ours without the server's settings prefixes (``CHAT_TEST_*`` are kept),
     plus what the subclass sets, then ``extra_env`` (which may override any of them; it is
     a plain dict attribute, so a test may change it before a restart). The working
-    directory is the repository root.
+    directory is ``cwd`` (None: ours).
     """
 
     module = ""  # python -m <module> serve
