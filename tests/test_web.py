@@ -544,8 +544,8 @@ async def test_cluster_serves_the_page_through_haproxy_and_flannel(
     admin = await Admin.open(settings)
     try:
         specs = [
-            {"handle": h, "display_name": PEOPLE[h][0], "role": "member", "password": PASSWORD}
-            for h in ("ada", "bob")
+            {"handle": h, "display_name": PEOPLE[h][0], "role": role, "password": PASSWORD}
+            for h, role in (("ada", "admin"), ("bob", "member"))
         ]
         ids = [u.id for u in await admin.create_users(cluster.seeded.workspace_id, specs)]
         await admin.create_channel(cluster.seeded.workspace_id, "lobby", ids[0], ids, False)
@@ -565,5 +565,19 @@ async def test_cluster_serves_the_page_through_haproxy_and_flannel(
     await expect(message_with(bob, "through HAProxy and Flannel")).to_have_count(1)
     await send(bob, "Loud and clear")
     await expect(message_with(ada, "Loud and clear")).to_have_count(1)
-    for user in (ada, bob):
+
+    # An invite link made through Flannel signs a newcomer up through Flannel.
+    await ada.by_id("invite-people-button").click()
+    await ada.by_id("create-invite").click()
+    await expect(ada.by_id("invite-link")).to_contain_text("#invite=")
+    link = (await ada.by_id("invite-link").inner_text()).strip()
+    assert link.startswith(url), link
+    await ada.by_id("dialog-close").click()
+    cy = await pages("cy", ignore_https_errors=True)
+    await cy.page.goto(link)
+    await cy.by_id("signup-handle").fill("cy")
+    await cy.by_id("signup-password").fill(PASSWORD)
+    await cy.by_id("signup-submit").click()
+    await wait_live(cy)
+    for user in (ada, bob, cy):
         user.watch.assert_clean()
