@@ -433,7 +433,9 @@ class SpreadClose(threading.Thread):
             for pid in self.old:
                 sessions = self.haproxy.client_sessions(pid)
                 pause = self.window / max(len(sessions), 1)
-                for _ in range(len(sessions)):  # bounded: at most what it held at the start
+                # Bounded: twice what it held at the start (a shutdown the worker has not
+                # carried out yet by the next look is asked again, not skipped).
+                for _ in range(2 * len(sessions) + 2):
                     current = self.haproxy.client_sessions(pid)
                     if not current:
                         break
