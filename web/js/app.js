@@ -378,6 +378,11 @@ export class ChatApp {
       return;
     }
     const changed = cid !== this.current;
+    if (changed) {
+      const known = this.channels.get(cid);
+      // Where "New" goes: after what was read before this visit.
+      this.newAfter = known && known.unread > 0 ? known.last_read_seq : null;
+    }
     if (changed && this.thread && this.thread.channelId !== cid) this.closeThread();
     this.current = cid;
     if (!this.channels.has(cid)) this.viewing = cid;
@@ -392,6 +397,7 @@ export class ChatApp {
       this.showEmpty(null);
     }
     const v = this.view(cid);
+    if (!v.loaded) this.setHistoryStatus("Loading messages…");
     if (!v.loaded || force) await this.loadLatest(cid);
     if (this.current !== cid) return;
     if (changed || force) {
@@ -512,6 +518,10 @@ export class ChatApp {
     const v = this.view(this.current);
     const msgs = Array.from(v.byId.values()).filter((m) => !m.deleted || m.reply_count > 0).sort((a, b) => a.seq - b.seq);
     for (const m of msgs) this.placeMessage(m);
+    if (this.newAfter !== null && this.newAfter !== undefined) {
+      const first = msgs.find((m) => m.seq > this.newAfter && (!this.me || m.user_id !== this.me.id));
+      if (first && this.els.has(first.id)) this.els.get(first.id).classList.add("first-unread");
+    }
     for (const p of this.pending.values()) if (p.channel_id === this.current && !p.thread_root_id) this.placePending(p);
     const ch = this.currentChannel();
     this.showEmpty(msgs.length === 0 && v.loaded ? `This is the start of ${ch ? (isDm(ch) ? "your conversation" : "#" + ch.name) : "the channel"}.` : null);
