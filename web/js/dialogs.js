@@ -344,3 +344,38 @@ export function invitePeople(app) {
   openDialog("Invite people", body, { wide: true });
   loadList();
 }
+
+export function profile(app) {
+  const me = app.me;
+  const display = h("input", { testid: "profile-display-name", maxlength: "80" });
+  const real = h("input", { testid: "profile-real-name", maxlength: "120" });
+  display.value = me.display_name || "";
+  real.value = me.real_name || "";
+  const err = errorLine();
+  const form = h(
+    "form",
+    { class: "dialog-form", novalidate: true },
+    h("p", { class: "hint", text: `@${me.handle} · ${me.role}` }),
+    h("label", {}, "Display name", display),
+    h("label", {}, "Full name", real),
+    err,
+    h("div", { class: "dialog-actions" }, h("button", { type: "submit", class: "primary", testid: "profile-save" }, "Save")),
+  );
+  form.addEventListener("submit", async (e) => {
+    e.preventDefault();
+    err.textContent = "";
+    const name = display.value.trim();
+    if (!name) {
+      err.textContent = "The display name cannot be empty.";
+      return;
+    }
+    try {
+      const data = await app.request("users.update_profile", { display_name: name, real_name: real.value.trim() });
+      app.setUser(data.user);
+      close();
+    } catch (ex) {
+      err.textContent = ex.message;
+    }
+  });
+  const close = openDialog("Your profile", form);
+}
