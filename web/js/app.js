@@ -76,6 +76,7 @@ export class ChatApp {
     byTestId("invite-people-button").addEventListener("click", () => dialogs.invitePeople(this));
     document.getElementById("new-dm-button").addEventListener("click", () => dialogs.newDm(this));
     document.getElementById("me").addEventListener("click", () => this.me && dialogs.profile(this));
+    document.querySelector(".channel-head-text").addEventListener("click", () => this.me && dialogs.channelDetails(this));
     document.getElementById("add-people").addEventListener("click", () => dialogs.addPeople(this));
     document.getElementById("leave-channel").addEventListener("click", () => this.leaveChannel());
     document.getElementById("join-channel").addEventListener("click", () => this.joinChannel(this.current));

@@ -379,3 +379,57 @@ export function profile(app) {
   });
   const close = openDialog("Your profile", form);
 }
+
+export function channelDetails(app) {
+  const ch = app.currentChannel();
+  if (!ch || ch.kind === "dm" || ch.kind === "group_dm") return;
+  const member = app.channels.has(ch.id);
+  const admin = app.me.role === "owner" || app.me.role === "admin";
+  const topic = h("input", { testid: "channel-topic-edit", maxlength: "250", placeholder: "Add a topic" });
+  topic.value = ch.topic || "";
+  const err = errorLine();
+  const form = h(
+    "form",
+    { class: "dialog-form", novalidate: true },
+    h("p", { class: "hint", text: `${ch.member_count || "?"} member${ch.member_count === 1 ? "" : "s"}${ch.archived ? " · archived" : ""}` }),
+    h("label", {}, "Topic", topic),
+    err,
+    h(
+      "div",
+      { class: "dialog-actions" },
+      admin
+        ? h(
+            "button",
+            {
+              type: "button",
+              class: "ghost",
+              testid: ch.archived ? "unarchive-button" : "archive-button",
+              onclick: async () => {
+                try {
+                  const data = await app.request(ch.archived ? "channels.unarchive" : "channels.archive", { channel_id: ch.id });
+                  app.onChannelChanged({ type: "channel.updated", channel: data.channel });
+                  close();
+                } catch (ex) {
+                  err.textContent = ex.message;
+                }
+              },
+            },
+            ch.archived ? "Unarchive" : "Archive",
+          )
+        : null,
+      member && !ch.archived ? h("button", { type: "submit", class: "primary", testid: "channel-save" }, "Save") : null,
+    ),
+  );
+  form.addEventListener("submit", async (e) => {
+    e.preventDefault();
+    err.textContent = "";
+    try {
+      const data = await app.request("channels.update", { channel_id: ch.id, topic: topic.value.trim() });
+      app.onChannelChanged({ type: "channel.updated", channel: data.channel });
+      close();
+    } catch (ex) {
+      err.textContent = ex.message;
+    }
+  });
+  const close = openDialog(`#${ch.name}`, form);
+}
