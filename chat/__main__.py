@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import sys
 from collections.abc import Awaitable, Callable
@@ -186,9 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         from chat.server import run
 
-        with contextlib.suppress(KeyboardInterrupt):
-            loop.run(run(settings, demo=args.demo))
-        return 0
+        return loop.serve(run(settings, demo=args.demo), "chat")
     try:
         result = asyncio.run(_admin(settings, args))
     except ChatError as exc:

@@ -15,7 +15,10 @@ collected as before.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import gc
+import sys
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
@@ -40,3 +43,20 @@ def run(main: Coroutine[Any, Any, T]) -> T:
     except ImportError:
         return asyncio.run(main)
     return uvloop.run(main)
+
+
+# A server that cannot listen says so in one line, not a traceback.
+_CANNOT_LISTEN = frozenset({errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES})
+
+
+def serve(main: Coroutine[Any, Any, object], name: str) -> int:
+    """Run a server process until it stops (Ctrl-C included); its exit status."""
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            run(main)
+    except OSError as exc:
+        if exc.errno not in _CANNOT_LISTEN:
+            raise
+        print(f"{name}: cannot listen: {exc}", file=sys.stderr)
+        return 1
+    return 0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 
 from chat import logs, loop
@@ -22,9 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     logs.setup(settings.log_level, settings.log_format)
     from flannel.server import run
 
-    with contextlib.suppress(KeyboardInterrupt):
-        loop.run(run(settings))
-    return 0
+    return loop.serve(run(settings), "flannel")
 
 
 if __name__ == "__main__":

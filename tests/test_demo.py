@@ -95,3 +95,29 @@ async def test_chat_serve_prints_the_url(tmp_path: Path) -> None:
         process.send_signal(signal.SIGTERM)
         async with asyncio.timeout(scaled(20)):
             await process.wait()
+
+
+async def test_a_taken_port_is_one_clear_line(tmp_path: Path) -> None:
+    """A server that cannot listen says why in one line and exits 1, not a traceback."""
+    taken = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = taken.sockets[0].getsockname()[1]
+    try:
+        for module in ("chat", "flannel"):
+            env = {
+                **os.environ,
+                "CHAT_SQLITE_PATH": str(tmp_path / "x.sqlite3"),
+                "FLANNEL_SERVICE_KEY": "k=" + "s" * 32,
+            }
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", module, "serve", "--port", str(port),
+                env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+            )  # fmt: skip
+            async with asyncio.timeout(scaled(30)):
+                _, err = await process.communicate()
+            lines = err.decode().strip().splitlines()
+            assert process.returncode == 1, err
+            assert lines[-1].startswith(f"{module}: cannot listen:"), err
+            assert "address already in use" in lines[-1] and "Traceback" not in err.decode()
+    finally:
+        taken.close()
+        await taken.wait_closed()
