@@ -615,9 +615,13 @@ export class ChatApp {
     const name = this.userName(m.user_id);
     const u = this.users.get(m.user_id);
     const isMe = (handle) => this.me && handle.toLowerCase() === this.me.handle.toLowerCase();
+    const isUser = (handle) =>
+      ["here", "channel", "everyone"].includes(handle) ||
+      (m.mentions || []).some((id) => (this.users.get(id) || {}).handle === handle);
+    const isChannel = (name) => [...this.channels.values()].some((c) => c.name === name);
     const text = m.deleted
       ? h("div", { class: "text deleted", testid: "message-text", text: "This message was deleted." })
-      : h("div", { class: "text", testid: "message-text" }, richText(m.text, isMe));
+      : h("div", { class: "text", testid: "message-text" }, richText(m.text, isMe, isUser, isChannel));
     const mentioned = !m.deleted && this.me && ((m.mentions || []).includes(this.me.id) || m.mention_channel || m.mention_here);
     const el = h(
       "div",

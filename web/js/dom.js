@@ -55,17 +55,20 @@ export function emojiGlyph(name) {
   return EMOJI[name] || `:${name}:`;
 }
 
-// Message text: mentions, channel references and http(s) links get their own elements;
-// everything stays text.
+// Message text: mentions of people the message mentions, references to channels the
+// reader knows, and http(s) links get their own elements; everything stays text ("#1" or
+// "@nobody" stay plain).
 const TOKEN = /(@[A-Za-z0-9_.\-]+|#[a-z0-9_\-]+|https?:\/\/[^\s<>"']+)/g;
 
-export function richText(text, isMe) {
+export function richText(text, isMe, isUser = () => true, isChannel = () => true) {
   const frag = document.createDocumentFragment();
   let last = 0;
   for (const match of text.matchAll(TOKEN)) {
     const token = match[0];
     const start = match.index;
     if (start > 0 && /[A-Za-z0-9_]/.test(text[start - 1]) && token[0] !== "h") continue;
+    if (token[0] === "@" && !isUser(token.slice(1))) continue;
+    if (token[0] === "#" && !isChannel(token.slice(1))) continue;
     if (start > last) frag.appendChild(document.createTextNode(text.slice(last, start)));
     if (token[0] === "@") {
       const handle = token.slice(1);
