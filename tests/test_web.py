@@ -2,10 +2,11 @@
 Playwright against a real ``chat serve`` process, and once through the launcher's cluster
 (HAProxy over TLS, Flannel serving the page).
 
-The page is driven the way a person would: by the ``data-testid``s of the contract between the
-web client and these tests (web/README.md). Each test also asserts the page threw nothing,
-opened no dialog and logged no console error (a CSP violation is one). The tests write the
-screenshots the README shows into docs/screenshots/ (see tests/web_fixtures.py).
+The page is driven the way a person would, its elements found by the ``data-testid``
+attributes the web client gives them (web/index.html, web/js/). Each test also asserts that the
+page threw nothing, opened no dialog, logged no console error (a CSP violation is one) and
+loaded nothing that failed. The tests write the screenshots the README shows into
+docs/screenshots/ (see tests/web_fixtures.py).
 """
 
 from __future__ import annotations
@@ -129,6 +130,8 @@ async def test_two_users_see_each_others_messages_live(server: WebServer, pages:
     await expect(theirs.get_by_test_id("message-author")).to_contain_text("Ada")
     assert await theirs.get_attribute("data-ts") == await mine.get_attribute("data-ts")
 
+    await bob.by_id("composer").press_sequentially("Great")  # typing, not sent yet
+    await expect(ada.by_id("typing-indicator")).to_contain_text(re.compile("Bob.*typing"))
     await send(bob, "Great, I'll tell the team.")
     await expect(message_with(ada, "tell the team")).to_have_count(1)
     await expect(message_with(bob, "tell the team")).to_have_count(1)
