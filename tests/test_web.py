@@ -242,13 +242,18 @@ async def test_thread_reply_in_side_pane_and_reaction_on_both_screens(
     emoji = await option.get_attribute("data-emoji")
     assert emoji
     await option.click()
-    for user in (ada, bob):
+
+    def reaction(user: UserPage) -> Any:
         root = message_with(user, "Release notes for 2.0")
-        reaction = root.get_by_test_id("reaction").and_(
-            user.page.locator(f'[data-emoji="{emoji}"]')
-        )
-        await expect(reaction).to_have_count(1)
-        await expect(reaction).to_contain_text("1")
+        return root.get_by_test_id("reaction").and_(user.page.locator(f'[data-emoji="{emoji}"]'))
+
+    for user in (ada, bob):
+        await expect(reaction(user)).to_have_count(1)
+        await expect(reaction(user)).to_contain_text("1")
+    await reaction(bob).click()  # bob adds his to the same one
+    for user in (ada, bob):
+        await expect(reaction(user)).to_contain_text("2")
+    await ada.by_id("thread-composer").click()  # the pointer off the message: no hover menu
     await shot(ada, "thread")
     for user in (ada, bob):
         user.watch.assert_clean()
