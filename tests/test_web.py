@@ -534,6 +534,7 @@ async def test_mobile_width_channel_list_reachable_composer_visible(
     await expect(ada.by_id("channel-title")).to_contain_text("random")
     await expect(ada.by_id("composer")).to_be_visible()
     await expect(message_with(ada, "random thought #3")).to_be_visible()
+    await ada.by_id("composer").tap()  # a tap on the channel list left a hover on a message
     await shot(ada, "mobile")
     ada.watch.assert_clean()
 
