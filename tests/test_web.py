@@ -259,6 +259,39 @@ async def test_thread_reply_in_side_pane_and_reaction_on_both_screens(
         user.watch.assert_clean()
 
 
+async def test_edits_and_deletes_show_live_on_the_other_screen(
+    server: WebServer, pages: OpenPage
+) -> None:
+    ada, bob = await pages("ada"), await pages("bob")
+    for user in (ada, bob):
+        await sign_in(user, server)
+        await open_channel(user, "general")
+    await send(ada, "Standup at 9:30")
+    await send(ada, "Bring the slides")
+    mine = message_with(ada, "Standup at 9:30")
+    await expect(mine).to_have_attribute("data-ts", re.compile(r"^\d+$"))
+    await expect(message_with(bob, "Bring the slides")).to_have_count(1)
+
+    await mine.hover()
+    await mine.get_by_test_id("edit-button").click()
+    edit = ada.by_id("message-pane").get_by_test_id("edit-input")  # the text is in it now
+    await edit.fill("Standup at 10:00")
+    await edit.press("Enter")
+    theirs = message_with(bob, "Standup at 10:00")
+    await expect(theirs).to_have_count(1)
+    await expect(theirs.get_by_test_id("message-edited")).to_be_visible()
+    await expect(message_with(bob, "Standup at 9:30")).to_have_count(0)
+
+    slides = message_with(ada, "Bring the slides")
+    await slides.hover()
+    await slides.get_by_test_id("delete-button").click()
+    for user in (ada, bob):
+        await expect(message_with(user, "Bring the slides")).to_have_count(0)
+    assert await message_texts(bob) == ["Standup at 10:00"]
+    for user in (ada, bob):
+        user.watch.assert_clean()
+
+
 # =========================================================================== reconnects
 
 
