@@ -292,6 +292,41 @@ async def test_edits_and_deletes_show_live_on_the_other_screen(
         user.watch.assert_clean()
 
 
+async def test_scrolling_up_walks_back_through_the_whole_history(
+    server: WebServer, pages: OpenPage
+) -> None:
+    seeded = server.seeded
+    assert seeded is not None
+    texts = [f"history #{i:03}" for i in range(1, 131)]
+    async with (
+        server.client("bob") as bob,
+        server.client("cy") as cy,
+        server.client("adam") as adam,
+    ):
+        posters = [bob, cy, adam]  # within each connection's rate limit
+        for i, text in enumerate(texts):
+            await posters[i % 3].post(seeded.channels["general"], text)
+    ada = await pages("ada")
+    await sign_in(ada, server)
+    await open_channel(ada, "general")
+    await expect(message_with(ada, "history #130")).to_be_visible()
+    first_page = await pane_messages(ada).count()
+    assert first_page < len(texts), "the first page should not be everything"
+
+    # Scroll up with the wheel, as a person would, until the first message is there.
+    oldest = message_with(ada, "history #001")
+    for _ in range(len(texts)):
+        if await oldest.count():
+            break
+        shown = await pane_messages(ada).count()
+        await pane_messages(ada).first.hover()
+        await ada.page.mouse.wheel(0, -20_000)
+        await expect(pane_messages(ada)).not_to_have_count(shown)
+    await expect(oldest).to_have_count(1)
+    assert await message_texts(ada) == texts
+    ada.watch.assert_clean()
+
+
 # =========================================================================== reconnects
 
 
