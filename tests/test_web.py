@@ -327,6 +327,45 @@ async def test_scrolling_up_walks_back_through_the_whole_history(
     ada.watch.assert_clean()
 
 
+async def test_create_join_and_leave_a_channel(server: WebServer, pages: OpenPage) -> None:
+    ada, bob = await pages("ada"), await pages("bob")
+    for user in (ada, bob):
+        await sign_in(user, server)
+    await ada.by_id("new-channel-button").click()
+    await ada.by_id("channel-name-input").fill("plan-budget")
+    await ada.by_id("channel-create-submit").click()
+    await expect(ada.by_id("channel-title")).to_contain_text("plan-budget")
+    await send(ada, "Numbers go here")
+    await expect(message_with(ada, "Numbers go here")).to_have_attribute(
+        "data-ts", re.compile(r"^\d+$")
+    )
+
+    # bob is not in it: he finds it in Browse, joins, reads the history, then leaves.
+    def bobs(name: str) -> Any:
+        return (
+            bob.by_id("channel-list")
+            .get_by_test_id("channel-item")
+            .and_(bob.page.locator(f'[data-name="{name}"]'))
+        )
+
+    await expect(bobs("plan-budget")).to_have_count(0)
+    await bob.by_id("browse-channels-button").click()
+    row = bob.page.get_by_test_id("browse-channel-item").and_(
+        bob.page.locator('[data-name="plan-budget"]')
+    )
+    await row.get_by_test_id("join-button").click()
+    await expect(bobs("plan-budget")).to_have_count(1)
+    await open_channel(bob, "plan-budget")
+    await expect(message_with(bob, "Numbers go here")).to_have_count(1)
+    await send(bob, "Count me in")
+    await expect(message_with(ada, "Count me in")).to_have_count(1)
+
+    await bob.by_id("leave-channel-button").click()
+    await expect(bobs("plan-budget")).to_have_count(0)
+    for user in (ada, bob):
+        user.watch.assert_clean()
+
+
 # =========================================================================== reconnects
 
 
