@@ -211,6 +211,56 @@ async def test_mention_autocompletes_from_the_keyboard(server: WebServer, pages:
         user.watch.assert_clean()
 
 
+async def test_channel_autocompletes_from_the_keyboard(server: WebServer, pages: OpenPage) -> None:
+    ada = await pages("ada")
+    await sign_in(ada, server)
+    await open_channel(ada, "random")
+    composer = ada.by_id("composer")
+    await composer.click()
+    await composer.press_sequentially("notes are in #gen")
+    # channels.autocomplete answers: #general, and not #random.
+    items = ada.by_id("autocomplete").get_by_test_id("autocomplete-item")
+    await expect(items).to_have_count(1)
+    await expect(items).to_have_attribute("data-value", "#general")
+    await expect(items).to_have_attribute("aria-selected", "true")
+    await composer.press("Enter")  # accepts the channel; does not send
+    await expect(composer).to_have_value("notes are in #general ")
+    await expect(ada.by_id("autocomplete")).to_be_hidden()
+    assert await message_texts(ada) == []
+
+    await composer.press_sequentially("now")
+    await composer.press("Enter")
+    mine = message_with(ada, "notes are in #general now")
+    await expect(mine).to_have_attribute("data-ts", re.compile(r"^\d+$"))
+    assert await message_texts(ada) == ["notes are in #general now"]
+    ada.watch.assert_clean()
+
+
+async def test_presence_dot_of_a_dm_partner_follows_them_live(
+    server: WebServer, pages: OpenPage
+) -> None:
+    seeded = server.seeded
+    assert seeded is not None
+    async with server.client("cy") as cy:
+        dm = (await cy.request("dms.open", user_ids=[seeded.users["ada"]]))["channel"]
+        await cy.post(dm["id"], "ping me when you are in")
+    ada = await pages("ada")
+    await sign_in(ada, server)
+    dm_item = ada.by_id("dm-list").get_by_test_id("dm-item")
+    await expect(dm_item).to_have_attribute("data-channel-id", str(dm["id"]))
+    dot = dm_item.get_by_test_id("presence-dot")
+    await expect(dot).to_have_attribute("data-presence", "away")  # cy is not connected
+
+    async with server.client("cy") as cy:
+        await expect(dot).to_have_attribute("data-presence", "active")
+        await cy.request("presence.set", status="away")
+        await expect(dot).to_have_attribute("data-presence", "away")
+        await cy.request("presence.set", status="auto")
+        await expect(dot).to_have_attribute("data-presence", "active")
+    await expect(dot).to_have_attribute("data-presence", "away")  # cy's only connection closed
+    ada.watch.assert_clean()
+
+
 async def test_thread_reply_in_side_pane_and_reaction_on_both_screens(
     server: WebServer, pages: OpenPage
 ) -> None:
@@ -416,6 +466,100 @@ async def test_page_resumes_after_a_server_restart_nothing_lost_or_doubled(
     ada.watch.assert_clean()
 
 
+async def record_conn_states(user: UserPage) -> None:
+    """From now on, every state the banner passes through goes into ``window.__connStates``
+    (a state shown for a moment is missed by polling)."""
+    await user.page.evaluate(
+        """() => {
+            const el = document.querySelector('[data-testid="conn-state"]');
+            const seen = window.__connStates = [el.dataset.state];
+            new MutationObserver(() => {
+                if (seen[seen.length - 1] !== el.dataset.state) seen.push(el.dataset.state);
+            }).observe(el, {attributes: true, attributeFilter: ['data-state']});
+        }"""
+    )
+
+
+async def conn_states(user: UserPage) -> list[str]:
+    states: list[str] = await user.page.evaluate("() => window.__connStates")
+    return states
+
+
+async def test_page_reloads_when_the_server_cannot_resume_nothing_lost_or_doubled(
+    server: WebServer, pages: OpenPage
+) -> None:
+    seeded = server.seeded
+    assert seeded is not None
+    ada = await pages("ada")
+    await sign_in(ada, server)
+    await open_channel(ada, "general")
+    await send(ada, "before the restart")
+    await expect(message_with(ada, "before the restart")).to_have_attribute(
+        "data-ts", re.compile(r"^\d+$")
+    )
+    await record_conn_states(ada)
+
+    # The server comes back keeping only the last event for resume (and none by age), and
+    # more than one happens while the page is away: its resume is answered too_old.
+    await server.stop()
+    await expect(ada.by_id("conn-state")).to_have_attribute("data-state", "reconnecting")
+    await ada.context.set_offline(True)
+    await send(ada, "written while the server was down")
+    pending = message_with(ada, "written while the server was down")
+    await expect(pending).to_have_attribute("data-status", re.compile(r"^(pending|failed)$"))
+    server.process.extra_env.update({"CHAT_REPLAY_MAX_EVENTS": "1", "CHAT_REPLAY_WINDOW_S": "0"})
+    await server.start()
+    missed = [f"posted while ada was away #{i}" for i in range(1, 4)]
+    async with server.client("bob") as bob:
+        for text in missed:
+            await bob.post(seeded.channels["general"], text)
+        await bob.post(seeded.channels["random"], "meanwhile in random")
+    await ada.context.set_offline(False)
+    await expect(ada.by_id("conn-state")).to_have_attribute(
+        "data-state", "live", timeout=wait_ms(45)
+    )
+    states = await conn_states(ada)
+    assert "reloading" in states and "resumed" not in states, states
+    assert states[states.index("reloading") :][-1] == "live", states
+
+    # The state was loaded afresh: what was missed shows once, in order, and the post
+    # written offline is sent once.
+    if await pending.get_attribute("data-status") == "failed":
+        await pending.get_by_test_id("retry-button").click()
+    await expect(pending).to_have_attribute("data-status", "sent", timeout=wait_ms(30))
+    await expect(pending).to_have_attribute("data-ts", re.compile(r"^\d+$"))
+    assert await message_texts(ada) == [
+        "before the restart",
+        *missed,
+        "written while the server was down",
+    ]
+    stamps = [await m.get_attribute("data-ts") for m in await pane_messages(ada).all()]
+    assert len(set(stamps)) == len(stamps), f"messages shown twice: {stamps}"
+    random = ada.by_id("channel-item").and_(ada.page.locator('[data-name="random"]'))
+    await expect(random.get_by_test_id("unread-badge")).to_have_text("1")
+
+    # And live again, both ways.
+    async with server.client("bob") as bob:
+        await bob.post(seeded.channels["general"], "welcome back")
+        await expect(message_with(ada, "welcome back")).to_have_count(1)
+        await send(ada, "thanks")
+        event = await bob.next_event("message.posted", timeout=wait_ms(15) / 1000)
+        while event["message"]["text"] != "thanks":
+            event = await bob.next_event("message.posted", timeout=wait_ms(15) / 1000)
+    async with server.client("cy") as cy:
+        history = await cy.request("messages.history", channel_id=seeded.channels["general"])
+    stored = [m["text"] for m in history["messages"]]
+    assert stored == [
+        "before the restart",
+        *missed,
+        "written while the server was down",
+        "welcome back",
+        "thanks",
+    ], stored
+    assert await message_texts(ada) == stored
+    ada.watch.assert_clean()
+
+
 async def test_a_message_written_while_disconnected_is_pending_then_sent_once(
     server: WebServer, pages: OpenPage
 ) -> None:
@@ -457,6 +601,90 @@ async def test_a_message_written_while_disconnected_is_pending_then_sent_once(
     for user in (ada, bob):
         await expect(message_with(user, "written while the server was down")).to_have_count(1)
         user.watch.assert_clean()
+
+
+# A post is tried at most 5 times against rate_limited (web/js/app.js trySend), each retry
+# after the server's retry_after_ms: about one token's worth of time.
+BURST = 40
+RATE_PER_10S = "10"
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def strict_server(tmp_path: Path) -> AsyncIterator[WebServer]:
+    """The seeded server with a tight per-connection rate limit (10 requests per 10 s) that
+    refuses requests over it rather than closing the connection."""
+    web = WebServer(
+        tmp_path / "data",
+        extra_env={
+            "CHAT_RATE_LIMIT_PER_10S": RATE_PER_10S,
+            "CHAT_RATE_LIMIT_DISCONNECT_AFTER": "100000",
+        },
+    )
+    await web.seed()
+    await web.start()
+    try:
+        yield web
+    finally:
+        await web.close()
+
+
+async def test_a_refused_post_is_marked_failed_and_retry_stores_it_once(
+    strict_server: WebServer, pages: OpenPage
+) -> None:
+    server = strict_server
+    seeded = server.seeded
+    assert seeded is not None
+    ada = await pages("ada")
+    await sign_in(ada, server)
+    await open_channel(ada, "general")
+
+    # BURST posts at once: the server refuses most with rate_limited. Each is retried a few
+    # times, but while they all wait for the same trickle of tokens (10 over the first
+    # moment, then 1 a second) some run out of tries: they must show as failed.
+    texts = [f"burst {i:02}" for i in range(BURST)]
+    composer = ada.by_id("composer")
+    await composer.click()
+    await composer.press_sequentially("".join(f"{text}\n" for text in texts))
+    burst = pane_messages(ada).filter(has_text="burst ")
+    await expect(burst).to_have_count(BURST)
+    settled = burst.and_(ada.page.locator('[data-status="sent"], [data-status="failed"]'))
+    await expect(settled).to_have_count(BURST, timeout=wait_ms(60))
+    failed = burst.and_(ada.page.locator('[data-status="failed"]'))
+    n_failed = await failed.count()
+    assert 0 < n_failed < BURST, n_failed
+    failed_texts = await failed.get_by_test_id("message-text").all_inner_texts()
+    assert await failed.get_by_test_id("retry-button").count() == n_failed
+    assert await failed.and_(ada.page.locator("[data-ts]")).count() == 0
+
+    async def stored() -> list[str]:
+        async with server.client("cy") as cy:
+            history = await cy.request(
+                "messages.history", channel_id=seeded.channels["general"], limit=100
+            )
+        return [m["text"] for m in history["messages"]]
+
+    before = await stored()
+    assert sorted(before) == sorted(set(texts) - set(failed_texts)), before
+    assert not set(failed_texts) & set(before)
+
+    # Retry the first failed one: it is stored once, shown once, sent.
+    again = failed_texts[0]
+    mine = message_with(ada, again)
+    await expect(mine).to_have_count(1)
+    cmid = await mine.get_attribute("data-client-msg-id")
+    assert cmid
+    await mine.get_by_test_id("retry-button").click()
+    await expect(mine).to_have_attribute("data-status", "sent", timeout=wait_ms(30))
+    await expect(mine).to_have_attribute("data-ts", re.compile(r"^\d+$"))
+    await expect(mine).to_have_attribute("data-client-msg-id", cmid)
+    await expect(mine.get_by_test_id("retry-button")).to_have_count(0)
+    after = await stored()
+    assert after == [*before, again], after
+    shown = await message_texts(ada)
+    assert shown.count(again) == 1, shown
+    # The others are still failed, and still not stored.
+    await expect(failed).to_have_count(n_failed - 1)
+    ada.watch.assert_clean()
 
 
 # =========================================================================== safety
