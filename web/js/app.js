@@ -25,7 +25,8 @@ export class ChatApp {
     this.users = new Map();
     this.channels = new Map(); // my channels and DMs
     this.views = new Map(); // channel id -> {byId, loaded, loading, hasMoreBefore, buffer}
-    this.pending = new Map(); // client_msg_id -> pending post
+    this.pending = new Map(); // client_msg_id -> pending post, in the order written
+    this.sending = new Set(); // channel ids whose sender is running
     this.presence = new Map();
     this.typing = new Map(); // "cid:root" -> Map(user_id -> expires)
     this.current = null; // channel id shown
@@ -882,7 +883,10 @@ export class ChatApp {
 
   failIfPending(cmid) {
     const p = this.pending.get(cmid);
-    if (p && p.status === "pending") this.setPendingStatus(p, "failed", p.error || (this.conn && this.conn.live ? "no answer from the server" : "not connected to the server"));
+    if (!p || p.status !== "pending") return;
+    // One on the wire is decided by its answer (it may be stored); the others give up now.
+    if (p.inflight) p.expired = true;
+    else this.setPendingStatus(p, "failed", p.error || (this.conn && this.conn.live ? "no answer from the server" : "not connected to the server"));
   }
 
   setPendingStatus(p, status, error = null) {
@@ -893,25 +897,62 @@ export class ChatApp {
     }
   }
 
-  async trySend(p) {
-    if (!this.conn || !this.conn.live || p.inflight) return;
-    p.inflight = true;
-    p.attempt++;
+  trySend(p) {
+    this.sendQueued(p.channel_id);
+  }
+
+  /** A channel's pending posts leave one at a time, in the order they were written, so
+   *  they are stored in that order; a refusal to retry (rate_limited with its hint) holds
+   *  back the ones behind it instead of sending them all again at the same moment. */
+  async sendQueued(channelId) {
+    if (this.sending.has(channelId)) return;
+    this.sending.add(channelId);
+    try {
+      for (;;) {
+        if (!this.conn || !this.conn.live) return;
+        let next = null;
+        for (const q of this.pending.values()) {
+          if (q.channel_id === channelId && q.status === "pending") {
+            next = q;
+            break;
+          }
+        }
+        if (!next || (await this.sendOne(next)) === "stop") return;
+      }
+    } finally {
+      this.sending.delete(channelId);
+    }
+  }
+
+  /** "done" (stored, or failed for good) or "stop" (the connection went: the sender starts
+   *  again once live). */
+  async sendOne(p) {
     const fields = { channel_id: p.channel_id, client_msg_id: p.cmid, text: p.text };
     if (p.thread_root_id) fields.thread_root_id = p.thread_root_id;
-    try {
-      const data = await this.request("messages.post", fields);
-      p.inflight = false;
-      this.acked(data.message);
-    } catch (err) {
-      p.inflight = false;
-      if (!this.pending.has(p.cmid)) return; // acked through the event meanwhile
-      if (err.code === "disconnected") return; // sent again once live
-      if (RETRYABLE.has(err.code) && p.attempt < 5 && p.status === "pending") {
-        setTimeout(() => this.trySend(p), err.retryAfterMs || 1000 * p.attempt);
-        return;
+    for (;;) {
+      p.attempt++;
+      p.inflight = true;
+      try {
+        const data = await this.request("messages.post", fields);
+        this.acked(data.message);
+        return "done";
+      } catch (err) {
+        if (!this.pending.has(p.cmid)) return "done"; // acked through the event meanwhile
+        if (err.code === "disconnected") return "stop"; // sent again once live
+        if (RETRYABLE.has(err.code) && p.attempt < 5 && !p.expired && p.status === "pending") {
+          p.inflight = false;
+          await new Promise((resolve) => setTimeout(resolve, err.retryAfterMs || 1000 * p.attempt));
+          if (p.status !== "pending" || p.expired) {
+            if (p.status === "pending") this.setPendingStatus(p, "failed", err.message);
+            return "done";
+          }
+          continue;
+        }
+        this.setPendingStatus(p, "failed", err.message);
+        return "done";
+      } finally {
+        p.inflight = false;
       }
-      this.setPendingStatus(p, "failed", err.message);
     }
   }
 
@@ -928,6 +969,7 @@ export class ChatApp {
     const p = this.pending.get(cmid);
     if (!p) return;
     p.attempt = 0;
+    p.expired = false;
     this.setPendingStatus(p, "pending");
     clearTimeout(p.failTimer);
     p.failTimer = setTimeout(() => this.failIfPending(p.cmid), PENDING_FAIL_MS);
@@ -943,7 +985,9 @@ export class ChatApp {
   }
 
   flushOutbox() {
-    for (const p of this.pending.values()) if (p.status === "pending") this.trySend(p);
+    const channels = new Set();
+    for (const p of this.pending.values()) if (p.status === "pending") channels.add(p.channel_id);
+    for (const id of channels) this.sendQueued(id);
   }
 
   sendTyping(threadRootId) {
