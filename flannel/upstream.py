@@ -150,7 +150,7 @@ class _Link:
                     try:
                         await self._restore()
                         self.up.set()
-                        self.upstream.last_down_at = None
+                        self.upstream.link_up()
                         await reader
                     finally:
                         reader.cancel()
@@ -168,8 +168,7 @@ class _Link:
         """The connection is gone: whatever waits on it fails, sessions and subscriptions
         are to be restored on the next one."""
         self.up.clear()
-        if self.upstream.connected == 0 and self.upstream.last_down_at is None:
-            self.upstream.last_down_at = time.monotonic()
+        self.upstream.link_lost()
         self.ws = None
         self._outbox.clear()
         lost = UpstreamUnavailable("the upstream connection was lost")
@@ -413,8 +412,8 @@ class Upstream:
         self._in_flight: dict[int, dict[str, _Link]] = {}
         self._internal: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._sessions: dict[int, Session] = {}
-        # When the last link went down, while none is up (monotonic); 0: never up yet.
-        self.last_down_at: float | None = 0.0
+        self._ever_up = False
+        self._down_since: float | None = None  # monotonic; None while a link is up
 
     # ------------------------------------------------------------------ lifetime
 
@@ -436,13 +435,21 @@ class Upstream:
     def connected(self) -> int:
         return sum(link.up.is_set() for link in self.links)
 
+    def link_up(self) -> None:
+        self._ever_up = True
+        self._down_since = None
+
+    def link_lost(self) -> None:
+        if self._ever_up and self.connected == 0 and self._down_since is None:
+            self._down_since = time.monotonic()
+
     def down_for(self) -> float:
         """Seconds since no link has been up: 0 while one is; infinite before the first."""
-        if self.last_down_at is None:
-            return 0.0
-        if self.last_down_at == 0.0:
+        if not self._ever_up:
             return math.inf
-        return time.monotonic() - self.last_down_at
+        if self._down_since is None:
+            return 0.0
+        return time.monotonic() - self._down_since
 
     async def ready(self, timeout: float) -> None:
         """Wait until every link is up (start-up)."""
