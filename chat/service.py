@@ -510,7 +510,10 @@ class ServiceLink(FrameWriter):
             self.write(pending[0] if len(pending) == 1 else b"".join(pending))
 
     async def _drained(self) -> None:
-        """Flow control for long reads (a replay, a catch-up): wait while the edge is behind."""
+        """Flow control for long reads (a replay, a catch-up): wait while the edge is behind.
+        What this turn queued is written first, or a read that never yields to the loop (a
+        replay from memory) would queue all of itself unseen by the kernel's buffer count."""
+        self._flush()
         soft = self._node.settings.send_buffer_soft_bytes
         while self.buffered() > soft:
             if self._closing or not self.open:
